@@ -33,7 +33,7 @@ class TrainConfig(Config):
     model: dict = field(default_factory=dict)  # model config overrides, e.g. {"depth": 4}
     data: str = ""                       # TokenDataset folder, or "mnist5k" / an image folder (with `tokenizer`)
     tokenizer: str = ""                  # tokenizer checkpoint for on-the-fly encoding ("" = data is a TokenDataset)
-    image_size: int = 256                # image folders only
+    image_size: int = 0                  # image folders: 0 = the tokenizer's image size
     out: str = "runs/train"              # run folder: checkpoints, metrics.jsonl, final weights
     steps: int = 1000                    # optimizer steps in all
     batch_size: int = 64                 # global batch per optimizer step
@@ -62,7 +62,7 @@ class TrainConfig(Config):
     def validate(self):
         for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every"):
             if getattr(self, k) < 1: raise ConfigError(f"TrainConfig.{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("micro_batch", "warmup", "num_workers", "weight_decay", "grad_clip", "lr", "min_lr"):
+        for k in ("micro_batch", "image_size", "warmup", "num_workers", "weight_decay", "grad_clip", "lr", "min_lr"):
             if getattr(self, k) < 0: raise ConfigError(f"TrainConfig.{k} must be >= 0, got {getattr(self, k)}")
         if not 0 <= self.ema < 1: raise ConfigError(f"TrainConfig.ema must be in [0, 1), got {self.ema}")
         if self.min_lr > self.lr: raise ConfigError(f"TrainConfig.min_lr={self.min_lr} is above lr={self.lr}")
@@ -144,7 +144,8 @@ class TrainData:
             from heptapod_nb.tokenizer import load_tokenizer
             self.tokenizer = load_tokenizer(cfg.tokenizer).to(device).eval()
             for p in self.tokenizer.parameters(): p.requires_grad_(False)
-            self.dataset = load_mnist5k("train") if cfg.data == "mnist5k" else ImageFolderDataset(cfg.data, cfg.image_size, flip=True)
+            self.dataset = load_mnist5k("train") if cfg.data == "mnist5k" else ImageFolderDataset(
+                cfg.data, cfg.image_size or self.tokenizer.image_shape[-1], flip=True)
             x0, _ = self.dataset[0]
             t0 = self.encode(x0[None].to(device))
             kind = "vq" if not t0.is_floating_point() else "kl"
@@ -523,14 +524,15 @@ def _train(cfg: TrainConfig, resume, model, di: DistInfo, log) -> dict:
         st = dict(format=CKPT_FORMAT, step=step, epoch=epoch, index=index, batch_size=B, world_size=world,
                   model=_full_model_state(raw, wrapper, cfg.fsdp), optimizer=_full_optim_state(wrapper, opt, cfg.fsdp),
                   scheduler=sched.state_dict(), ema=ema.full_state() if ema else None, rng=rng_all,
-                  model_config=_cfg_dict(raw), train_config=cfg.to_dict())
+                  model_config=_cfg_dict(raw), train_config=cfg.to_dict(), log_acc=(acc_loss, acc_n))
         if di.main:
             last_ckpt = save_checkpoint(ckdir / f"step_{step:08d}.pt", st)
             prune_checkpoints(ckdir, cfg.keep)
         _barrier(di)
 
     pbar = tqdm(total=cfg.steps, initial=step, disable=not (di.main and cfg.progress), desc="train", dynamic_ncols=True)
-    t0, acc_loss, acc_n, last_loss, gn_v = time.perf_counter(), 0.0, 0, float("nan"), float("nan")
+    t0, last_loss, gn_v = time.perf_counter(), float("nan"), float("nan")
+    acc_loss, acc_n = state.get("log_acc", (0.0, 0)) if state is not None else (0.0, 0)   # the log interval in progress
     net.train()
     while step < cfg.steps:
         data.set_epoch(epoch)
@@ -620,7 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of `heptapod-train`; returns the exit status (0 ok, 1 error with a message on stderr)."
-    a = build_parser().parse_args(argv)
+    a = build_parser().parse_intermixed_args(argv)
+    if a.resume not in (None, "auto") and "=" in a.resume and not Path(a.resume).exists():   # `--resume steps=9`
+        a.overrides.append(a.resume); a.resume = "auto"
     try:
         cfg = make_config(a.overrides, a.config, **{k: getattr(a, k) for k in (
             "preset", "data", "tokenizer", "out", "steps", "batch_size", "lr", "device", "fsdp", "compile", "progress")})

@@ -1,0 +1,163 @@
+"heptapod-train: DDP == one process, exact resume after SIGKILL, damaged checkpoints refused, NaN stops the run."
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from heptapod_nb.data import TokenDataset
+from heptapod_nb.train import (CheckpointError, TrainingDiverged, list_checkpoints, load_checkpoint, main, make_config,
+                               read_metrics, train, verify_checkpoint)
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TORCHRUN = str(Path(PY).parent / "torchrun")
+
+# The real tiny Heptapod, shrunk so a step takes milliseconds. Targets are deterministic here (every position of
+# the window) so that 1 and 2 processes draw the same targets: the DDP test compares arithmetic, not luck.
+MODEL = ["model.dim=32", "model.depth=1", "model.n_heads=2", "model.head_width=32", "model.head_depth=1", "model.head_heads=2",
+         "model.window=4", 'model.targets_per_step="all"']
+N, GRID, K, CLASSES = 64, (4, 4), 16, 4
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HEPTAPOD_FAST="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"): e.pop(k, None)
+    return e
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    "These models are tiny: one thread is fastest, and two spin-waiting threads crawl on a shared, loaded CPU."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    "A small random VQ TokenDataset: 64 grids of 4x4 codes in [0, 16), 4 classes, 2 stored augmentations."
+    root = tmp_path_factory.mktemp("tokens")
+    meta = TokenDataset.create(root, N, "vq", GRID, CLASSES, augs=2, vocab_size=K)
+    rng = np.random.default_rng(0)
+    codes = np.load(root / "codes.npy", mmap_mode="r+"); codes[:] = rng.integers(0, K, codes.shape); codes.flush()
+    labels = np.load(root / "labels.npy", mmap_mode="r+"); labels[:] = rng.integers(0, CLASSES, N); labels.flush()
+    TokenDataset.write_meta(root, {**meta, "done": N})
+    return str(root)
+
+
+COMMON = ["batch_size=8", "num_workers=0", "warmup=2", "log_every=2", "lr=3e-3", *MODEL]
+
+
+def args(tokens, out, *extra):
+    return ["--preset", "tiny", "--data", tokens, "--out", str(out), "--no-progress", *COMMON, *extra]
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_config_and_cli_errors(tokens, tmp_path, capsys):
+    assert main(args(tokens, tmp_path / "r", "--print-config", "steps=5")) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["steps"] == 5 and cfg["model"]["depth"] == 1 and cfg["batch_size"] == 8
+    assert main(args(tokens, tmp_path / "r", "stepz=5")) == 1
+    assert "unknown TrainConfig keys ['stepz']" in capsys.readouterr().err
+    assert main(args(tokens, tmp_path / "r", "batch_size=1000")) == 1
+    assert "fewer than one batch" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 1
+    assert "not a token dataset" in capsys.readouterr().err
+    f = tmp_path / "run.json"; f.write_text(json.dumps({"steps": 7, "lr": 1e-3}))
+    c = make_config(["lr=2e-3"], str(f)); assert (c.steps, c.lr) == (7, 2e-3)
+
+
+def test_ddp_two_processes_match_one(tokens, tmp_path):
+    "torchrun --nproc_per_node=2 (gloo) == one process with the same global batch (which accumulates 4 micro-batches)."
+    steps = ["steps=4", "ckpt_every=4", "ema=0.9"]
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "heptapod_nb.train", *args(tokens, tmp_path / "ddp", *steps)],
+                       env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 process(es) on cpu DDP" in r.stdout
+    assert main(args(tokens, tmp_path / "one", *steps, "micro_batch=2")) == 0
+    for f in ("model.safetensors", "ema.safetensors"):
+        assert max_diff(weights(tmp_path / "ddp" / f), weights(tmp_path / "one" / f)) < 1e-5
+    a, b = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
+    assert [x["loss"] for x in a] == pytest.approx([x["loss"] for x in b], rel=1e-5)
+
+
+def test_sigkill_then_resume_is_exact(tokens, tmp_path):
+    "SIGKILL a run mid-way; the same command + --resume ends with the uninterrupted run's weights, EMA and log."
+    run = args(tokens, tmp_path / "killed", "steps=30", "ckpt_every=3", "keep=2")
+    p = subprocess.Popen([PY, "-m", "heptapod_nb.train", *run], env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ck = tmp_path / "killed" / "checkpoints"
+    t0 = time.time()
+    while not list(ck.glob("step_*.json")) and p.poll() is None and time.time() - t0 < 90: time.sleep(0.01)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert not (tmp_path / "killed" / "model.safetensors").exists(), "the run finished before it was killed"
+    killed_at = max(int(c.stem[5:]) for c in ck.glob("step_*.json"))
+    assert killed_at < 30
+    assert main(run + ["--resume"]) == 0
+    assert main(args(tokens, tmp_path / "whole", "steps=30", "ckpt_every=3", "keep=2")) == 0
+    for f in ("model.safetensors", "ema.safetensors"):
+        assert max_diff(weights(tmp_path / "killed" / f), weights(tmp_path / "whole" / f)) == 0.0
+    la, lb = read_metrics(tmp_path / "killed"), read_metrics(tmp_path / "whole")
+    assert [(x["step"], x["loss"]) for x in la] == [(x["step"], x["loss"]) for x in lb]
+    assert len(list_checkpoints(ck)) == 2 and not list(ck.glob(".*.tmp"))
+
+
+def test_damaged_checkpoint_is_refused_and_previous_used(tokens, tmp_path, capsys):
+    run = args(tokens, tmp_path / "r", "steps=8", "ckpt_every=4")
+    assert main(run) == 0
+    ck = tmp_path / "r" / "checkpoints"
+    good = weights(tmp_path / "r" / "model.safetensors")
+    last = ck / "step_00000008.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])                            # truncated
+    with pytest.raises(CheckpointError, match="truncated"): load_checkpoint(last)
+    last.write_bytes(data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:])   # one flipped byte
+    with pytest.raises(CheckpointError, match="SHA-256 does not match"): verify_checkpoint(last)
+    assert main(run + [f"--resume={last}"]) == 1                         # asked for explicitly: refused, clear error
+    assert "is corrupt" in capsys.readouterr().err
+    (tmp_path / "r" / "model.safetensors").unlink()
+    assert main(run + ["--resume"]) == 0                                 # auto: falls back to step 4, redoes 5..8
+    out = capsys.readouterr().out
+    assert "refusing checkpoint" in out and "step_00000008.pt is corrupt" in out and "resumed from" in out and "step_00000004.pt" in out
+    assert max_diff(weights(tmp_path / "r" / "model.safetensors"), good) == 0.0
+    verify_checkpoint(last)                                             # rewritten, good again
+    (ck / "step_00000008.json").unlink()                                # a write that never finished its sidecar
+    with pytest.raises(CheckpointError, match="never finished"): verify_checkpoint(last)
+    assert main(run) == 1 and "already holds checkpoints" in capsys.readouterr().err   # a fresh run never clobbers one
+
+
+class NaNAfter(torch.nn.Module):
+    "The tiny model, whose loss turns NaN from its `k`-th call on (a diverging run, made deterministic)."
+    def __init__(self, model, k):
+        super().__init__(); self.model, self.k, self.calls = model, k, 0
+    def loss(self, tokens, labels):
+        self.calls += 1
+        l = self.model.loss(tokens, labels)
+        return l * float("nan") if self.calls >= self.k else l
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokens, tmp_path):
+    from heptapod_nb.model import Heptapod
+    from heptapod_nb.train import TrainData, model_config_for
+    cfg = make_config(COMMON + ["steps=20", "ckpt_every=3"], preset="tiny", data=tokens,
+                      out=str(tmp_path / "r"), progress=False)
+    torch.manual_seed(0)
+    m = NaNAfter(Heptapod(model_config_for(cfg, TrainData(cfg, torch.device("cpu")).info)), k=8)
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss .* at step 8: .*Last good checkpoint: .*step_00000006.pt"):
+        train(cfg, model=m)
+    ck = tmp_path / "r" / "checkpoints"
+    assert [p.name for p in list_checkpoints(ck)] == ["step_00000003.pt", "step_00000006.pt"]
+    st = load_checkpoint(ck / "step_00000006.pt")
+    assert st["step"] == 6 and all(torch.isfinite(v).all() for v in st["model"].values())
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+    assert [r["step"] for r in read_metrics(tmp_path / "r")] == [2, 4, 6]
