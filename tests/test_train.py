@@ -161,3 +161,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokens, tmp_path):
     assert st["step"] == 6 and all(torch.isfinite(v).all() for v in st["model"].values())
     assert not (tmp_path / "r" / "model.safetensors").exists()
     assert [r["step"] for r in read_metrics(tmp_path / "r")] == [2, 4, 6]
+
+
+def test_bench_gpu_runs_tiny_on_cpu():
+    "bench/gpu.py (B preset on a GPU) works end to end in its tiny CPU mode: counted FLOPs, tokens/s, sampling."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec); spec.loader.exec_module(gpu)
+    r = gpu.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--batch", "2", "--sample-n", "2", "--threads", "1",
+                  "dim=32", "depth=1", "n_heads=2", "head_width=32", "head_depth=1", "head_heads=2"])
+    assert r["train"]["tokens_per_s"] > 0 and r["train"]["flops_per_step"] > 0 and r["train"]["mfu"] is None
+    assert r["sample"]["images_per_s"] > 0 and r["model_config"]["dim"] == 32
+    assert gpu.peak_flops(torch.device("cpu"), 100.0) == 100e12
