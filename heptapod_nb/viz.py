@@ -61,6 +61,9 @@ class TraceView:
         self.seen = np_("seen").astype(bool)                          # (T, h, w)
         self.chosen = np_("chosen").astype(bool)
         self.entropy, self.final_prob = np_("entropy"), np_("final_prob")
+        if (self.seen & self.chosen).any():   # a trace whose steps share one `seen` buffer: rebuild it from the steps
+            seen0 = np.isnan(self.entropy[0]) & ~self.chosen[0]         # before step 0: the prompt (no prediction there)
+            self.seen = seen0[None] | (np.cumsum(self.chosen, 0) - self.chosen).astype(bool)
         self.maxprob = np_("maxprob") if _field(steps[0], "maxprob") is not None else None
         if only_next:                                                   # a next-token model knows only these cells
             for a in (self.entropy, self.final_prob, self.maxprob):
@@ -149,6 +152,16 @@ class TraceView:
             if name in ("seen", "guess") and t < self.T: img = self._outline(img, self.chosen[t])
             out[name] = img
         return out
+
+    def step_at(self, n_seen: int) -> int:
+        "The first frame at which at least `n_seen` tokens are known (to show two traces at the same point)."
+        counts = self.seen.reshape(self.T, -1).sum(1)
+        hit = np.nonzero(counts >= n_seen)[0]
+        return int(hit[0]) if len(hit) else self.T
+
+    def n_seen(self, t: int) -> int:
+        t = self._check(t)
+        return int(self.seen[t].sum()) if t < self.T else int(self.seen[0].size)
 
     def title(self, t: int) -> str:
         t = self._check(t)
@@ -244,7 +257,7 @@ def trace_summary(view: TraceView) -> dict:
 
 # %% ../nbs/12_viz.ipynb #0bfef221
 class Explorer:
-    "ipywidgets explorer: sampling controls, Generate, Play + step slider over the cached trace, optional baseline."
+    "ipywidgets explorer: sampling controls, Generate, Play + step slider over the cached trace, optional baseline.\n\n    The baseline (a next-token model) commits one token per step; it is shown at the frame with as many known tokens."
     def __init__(self, model, tokenizer, baseline=None, num_classes: int | None = None, device=None,
                  generate_fn=None, scale: int = 3):
         import ipywidgets as W
@@ -283,8 +296,9 @@ class Explorer:
         if gen is None: from heptapod_nb.sample import generate as gen
         if self.temperature.value <= 0: raise ValueError(f"temperature must be > 0, got {self.temperature.value}")
         labels = torch.tensor([int(self.cls.value)], device=self.device)
+        tps = 1 if is_next_token(model) else int(self.tokens_per_step.value)   # a window-1 model commits one at a time
         _, trace = gen(model, labels, seed=int(self.seed.value), temperature=float(self.temperature.value),
-                       top_k=int(self.top_k.value) or None, tokens_per_step=int(self.tokens_per_step.value),
+                       top_k=int(self.top_k.value) or None, tokens_per_step=tps,
                        order=None if self.order.value == "raster" else self.order.value, trace=True, device=self.device)
         return view_for_model(model, trace, self.tokenizer, scale=self.scale)
 
@@ -293,7 +307,7 @@ class Explorer:
         t0 = time.perf_counter()
         self.views = {"model": self._sample(self.model)}
         if self.baseline is not None: self.views["baseline"] = self._sample(self.baseline)
-        n = max(len(v) for v in self.views.values()) - 1
+        n = len(self.views["model"]) - 1
         self.play.max = self.step.max = n
         with self.step.hold_trait_notifications(): self.step.value = 0
         self.status.value = f"generated in {time.perf_counter() - t0:.2f} s: {self.views['model'].T} steps"
@@ -303,11 +317,13 @@ class Explorer:
         "Compose the current step from the cached views (no model call)."
         if not self.views: return
         which = ("seen", "guess", self.heatmap.value)
-        for key, w in (("model", self.image), ("baseline", self.base_image)):
-            v = self.views.get(key)
-            if v is None or (key == "baseline" and not self.show_baseline.value): w.value = b""; continue
-            t = min(self.step.value, len(v) - 1)
-            w.value = to_png(v.strip(t, which, self.overlay.value))
+        main = self.views["model"]
+        t = min(self.step.value, len(main) - 1)
+        self.image.value = to_png(main.strip(t, which, self.overlay.value))
+        base = self.views.get("baseline")
+        if base is None or not self.show_baseline.value: self.base_image.value = b""; return
+        tb = base.step_at(main.n_seen(t)) if t < main.T else base.T        # same number of known tokens
+        self.base_image.value = to_png(base.strip(tb, which, self.overlay.value))
 
     def _ipython_display_(self):
         from IPython.display import display
