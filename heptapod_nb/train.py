@@ -19,11 +19,11 @@ from .config import (Config, ConfigError, FAST, apply_overrides, atomic_write_by
                                 get_preset, seed_everything, check_state_dict, save_weights)
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'TrainConfig', 'split_overrides', 'make_config', 'DistInfo', 'setup_distributed', 'epoch_permutation',
-           'rank_batches', 'TrainData', 'model_config_for', 'token_info', 'random_tokens', 'LossModule', 'param_groups',
-           'lr_lambda', 'EMA', 'CheckpointError', 'save_checkpoint', 'verify_checkpoint', 'load_checkpoint',
-           'list_checkpoints', 'latest_good_checkpoint', 'prune_checkpoints', 'rng_state', 'set_rng_state',
-           'TrainingDiverged', 'train', 'build_parser', 'main', 'read_metrics', 'plot_metrics']
+__all__ = ['CKPT_FORMAT', 'FSDP_UNITS', 'TrainConfig', 'split_overrides', 'make_config', 'DistInfo', 'setup_distributed',
+           'epoch_permutation', 'rank_batches', 'TrainData', 'model_config_for', 'token_info', 'random_tokens',
+           'LossModule', 'param_groups', 'lr_lambda', 'EMA', 'CheckpointError', 'save_checkpoint', 'verify_checkpoint',
+           'load_checkpoint', 'list_checkpoints', 'latest_good_checkpoint', 'prune_checkpoints', 'rng_state',
+           'set_rng_state', 'TrainingDiverged', 'train', 'build_parser', 'main', 'read_metrics', 'plot_metrics']
 
 # %% ../nbs/09_train.ipynb #54ebf55c
 @dataclass
@@ -380,11 +380,15 @@ def set_rng_state(s: dict, device: torch.device):
 class TrainingDiverged(FloatingPointError):
     "The loss or the gradient norm became NaN/inf."
 
+FSDP_UNITS = ("Block", "Head2D")
+
 def _shard_fsdp(wrapper: LossModule, bf16: bool):
-    "FSDP2: shard every transformer block, then the rest (embeddings, norms, head glue) at the root."
+    """FSDP2: shard every backbone block and the 2D head as units, then the rest (embeddings, diffusion MLP) at the
+    root. A unit must use its parameters only inside its own `forward` (FSDP gathers them in a forward hook): the
+    head's blocks are not units because `Head2D.forward` calls their adaLN layers itself."""
     from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    blocks = [m for m in wrapper.model.modules() if type(m).__name__.endswith("Block")]
+    blocks = [m for m in wrapper.model.modules() if type(m).__name__ in FSDP_UNITS]
     for m in blocks: fully_shard(m, mp_policy=mp)
     fully_shard(wrapper, mp_policy=mp)
     return len(blocks)

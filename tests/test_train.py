@@ -78,18 +78,35 @@ def test_config_and_cli_errors(tokens, tmp_path, capsys):
     c = make_config(["lr=2e-3"], str(f)); assert (c.steps, c.lr) == (7, 2e-3)
 
 
-def test_ddp_two_processes_match_one(tokens, tmp_path):
-    "torchrun --nproc_per_node=2 (gloo) == one process with the same global batch (which accumulates 4 micro-batches)."
-    steps = ["steps=4", "ckpt_every=4", "ema=0.9"]
-    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "heptapod_nb.train", *args(tokens, tmp_path / "ddp", *steps)],
-                       env=env(), capture_output=True, text=True, timeout=120)
+STEPS4 = ["steps=4", "ckpt_every=4", "ema=0.9"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tokens, tmp_path_factory):
+    "The reference: one process, global batch 8 as 4 accumulated micro-batches of 2."
+    out = tmp_path_factory.mktemp("one")
+    assert main(args(tokens, out, *STEPS4, "micro_batch=2")) == 0
+    return out
+
+
+def torchrun2(tokens, out, *extra):
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "heptapod_nb.train", *args(tokens, out, *STEPS4, *extra)],
+                       env=env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 process(es) on cpu DDP" in r.stdout
-    assert main(args(tokens, tmp_path / "one", *steps, "micro_batch=2")) == 0
+    return r.stdout
+
+
+@pytest.mark.parametrize("mode", ["DDP", "FSDP"])
+def test_two_processes_match_one(tokens, tmp_path, one_process, mode):
+    "torchrun --nproc_per_node=2 (gloo) with DDP or FSDP2 == one process with the same global batch (same weights, EMA, log)."
+    log = torchrun2(tokens, tmp_path / mode, *(["--fsdp"] if mode == "FSDP" else []))
+    assert f"2 process(es) on cpu {mode}" in log
     for f in ("model.safetensors", "ema.safetensors"):
-        assert max_diff(weights(tmp_path / "ddp" / f), weights(tmp_path / "one" / f)) < 1e-5
-    a, b = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "one")
+        assert max_diff(weights(tmp_path / mode / f), weights(one_process / f)) < 1e-5
+    a, b = read_metrics(tmp_path / mode), read_metrics(one_process)
     assert [x["loss"] for x in a] == pytest.approx([x["loss"] for x in b], rel=1e-5)
+    st = load_checkpoint(tmp_path / mode / "checkpoints" / "step_00000004.pt")
+    assert st["world_size"] == 2 and len(st["rng"]) == 2 and not torch.equal(st["rng"][0]["torch"], st["rng"][1]["torch"])
 
 
 def test_sigkill_then_resume_is_exact(tokens, tmp_path):
@@ -173,3 +190,23 @@ def test_bench_gpu_runs_tiny_on_cpu():
     assert r["train"]["tokens_per_s"] > 0 and r["train"]["flops_per_step"] > 0 and r["train"]["mfu"] is None
     assert r["sample"]["images_per_s"] > 0 and r["model_config"]["dim"] == 32
     assert gpu.peak_flops(torch.device("cpu"), 100.0) == 100e12
+
+
+def test_images_encoded_on_the_fly_and_kl_tokens(tmp_path):
+    "mnist5k + a tokenizer (encoded per micro-batch), and continuous (KL) token sets, both train and export."
+    from heptapod_nb.model import load_model
+    from heptapod_nb.tokenizer import build_tokenizer, save_tokenizer
+    torch.manual_seed(0)
+    save_tokenizer(build_tokenizer("tiny-vq"), tmp_path / "tok.safetensors")
+    common = ["--no-progress", "batch_size=4", "num_workers=0", "steps=2", *MODEL]
+    assert main(["--data", "mnist5k", "--tokenizer", str(tmp_path / "tok.safetensors"), "--out", str(tmp_path / "img"), *common]) == 0
+    m = load_model(tmp_path / "img" / "ema.safetensors")
+    assert (m.config.vocab_size, m.config.grid, m.config.num_classes) == (512, (8, 8), 10)
+    root = tmp_path / "kl"
+    meta = TokenDataset.create(root, 16, "kl", (2, 2), 3, channels=4)
+    c = np.load(root / "codes.npy", mmap_mode="r+"); c[:] = np.random.default_rng(0).normal(size=c.shape); c.flush()
+    TokenDataset.write_meta(root, {**meta, "done": 16})
+    assert main(["--data", str(root), "--out", str(tmp_path / "klrun"), *common, "model.diff_width=16", "model.diff_depth=1"]) == 0
+    m = load_model(tmp_path / "klrun" / "model.safetensors")
+    assert (m.config.token_kind, m.config.token_channels, m.config.grid) == ("kl", 4, (2, 2))
+    assert len(read_metrics(tmp_path / "klrun")) == 1
