@@ -52,6 +52,7 @@ class TrainConfig(Config):
     compile: bool = False
     fsdp: bool = False
     device: str = ""                     # "" = cuda:LOCAL_RANK when available, else cpu
+    threads: int = 0                     # CPU threads per process (0 = torch's default)
     ckpt_every: int = 500
     keep: int = 3                        # checkpoints kept on disk
     log_every: int = 10
@@ -62,7 +63,7 @@ class TrainConfig(Config):
     def validate(self):
         for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every"):
             if getattr(self, k) < 1: raise ConfigError(f"TrainConfig.{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("micro_batch", "image_size", "warmup", "num_workers", "weight_decay", "grad_clip", "lr", "min_lr"):
+        for k in ("micro_batch", "image_size", "threads", "warmup", "num_workers", "weight_decay", "grad_clip", "lr", "min_lr"):
             if getattr(self, k) < 0: raise ConfigError(f"TrainConfig.{k} must be >= 0, got {getattr(self, k)}")
         if not 0 <= self.ema < 1: raise ConfigError(f"TrainConfig.ema must be in [0, 1), got {self.ema}")
         if self.min_lr > self.lr: raise ConfigError(f"TrainConfig.min_lr={self.min_lr} is above lr={self.lr}")
@@ -422,6 +423,7 @@ def _bcast(obj, di: DistInfo):
 def train(cfg: TrainConfig, resume: str | None = None, model: nn.Module | None = None, log=None) -> dict:
     """Train as `cfg` says; `resume` = "auto" (newest good checkpoint in `cfg.out`, if any) or a checkpoint path.
     `model` replaces the preset model (anything with `.loss(tokens, labels)`). Returns a summary dict."""
+    if cfg.threads: torch.set_num_threads(cfg.threads)
     di = setup_distributed(cfg.device)
     owns_group = di.initialized
     try: return _train(cfg, resume, model, di, log)
