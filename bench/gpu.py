@@ -82,6 +82,28 @@ def bench_sample(model, info, n, device, bf16):
     return dict(n=n, seconds=dt, images_per_s=n / dt)
 
 
+def flops_only(a, mc, model, info, params, device):
+    "Counted FLOPs of one image (forward + backward, including any activation-checkpoint recompute) and the images/s and"
+    " tokens/s per GPU they imply at `a.mfu` of an H100/H200's dense bf16 peak."
+    from torch.utils.flop_counter import FlopCounterMode
+    x, y = random_tokens(info, 1, device)
+    with FlopCounterMode(display=False) as fc:
+        LossModule(model)(x, y).backward()
+    f = fc.get_total_flops()
+    peak = (a.peak_tflops or PEAK_BF16_TFLOPS["H100"]) * 1e12
+    img_s = a.mfu * peak / f
+    N = info["grid"][0] * info["grid"][1]
+    res = dict(command=" ".join(sys.argv), preset=a.preset, params=params, grad_checkpoint=getattr(mc, "grad_checkpoint", None),
+               flops_per_image=f, flops_6n_per_image=6 * params * N, assumed_mfu=a.mfu, peak_flops=peak,
+               projected_images_per_s_per_gpu=img_s, projected_tokens_per_s_per_gpu=img_s * N)
+    print(f"{a.preset}: {params / 1e6:.0f}M params, counted {f / 1e9:,.0f} GFLOP per image (fwd+bwd; 6*N*T = {6 * params * N / 1e9:,.0f}); "
+          f"at {a.mfu:.0%} of {peak / 1e12:.0f} TFLOP/s: {img_s:,.0f} images/s = {img_s * N:,.0f} tokens/s per GPU (projection, not a measurement)")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2, default=str))
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="model preset overrides (model.key=value also accepted)")
@@ -95,6 +117,9 @@ def main(argv=None):
     p.add_argument("--sample-n", type=int, default=None, help="images sampled in the timed generate call (default 64 on CUDA, 2 on CPU; 0 = skip)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (looked up for H100/H200/A100/L40S/L4)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
+    p.add_argument("--flops-only", action="store_true",
+                   help="only count FLOPs of one image's forward + backward and project throughput at --mfu of the peak")
+    p.add_argument("--mfu", type=float, default=0.4, help="MFU assumed by --flops-only projections")
     p.add_argument("--out")
     a = p.parse_args(argv)
     dev = get_device(a.device)
@@ -110,6 +135,7 @@ def main(argv=None):
     info = token_info(mc)
     params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    if a.flops_only: return flops_only(a, mc, model, info, params, dev)
     tr = bench_train(model, info, batch, a.steps, warmup, dev, bf16, a.compile)
     peak = peak_flops(dev, a.peak_tflops)
     tr["mfu"] = tr["flops_per_step"] / tr["sec_per_step"] / peak if peak else None

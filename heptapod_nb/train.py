@@ -36,6 +36,7 @@ class TrainConfig(Config):
     image_size: int = 0                  # image folders: 0 = the tokenizer's image size
     out: str = "runs/train"              # run folder: checkpoints, metrics.jsonl, final weights
     steps: int = 1000                    # optimizer steps in all
+    epochs: float = 0.0                  # > 0: sets steps = round(epochs * steps per epoch) (overrides steps)
     batch_size: int = 64                 # global batch per optimizer step
     micro_batch: int = 0                 # per-rank batch per forward (0 = the whole per-rank share)
     lr: float = 4e-4
@@ -63,7 +64,7 @@ class TrainConfig(Config):
     def validate(self):
         for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every"):
             if getattr(self, k) < 1: raise ConfigError(f"TrainConfig.{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("micro_batch", "image_size", "threads", "warmup", "num_workers", "weight_decay", "grad_clip", "lr", "min_lr"):
+        for k in ("epochs", "micro_batch", "image_size", "threads", "warmup", "num_workers", "weight_decay", "grad_clip", "lr", "min_lr"):
             if getattr(self, k) < 0: raise ConfigError(f"TrainConfig.{k} must be >= 0, got {getattr(self, k)}")
         if not 0 <= self.ema < 1: raise ConfigError(f"TrainConfig.ema must be in [0, 1), got {self.ema}")
         if self.min_lr > self.lr: raise ConfigError(f"TrainConfig.min_lr={self.min_lr} is above lr={self.lr}")
@@ -461,6 +462,7 @@ def _train(cfg: TrainConfig, resume, model, di: DistInfo, log) -> dict:
     data = TrainData(cfg, dev)
     n = len(data.dataset); spe = n // B
     if spe == 0: raise ConfigError(f"the dataset has {n} examples, fewer than one batch of {B}")
+    if cfg.epochs > 0: cfg = cfg.replace(steps=max(1, round(cfg.epochs * spe)))
 
     seed_everything(cfg.seed)
     raw = model if model is not None else __import__("heptapod_nb.model", fromlist=["Heptapod"]).Heptapod(model_config_for(cfg, data.info))

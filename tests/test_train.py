@@ -70,6 +70,8 @@ def test_config_and_cli_errors(tokens, tmp_path, capsys):
     assert cfg["steps"] == 5 and cfg["model"]["depth"] == 1 and cfg["batch_size"] == 8
     assert main(args(tokens, tmp_path / "r", "stepz=5")) == 1
     assert "unknown TrainConfig keys ['stepz']" in capsys.readouterr().err
+    assert main(args(tokens, tmp_path / "e", "epochs=0.5", "ckpt_every=100")) == 0     # 64 examples / 8 = 8 steps per epoch
+    assert read_metrics(tmp_path / "e")[-1]["step"] == 4
     assert main(args(tokens, tmp_path / "r", "batch_size=1000")) == 1
     assert "fewer than one batch" in capsys.readouterr().err
     assert main(["--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 1
@@ -190,6 +192,9 @@ def test_bench_gpu_runs_tiny_on_cpu():
     assert r["train"]["tokens_per_s"] > 0 and r["train"]["flops_per_step"] > 0 and r["train"]["mfu"] is None
     assert r["sample"]["images_per_s"] > 0 and r["model_config"]["dim"] == 32
     assert gpu.peak_flops(torch.device("cpu"), 100.0) == 100e12
+    f = gpu.main(["--preset", "tiny", "--device", "cpu", "--flops-only", "dim=32", "depth=1", "n_heads=2", "head_width=32",
+                  "head_depth=1", "head_heads=2"])
+    assert f["flops_per_image"] > 0 and f["projected_tokens_per_s_per_gpu"] > 0
 
 
 def test_images_encoded_on_the_fly_and_kl_tokens(tmp_path):
