@@ -337,6 +337,8 @@ def _parser(prog: str, retrain: bool = False) -> argparse.ArgumentParser:
     if retrain:
         p.add_argument("--retrain", action="store_true", help="remake the demo weights with the project's recipe first")
         p.add_argument("--minutes", type=float, default=None, help="training budget in minutes (default: the recipe's)")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for retraining (default: the recipe's 2; "
+                       "use 1 on a machine shared with other jobs)")
         p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
         p.add_argument("--no-launch", action="store_true", help="only (re)train, do not start the app")
     return p
@@ -500,6 +502,7 @@ def demo_cli(argv=None) -> int:
             f = args.minutes / (recipe.tokenizer_minutes + recipe.model_minutes + recipe.baseline_minutes)
             recipe = recipe.replace(tokenizer_minutes=recipe.tokenizer_minutes * f, model_minutes=recipe.model_minutes * f,
                                     baseline_minutes=recipe.baseline_minutes * f)
+        if args.threads: recipe = recipe.replace(threads=args.threads)
         retrain_demo(d, recipe, args.device)
     if args.no_launch: return 0
     print(f"starting the app on http://{args.host}:{args.port}", flush=True)

@@ -140,3 +140,13 @@ def test_browser_shows_generated_image(server):
     assert "<img" in final and ("/file=" in final or "gradio_api/file" in final), "no generated image in the page"
     im = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert im.shape[0] > 500 and im.std() > 10                    # not a blank page
+
+
+def test_bundled_demo_weights_fit_and_load():
+    from heptapod_nb.app import demo_dir, DEMO_FILES
+    d = demo_dir()
+    if missing_demo_files(d): pytest.skip(f"demo weights not made yet in {d} (heptapod-demo --retrain)")
+    assert sum((d / f).stat().st_size for f in DEMO_FILES.values()) <= 12 * 2**20
+    b = load_bundle(d, "cpu")
+    assert b.baseline is not None and b.baseline.config.window == 1 and b.model.config.window == "global"
+    assert b.grid == tuple(b.tokenizer.grid) and 0 < HeptapodApp(b).temperature <= 2

@@ -1,0 +1,82 @@
+"""App benchmark: start time with the bundled weights, one generation with a full trace, scrubbing one step.
+
+    flock /tmp/heptapod-bench.lock .venv/bin/python bench/app.py --threads 2 --out bench/results/app.json
+
+Targets (issue 6, 2 CPU cores): start <= 20 s, generation with full trace <= 2 s, scrubbing a step <= 0.2 s.
+"""
+import argparse, json, os, platform, socket, statistics, sys, time, urllib.request
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", default=None, help="weights folder (default: the bundled demo weights)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    a = p.parse_args(argv)
+
+    t_start = time.perf_counter()
+    import torch
+    torch.set_num_threads(a.threads)
+    from heptapod_nb.app import HeptapodApp, build_blocks, load_bundle, demo_dir
+    bundle = load_bundle(a.weights, "cpu")
+    app = HeptapodApp(bundle)
+    blocks = build_blocks(app)                                     # includes the first generation the page opens on
+    port = free_port()
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60).read()
+    start_s = time.perf_counter() - t_start                          # python start -> page served (imports included)
+
+    gen, scrub, scrub_api = [], [], []
+    for r in range(a.repeats):
+        t0 = time.perf_counter(); view = app.generate(cls=r % 10, seed=r); gen.append(time.perf_counter() - t0)
+        for t in (0, view.T // 3, view.T // 2, view.T - 1, view.T):
+            t0 = time.perf_counter(); app.panels(view, t, "entropy", overlay=True); scrub.append(time.perf_counter() - t0)
+    from gradio_client import Client
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    client.predict(1, 0, 1.0, 0, "raster", 1, "entropy", False, api_name="/generate")
+    for t in (3, 30, 60, 10, 50):
+        t0 = time.perf_counter(); client.predict(t, "entropy", False, api_name="/scrub"); scrub_api.append(time.perf_counter() - t0)
+    blocks.close()
+
+    wdir = Path(a.weights) if a.weights else demo_dir()
+    res = {
+        "app_start_s": round(start_s, 3),
+        "generate_full_trace_s": round(statistics.median(gen), 3),
+        "generate_full_trace_s_all": [round(x, 3) for x in gen],
+        "view_decode_s": round(view.decode_s, 4),
+        "scrub_step_s": round(statistics.median(scrub), 5),
+        "scrub_step_s_max": round(max(scrub), 5),
+        "scrub_step_via_http_s": round(statistics.median(scrub_api), 4),
+        "steps": view.T, "grid": list(bundle.grid),
+        "weights": str(wdir), "weights_bytes": sum(f.stat().st_size for f in wdir.glob("*.safetensors")),
+        "model_params": sum(p.numel() for p in bundle.model.parameters()),
+        "threads": a.threads, "torch": torch.__version__, "python": platform.python_version(),
+        "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+    targets = {"app_start_s": 20.0, "generate_full_trace_s": 2.0, "scrub_step_s": 0.2}
+    print(f"{'measure':28s} {'value':>10s} {'target':>8s}")
+    for k in ("app_start_s", "generate_full_trace_s", "view_decode_s", "scrub_step_s", "scrub_step_s_max", "scrub_step_via_http_s"):
+        tgt = targets.get(k)
+        print(f"{k:28s} {res[k]:10.4f} {('<= %g' % tgt) if tgt else '':>8s}" + ("" if tgt is None or res[k] <= tgt else "  MISSED"))
+    print(f"(1-minute load average while measuring: {res['load_avg_1min']} on {res['cpu_count']} cores)")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
