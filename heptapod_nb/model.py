@@ -28,9 +28,9 @@ class HeptapodConfig(Config):
     token_channels: int = 0                # C (KL)
     grid: tuple[int, int] = (8, 8)         # (h, w) token grid
     num_classes: int = 10                  # 0 = unconditional (a learned start token)
-    dim: int = 256                         # backbone width
-    depth: int = 8
-    n_heads: int = 8
+    dim: int = 192                         # backbone width
+    depth: int = 6
+    n_heads: int = 6
     head_width: int = 128
     head_depth: int = 2
     head_heads: int = 4

@@ -183,11 +183,12 @@ def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top
         if batch is not None and batch != B: raise ValueError(f"batch={batch} but {B} labels were given")
     labels = model.check_labels(labels, B)
     gen = torch.Generator(device).manual_seed(seed)
+    tgen = torch.Generator(device).manual_seed(seed + 7919)    # trace draws: tracing never changes the samples
     # order and prompt
-    confidence = order == "confidence"
+    confidence = isinstance(order, str) and order == "confidence"
     if confidence and c.order != "random":
         raise ValueError("order='confidence' needs a model trained on random orders (config.order='random')")
-    order_BN = (make_order("raster", B, N, device) if confidence else _resolve_order(order or c.order, B, N, device, gen))
+    order_BN = (make_order("raster", B, N, device) if confidence else _resolve_order(c.order if order is None else order, B, N, device, gen))
     if not isinstance(prompt_len, int) or not 0 <= prompt_len <= N:
         raise ValueError(f"prompt_len must be an int in [0, {N}], got {prompt_len!r}")
     if prompt_len > 0 and prompt is None: raise ValueError("prompt_len > 0 needs a prompt token grid")
@@ -222,7 +223,7 @@ def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top
             if confidence or trace:
                 rem = _remaining(seen, n)
                 full_pred = predict_from_states(model, h, n, rem, draws=trace_draws, temperature=temperature,
-                                                diff_steps=diff_steps, generator=gen)
+                                                diff_steps=diff_steps, generator=tgen)
             if confidence:
                 if c.token_kind == "vq": conf = full_pred.logits.softmax(-1).amax(-1)
                 else: conf = -full_pred.draws.var(2).clamp(min=1e-8).log().sum(-1)

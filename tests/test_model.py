@@ -1,0 +1,189 @@
+"Heptapod model: losses, the batched pass vs a per-step loop, no leak, over-fitting, presets, checkpoints, input checks."
+import math
+import pytest
+import torch
+
+torch.set_num_threads(1)   # on the shared 2-core box, 2 spinning OpenMP threads are many times slower (BENCHMARKS.md)
+import torch.nn.functional as F
+from heptapod_nb.config import ConfigError, save_weights
+from heptapod_nb.head import make_order, select_targets
+from heptapod_nb.model import PRESETS, Heptapod, HeptapodConfig, load_model, save_model
+
+SMALL = dict(vocab_size=8, grid=(4, 4), num_classes=8, dim=32, depth=2, n_heads=4, head_width=32, head_depth=2,
+             head_heads=4, diff_width=32, diff_depth=2)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return Heptapod(HeptapodConfig(**{**SMALL, **kw}))
+
+
+def _open_gates(m):  # adaLN-Zero starts as identity; give every weight some size so tests can see everything
+    with torch.no_grad():
+        for p in m.head.parameters(): p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def _data(B=4, kind="vq", C=3):
+    g = torch.Generator().manual_seed(1)
+    if kind == "vq": x = torch.randint(0, 8, (B, 4, 4), generator=g)
+    else: x = torch.randn(B, C, 4, 4, generator=g)
+    return x, torch.arange(B) % 8
+
+
+def _per_step_loss(m, x, y, order, tg):
+    "Slow reference: the head run once per step on h_0..h_t and that step's queries only."
+    flat = m.check_tokens(x)
+    h = m.states(flat, m.check_labels(y, x.shape[0]), order)
+    num, den = 0.0, 0.0
+    for t in range(m.config.n_positions):
+        pos, val = tg.pos_BSM[:, t:t + 1], tg.valid_BSM[:, t:t + 1]
+        out = m.head(h[:, :t + 1], h[:, t:t + 1], torch.tensor([t]), pos, val)[:, 0]
+        ce = F.cross_entropy(out.flatten(0, 1), flat.gather(1, pos[:, 0]).flatten(), reduction="none").view(pos[:, 0].shape)
+        w = val[:, 0].float(); w[:, 0] *= m.config.next_weight
+        num = num + (w * ce).sum(); den = den + w.sum()
+    return num / den
+
+
+@pytest.mark.parametrize("window,M,order", [("global", 3, "raster"), (3, "all", "random"), (1, 1, "random")])
+def test_batched_pass_equals_per_step_loop(window, M, order):
+    m = _open_gates(_model(window=window, targets_per_step=M, order=order, next_weight=2.0))
+    x, y = _data()
+    o = make_order(order, 4, 16, generator=torch.Generator().manual_seed(0))
+    tg = select_targets(o, window, M, generator=torch.Generator().manual_seed(0))
+    fast = m(x, y, order=o, targets=tg)["loss"]
+    gf = torch.autograd.grad(fast, list(m.parameters()), allow_unused=True)
+    slow = _per_step_loss(m, x, y, o, tg)
+    gs = torch.autograd.grad(slow, list(m.parameters()), allow_unused=True)
+    assert abs(fast.item() - slow.item()) < 1e-5
+    for (name, _), a, b in zip(m.named_parameters(), gf, gs):
+        if a is None and b is None: continue
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_window1_is_plain_next_token_ce():
+    m = _open_gates(_model(window=1, targets_per_step=4, next_weight=3.0))
+    x, y = _data()
+    o = make_order("raster", 4, 16)
+    h = m.states(m.check_tokens(x), y, o)
+    logits = m.head(h, h, torch.arange(16), o[:, :, None], torch.ones(4, 16, 1, dtype=torch.bool))[:, :, 0]
+    ref = F.cross_entropy(logits.reshape(-1, 8), x.flatten(1).reshape(-1))
+    out = m(x, y)
+    assert abs(out["loss"].item() - ref.item()) < 1e-5 and abs(out["next_loss"].item() - ref.item()) < 1e-5
+    assert out["n_targets"] == 4 * 16 and not m.head.self_attn
+
+
+@pytest.mark.parametrize("order", ["raster", "random"])
+def test_no_leak_from_future(order):
+    m = _open_gates(_model(order=order))
+    x, y = _data()
+    o = make_order(order, 4, 16, generator=torch.Generator().manual_seed(3))
+    tg = select_targets(o, "global", "all")
+    j = 9                                                           # change the token at order index j
+    x2 = x.flatten(1).clone()
+    x2.scatter_(1, o[:, j:j + 1], (x2.gather(1, o[:, j:j + 1]) + 1) % 8)
+    x2 = x2.view_as(x)
+    outs = []
+    for xx in (x, x2):
+        h = m.states(m.check_tokens(xx), y, o)
+        outs.append(m.head(h, h, tg.steps_S, tg.pos_BSM, tg.valid_BSM).detach())
+    vm = tg.valid_BSM[..., None]
+    assert ((outs[0] - outs[1]).abs() * vm)[:, :j + 1].max() < 1e-6     # steps that have seen pi(0..j-1) only
+    assert ((outs[0] - outs[1]).abs() * vm)[:, j + 1:].max() > 1e-4
+
+
+def test_loss_is_weighted_mean_over_supervised_pairs():
+    m = _open_gates(_model(targets_per_step="all", next_weight=4.0))
+    x, y = _data()
+    o = make_order("raster", 4, 16); tg = select_targets(o, "global", "all")
+    h = m.states(m.check_tokens(x), y, o)
+    out = m.head(h, h, tg.steps_S, tg.pos_BSM, tg.valid_BSM)
+    ce = F.cross_entropy(out.flatten(0, 2), x.flatten(1).gather(1, tg.pos_BSM.flatten(1)).flatten(), reduction="none").view(tg.pos_BSM.shape)
+    w = tg.valid_BSM.float(); w[..., 0] = 4.0
+    assert int(tg.valid_BSM.sum()) == 4 * 16 * 17 // 2                 # every remaining position at every step
+    assert abs(((w * ce).sum() / w.sum()).item() - m(x, y, order=o, targets=tg)["loss"].item()) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+def test_overfits_one_batch(kind):
+    torch.manual_seed(0)
+    m = _model(token_kind=kind, token_channels=3 if kind == "kl" else 0, targets_per_step=3, diff_draws=8)
+    x, y = _data(8, kind)
+    opt = torch.optim.AdamW(m.parameters(), lr=5e-3, weight_decay=0.0)
+    first = None
+    for i in range(150 if kind == "vq" else 200):
+        torch.manual_seed(100 + i)
+        loss = m.loss(x, y); opt.zero_grad(); loss.backward(); opt.step()
+        first = first if first is not None else loss.item()
+    torch.manual_seed(0)
+    with torch.no_grad(): final = sum(m.loss(x, y).item() for _ in range(5)) / 5
+    assert final < 0.1 * first, (first, final)
+
+
+def test_cached_steps_equal_full_states():
+    m = _open_gates(_model(order="random")).eval()
+    x, y = _data()
+    flat = m.check_tokens(x)
+    o = make_order("random", 4, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = m.states(flat, y, o)
+        for k in (1, 3):
+            m.setup_cache(4)
+            parts = [m.step(y, flat.gather(1, o[:, :0]), o[:, :0], 0)]
+            for i in range(1, 16, k):
+                idx = o[:, i - 1:min(i + k, 16) - 1]
+                parts.append(m.step(y, flat.gather(1, idx), idx, i))
+            m.clear_cache()
+            assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
+
+
+def test_presets_and_meta():
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"): m = Heptapod(cfg)
+        n = m.num_params()
+        assert n["total"] == n["backbone"] + n["head"] == sum(p.numel() for p in m.parameters())
+    with torch.device("meta"): h = Heptapod(PRESETS["H"]).num_params()
+    assert abs(h["total"] - 941e6) / 941e6 < 0.05
+    assert PRESETS["tiny"].grid == (8, 8) and PRESETS["tiny"].vocab_size == 512
+    assert PRESETS["H"].grid == (16, 16) and PRESETS["H"].vocab_size == 16384
+
+
+def test_checkpoint_roundtrip_and_mismatch(tmp_path):
+    m = _open_gates(_model(token_kind="kl", token_channels=3)).eval()
+    p = tmp_path / "m.safetensors"
+    save_model(m, p)
+    m2 = load_model(p)
+    assert m2.config == m.config
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()): assert torch.equal(a, b), k
+    assert torch.equal(m2.diffusion.alpha_bar, m.diffusion.alpha_bar)
+    with pytest.raises(ConfigError, match="different config"): load_model(p, config=m.config.replace(depth=3))
+    save_weights(tmp_path / "bad.safetensors", _model(depth=3), m.config, kind="heptapod")
+    with pytest.raises(ConfigError, match="does not match"): load_model(tmp_path / "bad.safetensors")
+    with pytest.raises(FileNotFoundError): load_model(tmp_path / "missing.safetensors")
+    save_weights(tmp_path / "tok.safetensors", m, m.config, kind="vq_tokenizer")
+    with pytest.raises(ConfigError, match="heptapod"): load_model(tmp_path / "tok.safetensors")
+
+
+def test_input_checks():
+    m = _model()
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 8\)"): m.loss(x + 8, y)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 8\)"): m.loss(x - 1, y)
+    with pytest.raises(ValueError, match="shape"): m.loss(x[:, :3], y)
+    with pytest.raises(ValueError, match=r"class ids must be in \[0, 8\)"): m.loss(x, y + 5)
+    with pytest.raises(ValueError, match="labels must have shape"): m.loss(x, y[:2])
+    with pytest.raises(ValueError, match="labels are required"): m.loss(x, None)
+    kl = _model(token_kind="kl", token_channels=3)
+    with pytest.raises(ValueError, match="shape"): kl.loss(torch.randn(2, 2, 4, 4), y[:2])
+    with pytest.raises(ValueError, match="NaN"): kl.loss(torch.full((2, 3, 4, 4), float("nan")), y[:2])
+    with pytest.raises(ConfigError, match="token_channels"): HeptapodConfig(token_kind="kl")
+    with pytest.raises(ConfigError, match="next_weight"): HeptapodConfig(next_weight=0.0)
+    with pytest.raises(ConfigError): HeptapodConfig(order="spiral")
+
+
+def test_unconditional_and_grad_checkpoint():
+    m = _model(num_classes=0, grad_checkpoint=True)
+    x, _ = _data()
+    loss = m.loss(x, None); loss.backward()
+    assert math.isfinite(loss.item()) and m.cls_emb.weight.shape[0] == 1
+    with pytest.raises(ValueError, match="unconditional"): m.loss(x, torch.tensor([1, 0, 0, 0]))

@@ -1,0 +1,146 @@
+"Sampler: cached decoding equals a full pass, seeds, step counts, trace contract, prompts, confidence order, bad input."
+import math
+import pytest
+import torch
+
+torch.set_num_threads(1)   # on the shared 2-core box, 2 spinning OpenMP threads are many times slower (BENCHMARKS.md)
+from heptapod_nb.head import make_order
+from heptapod_nb.model import Heptapod, HeptapodConfig
+from heptapod_nb.sample import (Trace, TraceStep, filter_logits, generate, predict_remaining, sample_logits)
+
+SMALL = dict(vocab_size=8, grid=(4, 4), num_classes=8, dim=32, depth=2, n_heads=4, head_width=32, head_depth=2,
+             head_heads=4, diff_width=32, diff_depth=2, diff_steps=4)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    m = Heptapod(HeptapodConfig(**{**SMALL, **kw}))
+    with torch.no_grad():
+        for p in m.parameters(): p.add_(torch.randn_like(p) * 0.1)   # open the adaLN-Zero gates
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def vq(): return _model()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_cached_decoding_equals_full_pass(vq, k):
+    toks, tr = generate(vq, [1, 5], seed=0, tokens_per_step=k, trace=True)
+    n = 0
+    for st in tr:
+        pred = predict_remaining(vq, toks, n, [1, 5])                 # full uncached pass over the final tokens
+        p = pred.logits.softmax(-1)
+        assert torch.allclose(p.amax(-1), st.maxprob.flatten(1)[:, n:], atol=1e-5)
+        fp = p.gather(-1, toks.flatten(1)[:, n:, None])[..., 0]
+        assert torch.allclose(fp, st.final_prob.flatten(1)[:, n:], atol=1e-5)
+        n += int(st.chosen[0].sum())
+    assert n == 16
+
+
+def test_seeds(vq):
+    a, b = generate(vq, [0, 1, 2], seed=3), generate(vq, [0, 1, 2], seed=3)
+    assert torch.equal(a, b) and a.shape == (3, 4, 4) and a.dtype == torch.long
+    assert not torch.equal(a, generate(vq, [0, 1, 2], seed=4))
+    assert a.min() >= 0 and a.max() < 8
+    assert torch.equal(a, generate(vq, [0, 1, 2], seed=3, trace=True)[0])   # tracing never changes the samples
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 16])
+def test_tokens_per_step_backbone_calls(vq, k):
+    calls = []
+    hook = vq.backbone.register_forward_hook(lambda *a: calls.append(1))
+    try: toks, tr = generate(vq, [2], tokens_per_step=k, trace=True)
+    finally: hook.remove()
+    assert len(calls) == math.ceil(16 / k) == len(tr)
+    assert [int(s.chosen.sum()) for s in tr] == [min(k, 16 - i * k) for i in range(len(tr))]
+
+
+def test_trace_contract(vq):
+    toks, tr = generate(vq, [4, 6], seed=1, trace="full")
+    assert isinstance(tr, Trace) and isinstance(tr[0], TraceStep) and tr.kind == "vq" and len(tr) == 16
+    assert torch.equal(tr.tokens, toks) and torch.equal(tr.order, make_order("raster", 2, 16))
+    for t, st in enumerate(tr):
+        assert st.t == t and st.seen.shape == st.chosen.shape == st.entropy.shape == (2, 4, 4)
+        assert st.seen.dtype == torch.bool and st.guess.dtype == torch.long and st.probs.dtype == torch.float16
+        assert int(st.seen[0].sum()) == t and not (st.seen & st.chosen).any()
+        assert st.entropy.isnan().eq(st.seen).all() and st.maxprob.isnan().eq(st.seen).all()
+        assert st.final_prob.isnan().eq(st.seen).all()
+        rem = ~st.seen
+        assert (st.entropy[rem] >= -1e-6).all() and (st.entropy[rem] <= math.log(8) + 1e-4).all()
+        assert torch.equal(st.guess[st.seen], toks[st.seen])
+        assert torch.equal(st.guess[rem], st.probs[rem].float().argmax(-1))
+        assert torch.allclose(st.probs[rem].float().sum(-1), torch.ones(int(rem.sum())), atol=1e-2)
+        assert all(x.device.type == "cpu" for x in (st.seen, st.entropy, st.guess, st.probs))
+    assert tr[0].probs is not None and generate(vq, [1], trace=True)[1][0].probs is None
+
+
+def test_prompt_and_explicit_order(vq):
+    prompt = torch.randint(0, 8, (1, 4, 4), generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    out, tr = generate(vq, [1, 2], prompt=prompt, prompt_len=6, order=order, trace=True, seed=2)
+    for b in range(2): assert torch.equal(out.flatten(1)[b, order[:6]], prompt.flatten()[order[:6]])
+    assert len(tr) == 10 and int(tr[0].seen[0].sum()) == 6 and torch.equal(tr.order[0], order)
+    assert torch.equal(generate(vq, [1], prompt=prompt, prompt_len=16), prompt)
+
+
+def test_greedy_window1_matches_trace_argmax():
+    m = _model(window=1, targets_per_step=1)
+    toks, tr = generate(m, [3], top_k=1, trace=True)
+    for st in tr: assert torch.equal(toks[st.chosen], st.guess[st.chosen])
+    assert torch.equal(toks, generate(m, [3], top_k=1, seed=9))
+    with pytest.raises(ValueError, match="window"): generate(m, [3], tokens_per_step=2)
+
+
+def test_confidence_order():
+    m = _model(order="random")
+    toks, tr = generate(m, [0, 7], order="confidence", trace=True, seed=0)
+    assert torch.equal(tr.order.sort(-1).values, torch.arange(16).expand(2, 16))
+    for st in tr:                                                   # the chosen position is the most confident one
+        mp = st.maxprob.flatten(1).nan_to_num(-1.0)
+        assert torch.equal(st.chosen.flatten(1).float().argmax(-1), mp.argmax(-1))
+    with pytest.raises(ValueError, match="random orders"): generate(_model(), [0], order="confidence")
+
+
+def test_kl_and_unconditional():
+    m = _model(token_kind="kl", token_channels=3, num_classes=0)
+    out, tr = generate(m, None, batch=2, trace=True, tokens_per_step=4)
+    assert out.shape == (2, 3, 4, 4) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert len(tr) == 4 and tr.kind == "kl" and tr[0].guess.shape == (2, 3, 4, 4)
+    assert tr[1].maxprob.isnan().all() and torch.isfinite(tr[1].entropy[~tr[1].seen]).all()
+    assert torch.equal(tr[2].guess.flatten(2)[:, :, :8], out.flatten(2)[:, :, :8])
+    assert torch.equal(out, generate(m, None, batch=2, tokens_per_step=4))
+    pr = predict_remaining(m, out, 5, None, draws=3)
+    assert pr.draws.shape == (2, 11, 3, 3)
+    mc = _model(token_kind="kl", token_channels=3, order="random")
+    assert generate(mc, [1], order="confidence").shape == (1, 3, 4, 4)
+
+
+def test_bad_input(vq):
+    with pytest.raises(ValueError, match="temperature"): generate(vq, [1], temperature=0)
+    with pytest.raises(ValueError, match="temperature"): generate(vq, [1], temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"): generate(vq, [1], top_p=0.0)
+    with pytest.raises(ValueError, match="top_p"): generate(vq, [1], top_p=1.5)
+    with pytest.raises(ValueError, match="top_k"): generate(vq, [1], top_k=0)
+    with pytest.raises(ValueError, match="class ids"): generate(vq, [8])
+    with pytest.raises(ValueError, match="labels are required"): generate(vq, None)
+    with pytest.raises(ValueError, match="tokens_per_step"): generate(vq, [1], tokens_per_step=0)
+    with pytest.raises(ValueError, match="prompt_len"): generate(vq, [1], prompt_len=17, prompt=torch.zeros(1, 4, 4).long())
+    with pytest.raises(ValueError, match="token ids"): generate(vq, [1], prompt_len=2, prompt=torch.full((1, 4, 4), 9))
+    with pytest.raises(ValueError, match="shape"): generate(vq, [1], prompt_len=2, prompt=torch.zeros(1, 3, 3).long())
+    with pytest.raises(ValueError, match="permutation"): generate(vq, [1], order=torch.zeros(16).long())
+    with pytest.raises(ValueError, match="order"): generate(vq, [1], order="spiral")
+    with pytest.raises(ValueError, match="n_seen"): predict_remaining(vq, torch.zeros(1, 4, 4).long(), 16, [0])
+
+
+def test_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all() and torch.isfinite(filter_logits(logits, top_k=2)[0, :2]).all()
+    p = logits.softmax(-1)[0]                                       # [0.64, 0.24, 0.09, 0.03]
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7)[0])
+    assert kept.tolist() == [True, True, False, False]
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)[0]).tolist() == [True, False, False, False]
+    assert torch.allclose(filter_logits(logits, temperature=2.0), logits / 2)
+    g = torch.Generator().manual_seed(0)
+    s = sample_logits(logits.expand(2000, 4), top_k=2, generator=g)
+    assert set(s.tolist()) == {0, 1} and abs((s == 0).float().mean() - p[0] / (p[0] + p[1])) < 0.05
