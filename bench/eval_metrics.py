@@ -1,0 +1,67 @@
+"""Evaluation metrics on CPU: MNIST classifier training time / val accuracy, MNIST-FID floors, Inception speed.
+
+    flock /tmp/heptapod-bench.lock .venv/bin/python bench/eval_metrics.py --out bench/results/eval_metrics.json
+"""
+import argparse, json, platform, tempfile, time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from heptapod_nb.data import load_mnist5k
+from heptapod_nb.metrics import (InceptionV3, class_accuracy, feature_stats, frechet_distance, mnist_classifier,
+                                 mnist_fid)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--inception_images", type=int, default=8, help="images for the (random-weight) Inception timing")
+    p.add_argument("--fresh", action="store_true", help="train the classifier anew (else: the cached one, its stored time)")
+    p.add_argument("--sqrtm", action="store_true", help="also time frechet_distance on 2048-d statistics (slow on CPU)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = {}
+    if args.fresh:
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.time()
+            clf = mnist_classifier(path=Path(d) / "clf.safetensors", verbose=False)
+            rows["classifier train seconds (fresh, incl. data load)"] = time.time() - t0
+    else:
+        from heptapod_nb.metrics import default_classifier_path
+        clf = mnist_classifier(verbose=False)
+        meta = json.loads(default_classifier_path().with_suffix(".json").read_text())["config"]
+        rows["classifier train seconds (when cached)"] = meta["train_seconds"]
+    tr, va = load_mnist5k("train"), load_mnist5k("val")
+    rows["classifier val accuracy"] = class_accuracy(clf, va.images, va.labels)
+    rows["classifier train accuracy"] = class_accuracy(clf, tr.images, tr.labels)
+    for step in (9, 1):                                   # MNIST-5k is sorted by class: strided subsets stay balanced
+        rows[f"MNIST-FID real train ({len(tr.images[::step])}) vs val (floor)"] = mnist_fid(tr.images[::step], clf=clf)
+    rows["MNIST-FID only zeros (450, mode collapse) vs val"] = mnist_fid(tr.images[tr.labels == 0], clf=clf)
+    noise = torch.rand(500, 1, 32, 32) * 2 - 1
+    rows["MNIST-FID uniform noise (500) vs val"] = mnist_fid(noise, clf=clf)
+    net = InceptionV3().eval()
+    x = torch.rand(args.inception_images, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        net(x[:1]); t0 = time.time(); net(x)
+    rows["Inception forward images/s (CPU, 299x299)"] = args.inception_images / (time.time() - t0)
+    if args.sqrtm:
+        rng = np.random.default_rng(0)
+        f1, f2 = rng.normal(size=(4096, 2048)), rng.normal(size=(4096, 2048)) + 0.1
+        (m1, s1), (m2, s2) = feature_stats(f1), feature_stats(f2)
+        t0 = time.time(); frechet_distance(m1, s1, m2, s2)
+        rows["frechet_distance 2048-d seconds (scipy sqrtm)"] = time.time() - t0
+    w = max(map(len, rows))
+    print(f"| {'metric':<{w}} | value |\n|{'-' * (w + 2)}|-------|")
+    for k, v in rows.items(): print(f"| {k:<{w}} | {v:.4g} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(results=rows, threads=args.threads, torch=torch.__version__,
+                                                  machine=platform.processor() or platform.machine(),
+                                                  note="shared machine: other processes may have been running"), indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
