@@ -68,7 +68,7 @@ class TokenizerConfig(Config):
 TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     # CPU presets for 32x32 MNIST -> 8x8 tokens (narrow: many more steps fit in a few CPU minutes)
     "tiny-vq": TokenizerConfig(kind="vq", ch=16, ch_mult=(1, 2, 2), z_channels=32, codebook_size=512, codebook_dim=8),
-    "tiny-kl": TokenizerConfig(kind="kl", ch=32, ch_mult=(1, 2, 2), z_channels=4, latent_channels=4),
+    "tiny-kl": TokenizerConfig(kind="kl", ch=16, ch_mult=(1, 2, 2), z_channels=4, latent_channels=4),
     # the published ImageNet tokenizers (architecture of the checkpoints loaded in 03_pretrained)
     "llamagen-vq16": TokenizerConfig(kind="vq", image_size=256, in_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4),
                                      num_res_blocks=2, z_channels=256, norm_groups=32, mid_attn=True,
@@ -334,11 +334,18 @@ class KLTokenizer(_TokenizerBase):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__(cfg)
         if cfg.kind != "kl": raise ConfigError(f"KLTokenizer needs kind='kl', got {cfg.kind!r}")
-        self.channels, self.scale_factor = cfg.latent_channels, cfg.scale_factor
+        self.channels = cfg.latent_channels
         self.encoder = Encoder(cfg, 2 * cfg.z_channels)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.z_channels, 1)
         self.decoder = Decoder(cfg)
+
+    @property
+    def scale_factor(self) -> float: return self.config.scale_factor
+
+    def set_scale_factor(self, scale_factor: float) -> None:
+        "Change the latent scale (stored in the config, so it is saved with the weights)."
+        self.config = self.config.replace(scale_factor=float(scale_factor))
 
     def posterior(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "(mean, logvar), each (B, C, h, w), unscaled."
@@ -398,7 +405,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     mse_B = ((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1.0 / mse_B.clamp(min=1e-10))
 
-def recon_loss(x_hat: torch.Tensor, x: torch.Tensor, kind: str = "l1+l2") -> torch.Tensor:
+def recon_loss(x_hat: torch.Tensor, x: torch.Tensor, kind: str = "l2") -> torch.Tensor:
     "Reconstruction loss `kind` in 'l1', 'l2', 'l1+l2'."
     if kind == "l1": return (x_hat - x).abs().mean()
     if kind == "l2": return F.mse_loss(x_hat, x)

@@ -23,8 +23,8 @@ from .tokenizer import (TOKENIZER_PRESETS, TokenizerConfig, LPIPS, PatchDiscrimi
 
 # %% auto #0
 __all__ = ['load_images', 'dist_info', 'init_dist', 'batches', 'TokenizerTrainConfig', 'lr_factor', 'evaluate',
-           'codebook_fingerprint', 'check_ranks_agree', 'train_tokenizer', 'train_tokenizer_cli', 'extract_tokens',
-           'extract_cli']
+           'codebook_fingerprint', 'check_ranks_agree', 'fit_scale_factor', 'train_tokenizer', 'train_tokenizer_cli',
+           'extract_tokens', 'extract_cli']
 
 # %% ../nbs/04_tokenizer_train.ipynb #03233827
 def load_images(data: str, split: str = "train", image_size: int = 256, flip: bool = False):
@@ -74,14 +74,14 @@ class TokenizerTrainConfig(Config):
     image_size: int = 0                     # folder images are resized to this (0: the preset's image_size)
     out: str = "runs/tokenizer"             # run folder: tokenizer.safetensors, train_state.pt, log.jsonl
     batch_size: int = 32                    # per process
-    lr: float = 3e-3
+    lr: float = 5e-3
     min_lr_ratio: float = 0.02
     warmup_steps: int = 30
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     max_steps: int = 100000
     max_minutes: float = 0.0                # wall-clock budget of this run (0: no budget)
-    rec_loss: str = "l1+l2"
+    rec_loss: str = "l2"                    # l2 | l1 | l1+l2 (PSNR is L2: l2 was best on MNIST)
     restart_every: int = 25                 # VQ: dead-code restart period in steps (0: never)
     restart_threshold: float = 1.0          # VQ: codes counted fewer times since the last restart are re-seeded
     restart_until: float = 0.8              # VQ: no restarts after this fraction of the run (let codes settle)
@@ -95,6 +95,7 @@ class TokenizerTrainConfig(Config):
     ckpt_every: int = 500                   # steps between checkpoints
     eval_batches: int = 8
     num_workers: int = 4
+    auto_scale: bool = True                 # KL: set scale_factor = 1 / std of the train latents (LDM's recipe)
     seed: int = 0
     device: str = ""                        # '' picks CUDA when available
 
@@ -147,6 +148,16 @@ def check_ranks_agree(tok) -> None:
     if max(vals) - min(vals) > 1e-6 * max(1.0, abs(vals[0])):
         raise RuntimeError(f"DDP ranks disagree on the codebook (fingerprints {vals})")
 
+@torch.no_grad()
+def fit_scale_factor(tok, ds, n: int = 1000, batch_size: int = 250) -> float:
+    "1 / std of the (unscaled) posterior means of the first `n` images of `ds`: makes KL latents roughly unit-variance."
+    zs = []
+    for i in range(0, min(n, len(ds)), batch_size):
+        if hasattr(ds, "images"): x = ds.images[i:min(n, i + batch_size)]
+        else: x = torch.stack([ds[j][0] for j in range(i, min(n, len(ds), i + batch_size))])
+        zs.append(tok.posterior(x.to(tok.device))[0].float().cpu())
+    return 1.0 / torch.cat(zs).std().clamp(min=1e-6).item()
+
 def _save_state(path: Path, opt, disc, opt_d, step: int, elapsed: float, cfg: TokenizerTrainConfig):
     buf = io.BytesIO()
     torch.save({"opt": opt.state_dict(), "disc": disc.state_dict() if disc is not None else None,
@@ -172,7 +183,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
         if not ckpt.exists() or not state_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint in {out} (need tokenizer.safetensors and train_state.pt)")
         loaded = load_tokenizer(ckpt, device)
-        if loaded.config != tcfg:
+        if loaded.config.replace(scale_factor=tcfg.scale_factor) != tcfg:     # the scale is refitted, not trained
             raise ConfigError(f"--resume: {ckpt} was trained with {loaded.config}, this run asks for {tcfg}")
         tok.load_state_dict(loaded.state_dict())
         state = torch.load(state_path, map_location=device, weights_only=True)
@@ -205,7 +216,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
     if rank == 0: out.mkdir(parents=True, exist_ok=True); tcfg.save(out / "tokenizer_config.json")
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress or rank != 0,
                desc=f"train {tcfg.kind}", dynamic_ncols=True)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     data = batches(train_ds, cfg.batch_size, rank, world, cfg.seed, epoch=step // max(1, len(train_ds) // (cfg.batch_size * world)),
                    num_workers=cfg.num_workers)
     stats = {}
@@ -214,16 +225,20 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
     def checkpoint():
         check_ranks_agree(tok)
         if rank == 0:
+            if tcfg.kind == "kl" and cfg.auto_scale:
+                was = tok.training; tok.eval(); tok.set_scale_factor(fit_scale_factor(tok, train_ds)); tok.train(was)
             save_tokenizer(tok, ckpt)
             _save_state(state_path, opt, disc, opt_d, step, elapsed(), cfg)
         if world > 1: dist.barrier()
 
     while True:
-        # every rank must stop at the same step: rank 0's clock decides under DDP
-        done = torch.tensor([float(step >= cfg.max_steps or (budget > 0 and elapsed() >= budget))], device=device)
-        if world > 1: dist.broadcast(done, 0)
-        if done.item(): break
-        p = progress_of(step, elapsed())
+        # rank 0's clock decides for every rank (stop, learning rate, restarts), so DDP ranks never diverge
+        e = elapsed()
+        ctl = torch.tensor([float(step >= cfg.max_steps or (budget > 0 and e >= budget)), progress_of(step, e)],
+                           dtype=torch.float64, device=device)
+        if world > 1: dist.broadcast(ctl, 0)
+        if ctl[0].item(): break
+        p = ctl[1].item()
         for g in opt.param_groups: g["lr"] = cfg.lr * lr_factor(p, step, cfg.warmup_steps, cfg.min_lr_ratio)
         x, _ = next(data)
         x = x.to(device, non_blocking=True)
@@ -235,8 +250,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
         if lpips is not None:
             lp = lpips(x_hat, x).mean(); rec = rec + cfg.lpips_weight * lp; loss = loss + cfg.lpips_weight * lp
         adv_on = disc is not None and step >= cfg.disc_start
-        if adv_on:
-            g_loss = -dmodel(x_hat).mean()
+        if adv_on:                                   # generator term: the plain module, no grads into D
+            disc.requires_grad_(False); g_loss = -disc(x_hat).mean(); disc.requires_grad_(True)
             w = adaptive_weight(rec, g_loss, tok.decoder.last_layer)
             loss = loss + cfg.disc_weight * w * g_loss
         opt.zero_grad(set_to_none=True)
@@ -244,7 +259,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
         if cfg.grad_clip > 0: torch.nn.utils.clip_grad_norm_(tok.parameters(), cfg.grad_clip)
         opt.step()
         if adv_on:
-            d_loss = hinge_d_loss(dmodel(x.detach()), dmodel(x_hat.detach()))
+            logits_real, logits_fake = dmodel(torch.cat([x, x_hat.detach()])).chunk(2)   # one DDP forward
+            d_loss = hinge_d_loss(logits_real, logits_fake)
+            stats.update(d_loss=d_loss.item(), adv_w=w.item())
             opt_d.zero_grad(set_to_none=True); d_loss.backward(); opt_d.step()
         step += 1
         if tcfg.kind == "vq" and cfg.restart_every and step % cfg.restart_every == 0 and p < cfg.restart_until:
@@ -254,17 +271,18 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
         bar.update(1)
         if step % 10 == 0: bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
         if cfg.eval_every and step % cfg.eval_every == 0 and rank == 0 and val_ds is not None:
-            ev = evaluate(tok, val_ds, max_batches=cfg.eval_batches)
+            ev = evaluate(tok, val_ds, 250 if cfg.data == "mnist5k" else cfg.batch_size, max_batches=cfg.eval_batches)
             with open(log_path, "a") as f: f.write(json.dumps({"step": step, "elapsed": elapsed(), **stats, **ev}) + "\n")
         if step % cfg.ckpt_every == 0: checkpoint()
     bar.close()
     if tcfg.kind == "vq": tok.quantize.counts.zero_()
     train_s = elapsed()
     checkpoint()
-    summary = {"kind": tcfg.kind, "preset": cfg.preset, "steps": step, "train_seconds": train_s, "world_size": world,
+    summary = {"kind": tcfg.kind, "preset": cfg.preset, "steps": step, "train_seconds": train_s,
+               "cpu_seconds_this_process": time.process_time() - c0, "world_size": world,
                "params": sum(p.numel() for p in tok.parameters())}
-    if rank == 0 and val_ds is not None:
-        summary["val"] = evaluate(tok, val_ds)
+    if rank == 0 and val_ds is not None:                 # all of MNIST's val; eval_batches batches of a folder
+        summary["val"] = evaluate(tok, val_ds, *((250, None) if cfg.data == "mnist5k" else (cfg.batch_size, cfg.eval_batches)))
     if rank == 0:
         atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     return tok.eval(), summary

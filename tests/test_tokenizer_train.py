@@ -126,7 +126,10 @@ def test_extract_kl_mean_and_sample(tmp_path):
     tok = load_tokenizer(ck)
     np.testing.assert_allclose(np.load(tmp_path / "mean" / "codes.npy")[:, 0],
                                tok.encode(load_mnist5k("val").images).numpy(), rtol=1e-5, atol=1e-6)
-    assert not torch.equal(m[0][0], s[0][0]) and s.meta["sample"] is True and m.meta["scale_factor"] == 1.0
+    assert not torch.equal(m[0][0], s[0][0]) and s.meta["sample"] is True
+    # auto_scale: the scale factor was fitted on train latents, so the stored val latents have about unit std
+    assert m.meta["scale_factor"] == tok.scale_factor != 1.0
+    assert 0.8 < np.load(tmp_path / "mean" / "codes.npy").std() < 1.25
 
 
 def _torchrun(args, tmp_path):
@@ -154,3 +157,13 @@ def test_ddp_two_ranks_keep_codebook_in_sync_and_extract_slices(tmp_path):
     extract_cli(["--tokenizer", ck, "--split", "val", "--out", str(tmp_path / "t1"), "--batch_size", "500", *QUIET])
     np.testing.assert_array_equal(np.load(tmp_path / "t2" / "codes.npy"), np.load(tmp_path / "t1" / "codes.npy"))
     assert json.loads((tmp_path / "t2" / "meta.json").read_text())["done"] == 500
+
+
+def test_patchgan_switches_on_after_disc_start(tmp_path):
+    out = tmp_path / "gan"
+    train_tokenizer_cli(["--out", str(out), "--max_steps", "3", "--batch_size", "8", "--disc_weight", "0.5",
+                         "--disc_start", "1", "--eval_every", "3", "--eval_batches", "1", *SMALL, *QUIET])
+    log = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert log["adv_w"] > 0 and np.isfinite(log["d_loss"])
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["disc"] is not None and state["step"] == 3
