@@ -159,8 +159,9 @@ def _resolve_order(order, B: int, N: int, device, generator):
 def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, tokens_per_step: int = 1, order=None, trace=False, prompt=None,
              prompt_len: int = 0, device=None, batch: int | None = None, diff_steps: int | None = None,
-             trace_draws: int = 4):
-    "Sample token grids (B, h, w) [KL: (B, C, h, w)] from `model`; with `trace` also a `Trace` of every step."
+             trace_draws: int = 4, kv_cache: bool = True):
+    """Sample token grids (B, h, w) [KL: (B, C, h, w)] from `model`; with `trace` also a `Trace` of every step.
+    `kv_cache=False` recomputes the whole prefix at every step instead (same samples, for speed comparisons)."""
     c, N = model.config, model.config.n_positions
     device = model.device if device is None else get_device(device)
     if device != model.device and not (device.type == model.device.type and device.index in (None, model.device.index)):
@@ -211,11 +212,12 @@ def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top
     n = prompt_len
     try:
         if n < N:
-            model.setup_cache(B, device)
+            if kv_cache: model.setup_cache(B, device)
             h = torch.zeros(B, N, c.dim, device=device, dtype=next(model.parameters()).dtype)
             gather = lambda idx: tok.gather(1, idx) if tok.dim() == 2 else tok.gather(1, idx[..., None].expand(-1, -1, tok.shape[-1]))
             L = min(n, N - 1)
-            h[:, :L + 1] = model.step(labels, gather(order_BN[:, :L]), order_BN[:, :L], pos0=0)
+            h[:, :L + 1] = (model.step(labels, gather(order_BN[:, :L]), order_BN[:, :L], pos0=0) if kv_cache
+                            else model.states(tok, labels, order_BN, n_inputs=L + 1))
             fed = L + 1
         while n < N:
             k = min(tokens_per_step, N - n)
@@ -256,7 +258,8 @@ def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top
             n += k
             if n < N:   # feed inputs fed..n (tokens pi(fed-1)..pi(n-1)) to the cached backbone
                 idx = order_BN[:, fed - 1:n]
-                h[:, fed:n + 1] = model.step(labels, gather(idx), idx, pos0=fed)
+                if kv_cache: h[:, fed:n + 1] = model.step(labels, gather(idx), idx, pos0=fed)
+                else: h[:, :n + 1] = model.states(tok, labels, order_BN, n_inputs=n + 1)   # the whole prefix again
                 fed = n + 1
         if trace and c.token_kind == "vq":   # teacher-forced: probability each step gave to the final tokens
             for st, n_t in zip(tr.steps, steps_n):

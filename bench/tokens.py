@@ -1,0 +1,79 @@
+"""VQ tokens + cross-entropy vs KL tokens + per-token diffusion (issue 8; the paper: VQ learns faster early, KL is
+better late). Same tiny preset, same global head, same steps and seeds; each run is scored at several points along
+training (class accuracy and MNIST-FID of class-balanced samples, no CFG), giving quality against steps. One plot.
+
+The two tokenizers are the tiny ones trained by `bench/tokenizer.py` (same data, same time budget):
+
+    .venv/bin/python bench/tokenizer.py --out bench/results/tokenizer.json     # writes runs/tok_vq_tiny_v2, runs/tok_kl_tiny_v2
+    .venv/bin/python bench/tokens.py --steps 600 --seeds 0,1,2 --workers 2 --out bench/results/tokens.json --plot bench/results/tokens.png
+"""
+from __future__ import annotations
+import argparse, json, multiprocessing as mp, os, statistics, sys, time
+from pathlib import Path
+
+from heptapod_nb.ablation import ablation_tokens, run_ablation
+from heptapod_nb.config import atomic_write_bytes
+
+
+def _job(args):
+    kind, seed, kw = args
+    r = run_ablation(kind, seed, **kw); r.pop("_images", None)
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vq", default="runs/tok_vq_tiny_v2/tokenizer.safetensors")
+    ap.add_argument("--kl", default="runs/tok_kl_tiny_v2/tokenizer.safetensors")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--evals", type=int, default=4, help="scored points along each run")
+    ap.add_argument("--samples", type=int, default=200, help="samples per scored point")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--out", default="bench/results/tokens.json")
+    a = ap.parse_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    toks = {k: (p, ablation_tokens(Path("runs/bench_tokens") / k, p, progress=True)) for k, p in (("vq", a.vq), ("kl", a.kl))}
+    jobs = [(k, s, dict(tokens_root=str(root), tokenizer=p, steps=a.steps, batch_size=a.batch, lr=a.lr, evals=a.evals,
+                        samples=a.samples, curve_samples=a.samples, model=dict(window="global"), threads=1))
+            for s in seeds for k, (p, root) in toks.items()]
+    out, runs, t0 = Path(a.out), [], time.time()
+    with mp.get_context("spawn").Pool(a.workers) as pool:
+        for r in pool.imap_unordered(_job, jobs):
+            runs.append(r)
+            print(f"[{time.time() - t0:6.0f}s] {r['name']} seed {r['seed']}: " +
+                  ", ".join(f"step {c['step']} acc {c['class_acc']:.1%} FID {c['mnist_fid']:.1f}" for c in r["curve"]), flush=True)
+    table = []
+    for k in toks:
+        rs = [r for r in runs if r["name"] == k]
+        for i, c in enumerate(rs[0]["curve"]):
+            acc = [r["curve"][i]["class_acc"] for r in rs]; fid = [r["curve"][i]["mnist_fid"] for r in rs]
+            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+            table.append(dict(tokens=k, step=c["step"], train_s=statistics.fmean(r["curve"][i]["train_s"] for r in rs),
+                              class_acc=statistics.fmean(acc), class_acc_std=sd(acc), mnist_fid=statistics.fmean(fid),
+                              mnist_fid_std=sd(fid), seeds=len(rs)))
+    print("| tokens | step | train s | class accuracy | MNIST-FID |\n|---|---|---|---|---|")
+    for t in table:
+        print(f"| {t['tokens']} | {t['step']} | {t['train_s']:.0f} | {t['class_acc']:.1%} +- {t['class_acc_std']:.1%} | "
+              f"{t['mnist_fid']:.1f} +- {t['mnist_fid_std']:.1f} |")
+    doc = dict(command="bench/tokens.py " + " ".join(sys.argv[1:] if argv is None else argv), settings=vars(a),
+               machine=f"{os.cpu_count()} CPU cores, 1 thread per run, {a.workers} runs in parallel", runs=runs, table=table)
+    out.parent.mkdir(parents=True, exist_ok=True); atomic_write_bytes(out, json.dumps(doc, indent=1).encode())
+    if a.plot:
+        import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
+        fig, axs = plt.subplots(1, 2, figsize=(10, 3.8))
+        for k, c in (("vq", "C0"), ("kl", "C3")):
+            rows = [t for t in table if t["tokens"] == k]
+            for ax, m in zip(axs, ("class_acc", "mnist_fid")):
+                ax.errorbar([t["step"] for t in rows], [t[m] for t in rows], yerr=[t[m + "_std"] for t in rows], fmt="-o",
+                            color=c, capsize=3, label=f"{k.upper()} tokens" + (" (cross-entropy)" if k == "vq" else " (diffusion)"))
+        axs[0].set(xlabel="training steps", ylabel="class accuracy (no CFG)"); axs[1].set(xlabel="training steps", ylabel="MNIST-FID")
+        axs[0].legend(); fig.suptitle(f"VQ vs KL tokens, tiny preset, global head, mean +- std over {len(seeds)} seeds")
+        fig.tight_layout(); fig.savefig(a.plot, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
