@@ -49,6 +49,9 @@ def main(argv=None):
     settings = dict(steps=a.steps, batch=a.batch, lr=a.lr, samples=a.samples, temperature=a.temperature, tokenizer=a.tokenizer)
     if doc and same != settings: sys.exit(f"{out} holds runs with other settings {same}: use another --out")
     runs = doc.get("runs", [])
+    this = "bench/window_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    commands = doc.get("commands", [doc["command"]] if "command" in doc else [])
+    commands += [this] if this not in commands else []          # the runs of one file may come from several calls
     have = {(r["name"], r["seed"]) for r in runs}
     jobs = [(n, s, kw) for s in seeds for n in names if (n, s) not in have]
     # dearest first, so the pool ends evenly
@@ -60,8 +63,7 @@ def main(argv=None):
             runs.append(r)
             print(f"[{time.time() - t0:6.0f}s] {r['name']} seed {r['seed']}: CE {r['val_next_ce']:.3f}, acc {r['class_acc']:.1%}, "
                   f"FID {r['mnist_fid']:.1f}, train {r['train_s']:.0f}s", flush=True)
-            doc = dict(command="bench/window_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                       settings=settings, machine=f"{os.cpu_count()} CPU cores, 1 thread per run, {a.workers} runs in parallel",
+            doc = dict(commands=commands, settings=settings, machine=f"{os.cpu_count()} CPU cores, 1 thread per run, {a.workers} runs in parallel",
                        runs=runs, summary=summarize(runs))
             out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(out, json.dumps(doc, indent=1).encode())

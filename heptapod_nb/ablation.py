@@ -29,12 +29,13 @@ ABLATION: dict[str, dict] = {
     "global":    dict(model=dict(window="global", targets_per_step=4), steps_mult=1.0),
     "global_m8": dict(model=dict(window="global", targets_per_step=8), steps_mult=1.0),
     "w1_long":   dict(model=dict(window=1, targets_per_step=1), steps_mult=1.75),
+    "global_nw3": dict(model=dict(window="global", targets_per_step=4, next_weight=3.0), steps_mult=1.0),
 }
 
 def ablation_label(name: str) -> str:
     "A short human label: window and M."
     m = ABLATION[name]["model"]
-    w = m["window"]; s = f"window={w}, M={m['targets_per_step']}"
+    w = m["window"]; s = f"window={w}, M={m['targets_per_step']}" + (f", next_weight={m['next_weight']:g}" if "next_weight" in m else "")
     return s + (f", {ABLATION[name]['steps_mult']}x steps" if ABLATION[name]["steps_mult"] != 1 else "")
 
 # %% ../nbs/14_ablation.ipynb #39103e46
@@ -127,7 +128,7 @@ def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_s
         model = Heptapod(mcfg).eval()
         secs = _train_seconds(read_metrics(tmp / "metrics.jsonl"), batch_size * mcfg.n_positions)
         val = TokenDataset(tokens_root / "val", aug="first")
-        vx = torch.from_numpy(np.asarray(val.codes[:, 0]))
+        vx = torch.from_numpy(np.array(val.codes[:, 0]))          # a copy: the memmap is read-only
         vx, vy = (vx.long() if mcfg.token_kind == "vq" else vx.float()), torch.from_numpy(val.labels[:].astype("int64"))
         tok, clf = load_tokenizer(tokenizer or bundled_tokenizer()).eval(), mnist_classifier("cpu", verbose=False)
         curve = []

@@ -36,7 +36,7 @@ class HeptapodConfig(Config):
     head_heads: int = 4
     head_mlp_ratio: float = 4.0
     window: Union[int, Literal["global"]] = "global"
-    targets_per_step: Union[int, Literal["all"]] = 4
+    targets_per_step: Union[int, Literal["all"]] = 2   # M; 2 measured as good as 4 on MNIST at 1.3x (not 1.75x) a next-token step
     next_weight: float = 1.0
     order: Literal["raster", "random"] = "raster"
     diff_width: int = 256                  # KL: diffusion MLP width / depth / noise draws per target / sampling steps
