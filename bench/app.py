@@ -73,7 +73,8 @@ def main(argv=None):
     print(f"(1-minute load average while measuring: {res['load_avg_1min']} on {res['cpu_count']} cores)")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=2))
+        from heptapod_nb.config import write_json
+        write_json(a.out, res)
     return res
 
 

@@ -10,6 +10,7 @@ import torch
 
 from heptapod_nb.data import load_mnist5k
 from heptapod_nb.metrics import (InceptionV3, class_accuracy, feature_stats, frechet_distance, mnist_classifier,
+from heptapod_nb.config import write_json
                                  mnist_fid)
 
 
@@ -57,9 +58,9 @@ def main(argv=None):
     for k, v in rows.items(): print(f"| {k:<{w}} | {v:.4g} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(results=rows, threads=args.threads, torch=torch.__version__,
-                                                  machine=platform.processor() or platform.machine(),
-                                                  note="shared machine: other processes may have been running"), indent=2))
+        write_json(args.out, dict(results=rows, threads=args.threads, torch=torch.__version__,
+                                  machine=platform.processor() or platform.machine(),
+                                  note="shared machine: other processes may have been running"))
     return rows
 
 

@@ -21,7 +21,8 @@ from speed_train import Runner                                   # the training-
 
 from heptapod_nb.app import load_bundle
 from heptapod_nb.config import get_preset
-from heptapod_nb.metrics import class_accuracy, mnist_classifier
+from heptapod_nb.evaluate import score_samples
+from heptapod_nb.metrics import mnist_classifier
 from heptapod_nb.model import PRESETS
 from heptapod_nb.sample import generate
 
@@ -103,13 +104,8 @@ def sample_speed(a, bundle, clf) -> list[dict]:
         r = dict(s, temperature=T, batch=a.sample_batch, sec=min(times[i]), sec_median=statistics.median(times[i]),
                  images_per_s=a.sample_batch / min(times[i]))
         if s["kv"] and s["model"] != "tiny":           # quality does not depend on the cache (same samples)
-            accs = []
-            for seed in range(a.seeds):
-                lab = torch.arange(a.samples) % 10
-                with torch.no_grad():
-                    toks = torch.cat([generate(models[s["model"]], lab[j:j + 100], seed=seed * 1_000_003 + j, temperature=T,
-                                               tokens_per_step=s["tps"]) for j in range(0, a.samples, 100)])
-                    accs.append(class_accuracy(clf, bundle.tokenizer.decode(toks), lab))
+            accs = [score_samples(models[s["model"]], bundle.tokenizer, clf, a.samples, seed, fid=False, temperature=T,
+                                  tokens_per_step=s["tps"])["class_acc"] for seed in range(a.seeds)]
             r.update(class_acc=statistics.fmean(accs), class_acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      class_acc_seeds=accs)
         r["memory"] = peak_memory("sample", s, a.sample_batch, a.threads)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from heptapod_nb.tokenizer_train import TokenizerTrainConfig, train_tokenizer
+from heptapod_nb.config import write_json
 
 GOALS = {"tiny-vq": "PSNR >= 25.5 dB and usage >= 95% in <= 3 min", "tiny-kl": "PSNR >= 29 dB in <= 3 min"}
 
@@ -62,7 +63,7 @@ def main(argv=None):
               .replace("nan%", "-").replace("| nan |", "| - |"))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(out, indent=2))
+        write_json(a.out, out)
     return out
 
 

@@ -12,7 +12,7 @@ import argparse, json, multiprocessing as mp, os, statistics, sys, time
 from pathlib import Path
 
 from heptapod_nb.ablation import ablation_tokens, run_ablation
-from heptapod_nb.config import atomic_write_bytes
+from heptapod_nb.config import write_json
 
 
 def _job(args):
@@ -61,7 +61,7 @@ def main(argv=None):
               f"{t['mnist_fid']:.1f} +- {t['mnist_fid_std']:.1f} |")
     doc = dict(command="bench/tokens.py " + " ".join(sys.argv[1:] if argv is None else argv), settings=vars(a),
                machine=f"{os.cpu_count()} CPU cores, 1 thread per run, {a.workers} runs in parallel", runs=runs, table=table)
-    out.parent.mkdir(parents=True, exist_ok=True); atomic_write_bytes(out, json.dumps(doc, indent=1).encode())
+    write_json(out, doc, indent=1)
     if a.plot:
         import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
         fig, axs = plt.subplots(1, 2, figsize=(10, 3.8))

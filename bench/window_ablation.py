@@ -10,7 +10,7 @@ import argparse, json, multiprocessing as mp, os, sys, time
 from pathlib import Path
 
 from heptapod_nb.ablation import ABLATION, ablation_table, ablation_tokens, plot_ablation, run_ablation, summarize
-from heptapod_nb.config import atomic_write_bytes
+from heptapod_nb.config import write_json
 
 
 def _job(args):
@@ -65,8 +65,7 @@ def main(argv=None):
                   f"FID {r['mnist_fid']:.1f}, train {r['train_s']:.0f}s", flush=True)
             doc = dict(commands=commands, settings=settings, machine=f"{os.cpu_count()} CPU cores, 1 thread per run, {a.workers} runs in parallel",
                        runs=runs, summary=summarize(runs))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(out, json.dumps(doc, indent=1).encode())
+            write_json(out, doc, indent=1)
     print(ablation_table(summarize(runs)))
     if a.plot:
         import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt

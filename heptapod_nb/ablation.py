@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import DEMO_FILES, ConfigError, demo_dir
 from .data import TokenDataset, load_mnist5k
 from .head import make_order, select_targets
 from .model import Heptapod, HeptapodConfig
 from .train import TrainConfig, read_metrics, train
 
 # %% auto #0
-__all__ = ['ABLATION', 'ablation_label', 'bundled_tokenizer', 'ablation_tokens', 'next_position_ce', 'run_ablation', 'summarize',
-           'ablation_table', 'plot_ablation']
+__all__ = ['ABLATION', 'ablation_label', 'ablation_tokens', 'next_position_ce', 'run_ablation', 'summarize', 'ablation_table',
+           'plot_ablation']
 
 # %% ../nbs/14_ablation.ipynb #ab962f1d
 ABLATION: dict[str, dict] = {
@@ -39,16 +39,11 @@ def ablation_label(name: str) -> str:
     return s + (f", {ABLATION[name]['steps_mult']}x steps" if ABLATION[name]["steps_mult"] != 1 else "")
 
 # %% ../nbs/14_ablation.ipynb #39103e46
-def bundled_tokenizer() -> Path:
-    "The demo VQ tokenizer shipped in the package (`heptapod_nb/assets/demo/tokenizer.safetensors`)."
-    from importlib.resources import files
-    return Path(str(files("heptapod_nb"))) / "assets" / "demo" / "tokenizer.safetensors"
-
 def ablation_tokens(root, tokenizer=None, progress: bool = False) -> Path:
     "MNIST-5k train/val encoded by `tokenizer` (a checkpoint path; default the bundled one) into `root/{train,val}`."
     from heptapod_nb.tokenizer import load_tokenizer
     from heptapod_nb.tokenizer_train import extract_tokens
-    root, tpath = Path(root), Path(tokenizer or bundled_tokenizer())
+    root, tpath = Path(root), Path(tokenizer or demo_dir() / DEMO_FILES["tokenizer"])
     if not tpath.exists(): raise FileNotFoundError(f"tokenizer checkpoint {tpath} does not exist")
     tok = None
     for split in ("train", "val"):
@@ -91,17 +86,6 @@ def _train_seconds(metrics: list[dict], tokens_per_step: int) -> dict[int, float
         t += (r["step"] - prev) * tokens_per_step / r["tokens_per_s"]; prev = r["step"]; out[r["step"]] = t
     return out
 
-def _sample_scores(model, tok, clf, n: int, seed: int, temperature: float) -> tuple[torch.Tensor, float, float]:
-    "n class-balanced samples (no CFG) in blocks of 100 seeded by block: (images, class accuracy, MNIST-FID vs val)."
-    from heptapod_nb.metrics import class_accuracy, mnist_fid
-    from heptapod_nb.sample import generate
-    labels, imgs = torch.arange(n) % 10, []
-    with torch.no_grad():
-        for b, i in enumerate(range(0, n, 100)):
-            imgs.append(tok.decode(generate(model, labels[i:i + 100], seed=seed * 1_000_003 + b, temperature=temperature)).float())
-    imgs = torch.cat(imgs)
-    return imgs, class_accuracy(clf, imgs, labels), mnist_fid(imgs, "val", clf)
-
 def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
                  warmup: int = 30, evals: int = 4, samples: int = 1000, temperature: float = 1.0, threads: int = 1,
                  tokenizer=None, preset: str = "tiny", work=None, progress: bool = False, model: dict | None = None,
@@ -109,6 +93,7 @@ def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_s
     """Train configuration `name` of `ABLATION` with `seed`; -> a result dict (the `window_ablation.json` run schema).
     `model` replaces the configuration's model overrides (for other ablations); `curve_samples` > 0 also scores that
     many samples at every checkpoint (quality against steps). For KL tokens the next-position loss is the diffusion loss."""
+    from heptapod_nb.evaluate import score_samples
     from heptapod_nb.metrics import mnist_classifier
     from heptapod_nb.tokenizer import load_tokenizer
     from heptapod_nb.train import load_checkpoint, list_checkpoints
@@ -130,7 +115,7 @@ def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_s
         val = TokenDataset(tokens_root / "val", aug="first")
         vx = torch.from_numpy(np.array(val.codes[:, 0]))          # a copy: the memmap is read-only
         vx, vy = (vx.long() if mcfg.token_kind == "vq" else vx.float()), torch.from_numpy(val.labels[:].astype("int64"))
-        tok, clf = load_tokenizer(tokenizer or bundled_tokenizer()).eval(), mnist_classifier("cpu", verbose=False)
+        tok, clf = load_tokenizer(tokenizer or demo_dir() / DEMO_FILES["tokenizer"]).eval(), mnist_classifier("cpu", verbose=False)
         curve = []
         for ck in list_checkpoints(tmp / "checkpoints"):
             st = load_checkpoint(ck)
@@ -138,10 +123,11 @@ def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_s
             curve.append(dict(step=int(st["step"]), train_s=round(secs[int(st["step"])], 2),
                               val_next_ce=round(next_position_ce(model, vx, vy), 4)))
             if curve_samples:
-                _, acc, fid = _sample_scores(model, tok, clf, curve_samples, seed, temperature)
-                curve[-1].update(class_acc=round(acc, 4), mnist_fid=round(fid, 3))
+                s = score_samples(model, tok, clf, curve_samples, seed, temperature=temperature)
+                curve[-1].update(class_acc=round(s["class_acc"], 4), mnist_fid=round(s["mnist_fid"], 3))
         t1 = time.time()
-        imgs, acc, fid = _sample_scores(model, tok, clf, samples, seed, temperature)
+        s = score_samples(model, tok, clf, samples, seed, temperature=temperature)
+        imgs, acc, fid = s["images"], s["class_acc"], s["mnist_fid"]
         res = dict(name=name, window=mcfg.window, targets_per_step=mcfg.targets_per_step, seed=seed, steps=n_steps,
                    batch_size=batch_size, train_s=round(curve[-1]["train_s"], 1), wall_s=round(wall, 1),
                    val_next_ce=curve[-1]["val_next_ce"], class_acc=round(acc, 4), mnist_fid=round(fid, 3),

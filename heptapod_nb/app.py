@@ -15,23 +15,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import FAST, Config, ConfigError, atomic_write_bytes, get_device, save_weights, seed_everything
+from .config import DEMO_FILES, FAST, Config, ConfigError, demo_dir, write_json, get_device, save_weights, seed_everything
 from .viz import TraceView, view_for_model, trace_summary, is_next_token, _up
 
 # %% auto #0
-__all__ = ['DEMO_FILES', 'MAX_UPLOAD_SIDE', 'ORDERS', 'HEATMAPS', 'demo_dir', 'Bundle', 'missing_demo_files', 'load_bundle',
-           'write_untrained_weights', 'InputError', 'image_to_input', 'check_class', 'check_temperature', 'check_int',
-           'HeptapodApp', 'build_blocks', 'launch', 'main', 'DemoRecipe', 'encode_mnist', 'train_demo_model',
-           'class_accuracy_of', 'retrain_demo', 'demo_cli']
+__all__ = ['MAX_UPLOAD_SIDE', 'ORDERS', 'HEATMAPS', 'Bundle', 'missing_demo_files', 'load_bundle', 'write_untrained_weights',
+           'InputError', 'image_to_input', 'check_class', 'check_temperature', 'check_int', 'HeptapodApp',
+           'build_blocks', 'launch', 'main', 'DemoRecipe', 'encode_mnist', 'train_demo_model', 'class_accuracy_of',
+           'retrain_demo', 'demo_cli']
 
 # %% ../nbs/13_app.ipynb #1bb36eb5
-DEMO_FILES = {"tokenizer": "tokenizer.safetensors", "model": "heptapod.safetensors", "baseline": "baseline.safetensors"}
 MAX_UPLOAD_SIDE = 1024
-
-def demo_dir() -> Path:
-    "The bundled demo weights folder, `heptapod_nb/assets/demo/`."
-    from importlib.resources import files
-    return Path(str(files("heptapod_nb"))) / "assets" / "demo"
 
 @dataclass
 class Bundle:
@@ -336,7 +330,7 @@ def _parser(prog: str, retrain: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     if retrain:
         p.add_argument("--retrain", action="store_true", help="remake the demo weights with the project's recipe first")
-        p.add_argument("--minutes", type=float, default=None, help="training budget in minutes (default: the recipe's)")
+        p.add_argument("--minutes", type=float, default=None, help="wall-clock cap for the whole retrain in minutes (scales each stage's cap)")
         p.add_argument("--threads", type=int, default=None, help="CPU threads for retraining (default: the recipe's 2; "
                        "use 1 on a machine shared with other jobs)")
         p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
@@ -354,15 +348,15 @@ def main(argv=None) -> int:
 # %% ../nbs/13_app.ipynb #323e4170
 @dataclass
 class DemoRecipe(Config):
-    "How `heptapod-demo --retrain` makes the demo weights (budgets are wall-clock minutes)."
+    "How `heptapod-demo --retrain` makes the demo weights (steps per stage; `*_minutes` are safety caps)."
     tokenizer_preset: str = "tiny-vq"
     tokenizer_steps: int = 1500
-    tokenizer_minutes: float = 5.0
+    tokenizer_minutes: float = 6.0
     model: dict = field(default_factory=lambda: dict(dim=128, depth=4, n_heads=4, head_width=128, head_depth=2,
                                                      head_heads=4, targets_per_step=4))
-    model_minutes: float = 12.0
+    model_steps: int = 600               # Heptapod and the baseline alike
+    model_minutes: float = 17.0          # caps (2 CPU cores: ~14 and ~5.5 minutes for 600 steps)
     baseline_minutes: float = 8.0
-    max_steps: int = 20000
     batch_size: int = 64
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
@@ -377,7 +371,7 @@ class DemoRecipe(Config):
     threads: int = 2
 
     def validate(self):
-        for k in ("tokenizer_steps", "max_steps", "batch_size", "threads"):
+        for k in ("tokenizer_steps", "model_steps", "batch_size", "threads"):
             if getattr(self, k) < 1: raise ConfigError(f"DemoRecipe.{k} must be >= 1, got {getattr(self, k)}")
         if not self.temperature > 0: raise ConfigError(f"DemoRecipe.temperature must be > 0, got {self.temperature}")
 
@@ -399,7 +393,7 @@ def encode_mnist(tok, recipe: DemoRecipe, device) -> tuple[torch.Tensor, torch.T
     return torch.cat(toks), ds.labels.repeat(len(moves))
 
 def train_demo_model(config, tokens, labels, minutes: float, recipe: DemoRecipe, device, desc: str = "train"):
-    "A plain AdamW loop with warmup + cosine over the time budget and an EMA; returns the EMA model."
+    "`recipe.model_steps` of AdamW (warmup + cosine to the last step, or to the time cap if that comes first) with an EMA; returns the EMA model."
     import copy, math
     from tqdm.auto import tqdm
     from heptapod_nb.model import Heptapod
@@ -412,9 +406,9 @@ def train_demo_model(config, tokens, labels, minutes: float, recipe: DemoRecipe,
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(recipe.seed)
     budget, t0, step = minutes * 60, time.time(), 0
-    bar = tqdm(total=recipe.max_steps, desc=desc, dynamic_ncols=True)
-    while step < recipe.max_steps and time.time() - t0 < budget:
-        p = max(step / recipe.max_steps, (time.time() - t0) / budget)
+    bar = tqdm(total=recipe.model_steps, desc=desc, dynamic_ncols=True)
+    while step < recipe.model_steps and time.time() - t0 < budget:
+        p = max(step / recipe.model_steps, (time.time() - t0) / budget)
         lr = recipe.lr * min(1.0, (step + 1) / recipe.warmup) * (recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
         for gr_ in opt.param_groups: gr_["lr"] = lr
         idx = torch.randint(len(tokens), (recipe.batch_size,), generator=g)
@@ -427,20 +421,15 @@ def train_demo_model(config, tokens, labels, minutes: float, recipe: DemoRecipe,
         bar.update(1)
         if step % 10 == 0: bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
     bar.close()
+    if step < recipe.model_steps:
+        print(f"{desc}: time cap of {minutes} min reached after {step} of {recipe.model_steps} steps", flush=True)
     return ema, {"steps": step, "seconds": round(time.time() - t0, 1), "last_loss": round(float(loss.item()), 4)}
 
 def class_accuracy_of(model, tok, n: int, temperature: float, device, seed: int = 1234) -> float:
     "Sample `n` images (n/10 per class, no CFG) and score them with the project's MNIST classifier."
-    from heptapod_nb.sample import generate
-    from heptapod_nb.metrics import mnist_classifier, class_accuracy
-    clf = mnist_classifier(device)
-    labels = torch.arange(n, device=device) % model.config.num_classes
-    accs = []
-    with torch.no_grad():
-        for i in range(0, n, 50):
-            toks = generate(model, labels[i:i + 50], seed=seed + i, temperature=temperature, device=device)
-            accs.append(float(class_accuracy(clf, tok.decode(toks), labels[i:i + 50])) * len(labels[i:i + 50]))
-    return sum(accs) / n
+    from heptapod_nb.evaluate import score_samples
+    from heptapod_nb.metrics import mnist_classifier
+    return score_samples(model, tok, mnist_classifier(device), n, seed, batch_size=50, fid=False, temperature=temperature)["class_acc"]
 
 def retrain_demo(out=None, recipe: DemoRecipe | None = None, device=None) -> dict:
     "Make the demo weights (tokenizer, Heptapod, baseline) into `out` (default: the bundled folder); returns the meta dict."
@@ -466,7 +455,7 @@ def retrain_demo(out=None, recipe: DemoRecipe | None = None, device=None) -> dic
     models = {}
     for i, (name, c, minutes) in enumerate([("heptapod", cfg, recipe.model_minutes),
                                             ("baseline", cfg.replace(window=1, targets_per_step=1), recipe.baseline_minutes)]):
-        print(f"[3/4] {name} (window={c.window}, <= {minutes} min)", flush=True)
+        print(f"[3/4] {name} (window={c.window}, {recipe.model_steps} steps, capped at {minutes} min)", flush=True)
         models[name], meta[name] = train_demo_model(c, tokens, labels, minutes, recipe, device, desc=name)
     meta["train_seconds"] = round(time.time() - t0, 1)
     save_tokenizer(tok.cpu(), out / DEMO_FILES["tokenizer"]); tok = tok.to(device)
@@ -475,7 +464,7 @@ def retrain_demo(out=None, recipe: DemoRecipe | None = None, device=None) -> dic
         save_weights(out / f, {k: v.half() if v.is_floating_point() else v for k, v in m.state_dict().items()},
                      m.config, kind="heptapod")
     meta["bytes"] = sum((out / f).stat().st_size for f in DEMO_FILES.values())
-    atomic_write_bytes(out / "demo_meta.json", json.dumps(meta, indent=2).encode())
+    write_json(out / "demo_meta.json", meta)
     if recipe.eval_samples:
         print(f"[4/4] class accuracy, {recipe.eval_samples} samples per model and temperature (no CFG)", flush=True)
         best = None
@@ -487,7 +476,7 @@ def retrain_demo(out=None, recipe: DemoRecipe | None = None, device=None) -> dic
                 if name == "heptapod" and (best is None or acc > best[1]): best = (T, acc)
         meta["recipe"]["temperature"] = best[0]          # the app starts at the best temperature for Heptapod
     meta["total_seconds"] = round(time.time() - t0, 1)
-    atomic_write_bytes(out / "demo_meta.json", json.dumps(meta, indent=2).encode())
+    write_json(out / "demo_meta.json", meta)
     print(f"demo weights written to {out} ({meta['bytes'] / 1e6:.1f} MB) in {meta['total_seconds'] / 60:.1f} min", flush=True)
     return meta
 

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['FAST', 'get_device', 'seed_everything', 'ConfigError', 'Config', 'atomic_write_bytes', 'parse_value',
-           'apply_overrides', 'get_preset', 'check_state_dict', 'save_weights', 'load_weights']
+__all__ = ['FAST', 'DEMO_FILES', 'get_device', 'seed_everything', 'demo_dir', 'ConfigError', 'Config', 'atomic_write_bytes',
+           'write_json', 'parse_value', 'apply_overrides', 'get_preset', 'check_state_dict', 'save_weights',
+           'load_weights']
 
 # %% ../nbs/00_config.ipynb #8fe41d5e
 FAST: bool = os.environ.get("HEPTAPOD_FAST", "0") not in ("", "0", "false", "False")
@@ -28,6 +29,13 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
 def seed_everything(seed: int) -> None:
     "Seed Python, NumPy and PyTorch (all devices)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+
+DEMO_FILES = {"tokenizer": "tokenizer.safetensors", "model": "heptapod.safetensors", "baseline": "baseline.safetensors"}
+
+def demo_dir() -> Path:
+    "The bundled demo weights folder, `heptapod_nb/assets/demo/` (files named in `DEMO_FILES`)."
+    from importlib.resources import files
+    return Path(str(files("heptapod_nb"))) / "assets" / "demo"
 
 # %% ../nbs/00_config.ipynb #84ccca1f
 class ConfigError(ValueError):
@@ -78,7 +86,7 @@ class Config:
     def replace(self, **changes): return self.from_dict({**self.to_dict(), **changes})
 
     def save(self, path) -> None:
-        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2).encode())
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path):
@@ -99,6 +107,10 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
     return path
+
+def write_json(path, obj, indent: int | None = 2) -> Path:
+    "Write `obj` as JSON to `path` atomically (parent folders made)."
+    return atomic_write_bytes(path, json.dumps(obj, indent=indent).encode())
 
 # %% ../nbs/00_config.ipynb #8b935e79
 def parse_value(s: str):
@@ -147,7 +159,7 @@ def save_weights(path, module_or_sd, config: Config | dict | None = None, kind: 
     meta = {"config": json.dumps(cfg), "kind": kind, "format": "heptapod_nb"}
     path = Path(path)
     atomic_write_bytes(path, st_save(sd, metadata=meta))
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps({"kind": kind, "config": cfg}, indent=2).encode())
+    write_json(path.with_suffix(".json"), {"kind": kind, "config": cfg})
     return path
 
 def load_weights(path, kind: str | None = None, device="cpu") -> tuple[dict, dict]:

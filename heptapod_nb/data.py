@@ -12,7 +12,7 @@ import torch
 import matplotlib.pyplot as plt
 from torch.utils.data import Dataset
 
-from .config import atomic_write_bytes
+from .config import write_json
 
 # %% auto #0
 __all__ = ['MNIST_VAL_PER_CLASS', 'IMG_EXTENSIONS', 'ArrayDataset', 'stratified_split', 'load_mnist5k', 'load_digits8',
@@ -191,4 +191,4 @@ class TokenDataset(Dataset):
 
     @staticmethod
     def write_meta(root, meta: dict):
-        atomic_write_bytes(Path(root) / "meta.json", json.dumps(meta, indent=2).encode())
+        write_json(Path(root) / "meta.json", meta)

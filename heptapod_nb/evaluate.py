@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, atomic_write_bytes, get_device
+from .config import ConfigError, atomic_write_bytes, write_json, get_device
 from .metrics import (class_accuracy, inception_metrics, load_npz_images, mnist_classifier, mnist_fid,
                                  save_npz, to_uint8)
 
 # %% auto #0
 __all__ = ['balanced_labels', 'block_seed', 'rank_blocks', 'load_decoder', 'sample_block', 'sample_to_dir', 'gather_parts',
-           'sample_parser', 'sample_cli', 'mnist_images_from_uint8', 'evaluate_mnist', 'eval_parser', 'eval_cli',
-           'main']
+           'sample_parser', 'sample_cli', 'mnist_images_from_uint8', 'evaluate_mnist', 'score_samples', 'eval_parser',
+           'eval_cli', 'main']
 
 # %% ../nbs/11_evaluate.ipynb #136fbae2
 def balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
@@ -163,7 +163,7 @@ def sample_cli(argv=None) -> dict:
                 diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
                 raise ConfigError(f"{out_dir} holds blocks from a run with other settings (old, new): {diff}; "
                                   "use a new --out_dir")
-            atomic_write_bytes(prev, json.dumps(settings, indent=2).encode())
+            write_json(prev, settings)
         if dist: dist.barrier()
         order = None if args.order is None else args.order
         gen_kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -175,7 +175,7 @@ def sample_cli(argv=None) -> dict:
         if rank == 0:
             npz = gather_parts(out_dir, len(labels), args.batch_size, png=not args.no_png)
             summary["npz"] = str(npz)
-            atomic_write_bytes(out_dir / "sample_summary.json", json.dumps(summary, indent=2).encode())
+            write_json(out_dir / "sample_summary.json", summary)
             print(f"wrote {len(labels)} samples ({nc} classes x {args.per_class}) to {npz}"
                   + (f"; this run made {stats['images']} at {stats['images_per_s']:.2f} images/s" if stats["images"] else ""))
         return summary
@@ -195,6 +195,20 @@ def evaluate_mnist(images: torch.Tensor, labels=None, classifier_path=None, ref=
     out = dict(n=len(images), mnist_fid=mnist_fid(images, ref=ref, clf=clf))
     if labels is not None: out["class_accuracy"] = class_accuracy(clf, images, labels)
     return out
+
+@torch.no_grad()
+def score_samples(model, decoder, clf, n: int, seed: int = 0, batch_size: int = 100, fid: bool = True,
+                  **gen_kwargs) -> dict:
+    """`n` class-balanced samples of `model` (no CFG; block b of `batch_size` seeded by `block_seed(seed, b)`, as
+    `heptapod-sample` does) scored by the MNIST classifier `clf`: dict(images, class_acc, mnist_fid or None)."""
+    from heptapod_nb.sample import generate
+    C = model.config.num_classes
+    if C < 1 or n < 1 or n % C: raise ValueError(f"n={n} must be a positive multiple of the {C} classes (class-balanced)")
+    labels, dev = balanced_labels(C, n // C), next(model.parameters()).device
+    imgs = torch.cat([decoder.decode(generate(model, labels[i:i + batch_size].to(dev), seed=block_seed(seed, b),
+                                              **gen_kwargs)).float().cpu()
+                      for b, i in enumerate(range(0, n, batch_size))])
+    return dict(images=imgs, class_acc=class_accuracy(clf, imgs, labels), mnist_fid=mnist_fid(imgs, "val", clf) if fid else None)
 
 def _samples_path(p) -> Path:
     p = Path(p)
@@ -238,7 +252,7 @@ def eval_cli(argv=None) -> dict:
     res["seconds"] = round(time.time() - t0, 2)
     width = max(len(k) for k in res)
     print("\n".join(f"| {k:<{width}} | {v:.4f} |" if isinstance(v, float) else f"| {k:<{width}} | {v} |" for k, v in res.items()))
-    if args.out: atomic_write_bytes(args.out, json.dumps(res, indent=2).encode())
+    if args.out: write_json(args.out, res)
     return res
 
 # %% ../nbs/11_evaluate.ipynb #769b6de8

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import (Config, ConfigError, FAST, apply_overrides, atomic_write_bytes, get_device, get_preset,
+from .config import (Config, ConfigError, FAST, apply_overrides, atomic_write_bytes, write_json, get_device, get_preset,
                                 seed_everything)
 from .data import ImageFolderDataset, TokenDataset, load_mnist5k
 from .tokenizer import (TOKENIZER_PRESETS, TokenizerConfig, LPIPS, PatchDiscriminator, adaptive_weight,
@@ -284,7 +284,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
     if rank == 0 and val_ds is not None:                 # all of MNIST's val; eval_batches batches of a folder
         summary["val"] = evaluate(tok, val_ds, *((250, None) if cfg.data == "mnist5k" else (cfg.batch_size, cfg.eval_batches)))
     if rank == 0:
-        atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+        write_json(out / "summary.json", summary)
     return tok.eval(), summary
 
 # %% ../nbs/04_tokenizer_train.ipynb #da19b88e

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import (Config, ConfigError, FAST, apply_overrides, atomic_write_bytes, get_device,
+from .config import (Config, ConfigError, FAST, apply_overrides, atomic_write_bytes, write_json, get_device,
                                 get_preset, seed_everything, check_state_dict, save_weights)
 
 # %% auto #0
@@ -315,7 +315,7 @@ def save_checkpoint(path, state: dict) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
     side = dict(format=CKPT_FORMAT, step=int(state.get("step", -1)), bytes=path.stat().st_size, sha256=_sha256(path))
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps(side, indent=2).encode())
+    write_json(path.with_suffix(".json"), side)
     return path
 
 def verify_checkpoint(path) -> dict:
