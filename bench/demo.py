@@ -5,16 +5,14 @@ class accuracy + MNIST-FID of class-balanced samples (no CFG) at several tempera
     .venv/bin/python bench/demo.py --seeds 3 --samples 1000 --temperatures 1.0,0.6 --out bench/results/demo.json
 """
 from __future__ import annotations
-import argparse, statistics, sys, time
+import argparse, sys, time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from heptapod_nb.ablation import ablation_tokens, next_position_ce
+from heptapod_nb.ablation import ablation_tokens, mean_std, next_position_ce, val_grids
 from heptapod_nb.app import load_bundle
 from heptapod_nb.config import DEMO_FILES, demo_dir, write_json
-from heptapod_nb.data import TokenDataset
 from heptapod_nb.evaluate import score_samples
 from heptapod_nb.metrics import mnist_classifier
 
@@ -33,19 +31,18 @@ def main(argv=None):
     wdir = Path(a.weights) if a.weights else demo_dir()
     bundle, clf = load_bundle(wdir, "cpu"), mnist_classifier("cpu", verbose=False)
     root = ablation_tokens(a.tokens, wdir / DEMO_FILES["tokenizer"], progress=True)
-    val = TokenDataset(root / "val", aug="first")
-    vx, vy = torch.from_numpy(np.array(val.codes[:, 0])).long(), torch.from_numpy(val.labels[:].astype("int64"))
+    vx, vy = val_grids(root)
     temps, rows, t0 = [float(t) for t in a.temperatures.split(",")], [], time.time()
     for name, m in (("heptapod", bundle.model), ("baseline", bundle.baseline)):
         ce = next_position_ce(m, vx, vy)
         for T in temps:
             s = [score_samples(m, bundle.tokenizer, clf, a.samples, seed, temperature=T) for seed in range(a.seeds)]
             acc, fid = [x["class_acc"] for x in s], [x["mnist_fid"] for x in s]
-            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+            (acc_m, acc_s), (fid_m, fid_s) = mean_std(acc), mean_std(fid)
             rows.append(dict(model=name, window=m.config.window, targets_per_step=m.config.targets_per_step,
                              steps=bundle.meta[name]["steps"], val_next_ce=round(ce, 4), temperature=T, seeds=a.seeds,
-                             samples=a.samples, class_acc=statistics.fmean(acc), class_acc_std=sd(acc), class_acc_seeds=acc,
-                             mnist_fid=statistics.fmean(fid), mnist_fid_std=sd(fid), mnist_fid_seeds=fid))
+                             samples=a.samples, class_acc=acc_m, class_acc_std=acc_s, class_acc_seeds=acc,
+                             mnist_fid=fid_m, mnist_fid_std=fid_s, mnist_fid_seeds=fid))
             r = rows[-1]
             print(f"{name} T={T}: CE {ce:.3f}, class accuracy {r['class_acc']:.1%} +- {r['class_acc_std']:.1%}, "
                   f"MNIST-FID {r['mnist_fid']:.1f} +- {r['mnist_fid_std']:.1f}", flush=True)

@@ -21,6 +21,7 @@ from speed_train import Runner                                   # the training-
 
 from heptapod_nb.app import load_bundle
 from heptapod_nb.config import get_preset
+from heptapod_nb.ablation import mean_std
 from heptapod_nb.evaluate import score_samples
 from heptapod_nb.metrics import mnist_classifier
 from heptapod_nb.model import PRESETS
@@ -106,8 +107,8 @@ def sample_speed(a, bundle, clf) -> list[dict]:
         if s["kv"] and s["model"] != "tiny":           # quality does not depend on the cache (same samples)
             accs = [score_samples(models[s["model"]], bundle.tokenizer, clf, a.samples, seed, fid=False, temperature=T,
                                   tokens_per_step=s["tps"])["class_acc"] for seed in range(a.seeds)]
-            r.update(class_acc=statistics.fmean(accs), class_acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                     class_acc_seeds=accs)
+            r["class_acc"], r["class_acc_std"] = mean_std(accs)
+            r["class_acc_seeds"] = accs
         r["memory"] = peak_memory("sample", s, a.sample_batch, a.threads)
         out.append(r)
     return out

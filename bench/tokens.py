@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse, json, multiprocessing as mp, os, statistics, sys, time
 from pathlib import Path
 
-from heptapod_nb.ablation import ablation_tokens, run_ablation
+from heptapod_nb.ablation import ablation_tokens, mean_std, run_ablation
 from heptapod_nb.config import write_json
 
 
@@ -53,10 +53,9 @@ def main(argv=None):
         rs = [r for r in runs if r["name"] == k]
         for i, c in enumerate(rs[0]["curve"]):
             acc = [r["curve"][i]["class_acc"] for r in rs]; fid = [r["curve"][i]["mnist_fid"] for r in rs]
-            sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+            (acc_m, acc_s), (fid_m, fid_s) = mean_std(acc), mean_std(fid)
             table.append(dict(tokens=k, step=c["step"], train_s=statistics.fmean(r["curve"][i]["train_s"] for r in rs),
-                              class_acc=statistics.fmean(acc), class_acc_std=sd(acc), mnist_fid=statistics.fmean(fid),
-                              mnist_fid_std=sd(fid), seeds=len(rs)))
+                              class_acc=acc_m, class_acc_std=acc_s, mnist_fid=fid_m, mnist_fid_std=fid_s, seeds=len(rs)))
     print("| tokens | step | train s | class accuracy | MNIST-FID |\n|---|---|---|---|---|")
     for t in table:
         print(f"| {t['tokens']} | {t['step']} | {t['train_s']:.0f} | {t['class_acc']:.1%} +- {t['class_acc_std']:.1%} | "

@@ -17,8 +17,8 @@ from .model import Heptapod, HeptapodConfig
 from .train import TrainConfig, read_metrics, train
 
 # %% auto #0
-__all__ = ['ABLATION', 'ablation_label', 'ablation_tokens', 'next_position_ce', 'run_ablation', 'summarize', 'ablation_table',
-           'plot_ablation']
+__all__ = ['ABLATION', 'ablation_label', 'ablation_tokens', 'val_grids', 'next_position_ce', 'run_ablation', 'mean_std',
+           'summarize', 'ablation_table', 'plot_ablation']
 
 # %% ../nbs/14_ablation.ipynb #ab962f1d
 ABLATION: dict[str, dict] = {
@@ -60,6 +60,12 @@ def ablation_tokens(root, tokenizer=None, progress: bool = False) -> Path:
     return root
 
 # %% ../nbs/14_ablation.ipynb #61711efc
+def val_grids(tokens_root, token_kind: str = "vq") -> tuple[torch.Tensor, torch.Tensor]:
+    "The val split of `ablation_tokens`: token grids (VQ long, KL float; unaugmented) and labels."
+    val = TokenDataset(Path(tokens_root) / "val", aug="first")
+    x = torch.from_numpy(np.array(val.codes[:, 0]))                   # a copy: the memmap is read-only
+    return (x.long() if token_kind == "vq" else x.float()), torch.from_numpy(val.labels[:].astype("int64"))
+
 @torch.no_grad()
 def next_position_ce(model: Heptapod, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int = 100,
                      seed: int = 0) -> float:
@@ -112,9 +118,7 @@ def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_s
         mcfg = HeptapodConfig.load(tmp / "model_config.json")
         model = Heptapod(mcfg).eval()
         secs = _train_seconds(read_metrics(tmp / "metrics.jsonl"), batch_size * mcfg.n_positions)
-        val = TokenDataset(tokens_root / "val", aug="first")
-        vx = torch.from_numpy(np.array(val.codes[:, 0]))          # a copy: the memmap is read-only
-        vx, vy = (vx.long() if mcfg.token_kind == "vq" else vx.float()), torch.from_numpy(val.labels[:].astype("int64"))
+        vx, vy = val_grids(tokens_root, mcfg.token_kind)
         tok, clf = load_tokenizer(tokenizer or demo_dir() / DEMO_FILES["tokenizer"]).eval(), mnist_classifier("cpu", verbose=False)
         curve = []
         for ck in list_checkpoints(tmp / "checkpoints"):
@@ -139,7 +143,8 @@ def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_s
         shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/14_ablation.ipynb #87fbc8d4
-def _ms(v: list[float]) -> tuple[float, float]:
+def mean_std(v: list[float]) -> tuple[float, float]:
+    "Mean and sample standard deviation of `v` (0 for a single value)."
     return float(statistics.fmean(v)), float(statistics.stdev(v)) if len(v) > 1 else 0.0
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -149,7 +154,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         rs = [r for r in runs if r["name"] == name]
         row = dict(name=name, label=ablation_label(name), seeds=len(rs), steps=rs[0]["steps"])
         for k in ("mnist_fid", "class_acc", "val_next_ce", "train_s"):
-            row[k], row[k + "_std"] = _ms([r[k] for r in rs])
+            row[k], row[k + "_std"] = mean_std([r[k] for r in rs])
         rows.append(row)
     return rows
 
