@@ -114,6 +114,33 @@ def sample_speed(a, bundle, clf) -> list[dict]:
     return out
 
 
+def save(path, doc):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=1, default=str))
+
+
+def tps_batch_sweep(a, model, T) -> list[dict]:
+    "Seconds per generation of the demo Heptapod for tokens_per_step 1/2/4 at several batch sizes (best of interleaved repeats)."
+    cfgs = [(b, k) for b in a.tps_batches for k in (1, 2, 4)]
+    for b, k in cfgs: generate(model, torch.arange(b) % 10, seed=0, temperature=T, tokens_per_step=k)
+    times = {c: [] for c in cfgs}
+    for _ in range(a.repeats):
+        for b, k in cfgs:
+            t = time.perf_counter(); generate(model, torch.arange(b) % 10, seed=0, temperature=T, tokens_per_step=k)
+            times[(b, k)].append(time.perf_counter() - t)
+    out = []
+    for b, k in cfgs:
+        sec = min(times[(b, k)])
+        out.append(dict(batch=b, tps=k, sec=sec, images_per_s=b / sec, speedup=min(times[(b, 1)]) / sec))
+    return out
+
+
+def print_tps(sw, threads):
+    print(f"\ntokens_per_step against batch size: demo Heptapod, KV cache, {threads} threads")
+    print("| batch | tokens/step | s per batch | images/s | x tokens_per_step=1 |\n|---|---|---|---|---|")
+    for r in sw: print(f"| {r['batch']} | {r['tps']} | {r['sec']:.3f} | {r['images_per_s']:.1f} | {r['speedup']:.2f} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -125,14 +152,23 @@ def main(argv=None):
     p.add_argument("--sample_batch", type=int, default=50)
     p.add_argument("--samples", type=int, default=500, help="samples per seed for class accuracy")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--tps_batches", default="1,10,50", help="batch sizes of the tokens_per_step sweep")
+    p.add_argument("--tps_only", action="store_true", help="run only the tokens_per_step x batch sweep (a minute)")
     p.add_argument("--out", help="write the results as JSON")
     a = p.parse_args(argv)
-    a.m = [int(m) for m in a.m.split(",")]
+    a.m, a.tps_batches = [int(m) for m in a.m.split(",")], [int(b) for b in a.tps_batches.split(",")]
     torch.set_num_threads(a.threads)
     t0 = time.time()
+    cmd = "bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if a.tps_only:
+        bundle = load_bundle()
+        sw = tps_batch_sweep(a, bundle.model, bundle.meta["recipe"]["temperature"]); print_tps(sw, a.threads)
+        if a.out: save(a.out, dict(command=cmd, torch=torch.__version__, threads=a.threads, cpus=os.cpu_count(), tps_batch_sweep=sw))
+        return
     tr = train_speed(a)
     bundle, clf = load_bundle(), mnist_classifier(verbose=False)
     sa = sample_speed(a, bundle, clf)
+    sw = tps_batch_sweep(a, bundle.model, bundle.meta["recipe"]["temperature"])
     default_m = get_preset(PRESETS, "tiny").targets_per_step
     print(f"\nCPU, {a.threads} threads, torch {torch.__version__}; tiny preset training, batch {a.batch}, best of {a.repeats} interleaved blocks")
     print("| head | M | ms/step | tokens/s | x next-token | peak MB (extra) |\n|---|---|---|---|---|---|")
@@ -148,6 +184,7 @@ def main(argv=None):
                "untrained (speed only)" if r["model"] == "tiny" else "same samples as with cache")
         print(f"| {r['model']} | {r['tps']} | {'on' if r['kv'] else 'off'} | {r['images_per_s']:.1f} | {acc} | "
               f"{r['memory']['peak_mb']:.0f} (+{r['memory']['extra_mb']:.0f}) |")
+    print_tps(sw, a.threads)
     get = lambda **k: next(r for r in sa if all(r[x] == v for x, v in k.items()))
     kv_x = {m: get(model=m, tps=1, kv=True)["images_per_s"] / get(model=m, tps=1, kv=False)["images_per_s"] for m in ("heptapod", "baseline", "tiny")}
     h1, h4 = get(model="heptapod", tps=1, kv=True), get(model="heptapod", tps=4, kv=True)
@@ -159,12 +196,10 @@ def main(argv=None):
           f"class accuracy {acc_drop:+.1%} relative drop; global head at default M={default_m}: {dflt['ratio']:.2f}x a next-token step")
     print("goals:", ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in goals.items()))
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(dict(command="bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                                               torch=torch.__version__, threads=a.threads, cpus=os.cpu_count(),
-                                               wall_s=round(time.time() - t0, 1), train=tr, sample=sa,
-                                               kv_cache_speedup=kv_x, tokens_per_step4_speedup=tps_x,
-                                               tokens_per_step4_rel_acc_drop=acc_drop, goals=goals), indent=1, default=str))
+        save(a.out, dict(command=cmd, torch=torch.__version__, threads=a.threads, cpus=os.cpu_count(),
+                               wall_s=round(time.time() - t0, 1), train=tr, sample=sa, tps_batch_sweep=sw,
+                               kv_cache_speedup=kv_x, tokens_per_step4_speedup=tps_x,
+                               tokens_per_step4_rel_acc_drop=acc_drop, goals=goals))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ The two tokenizers are the tiny ones trained by `bench/tokenizer.py` (same data,
     .venv/bin/python bench/tokens.py --steps 450 --seeds 0,1,2 --workers 2 --evals 3 --samples 200 --diff_draws 1 --out bench/results/tokens.json --plot bench/results/tokens.png
 """
 from __future__ import annotations
-import argparse, json, multiprocessing as mp, os, statistics, sys, time
+import argparse, json, multiprocessing as mp, os, sys, time
 from pathlib import Path
 
-from heptapod_nb.ablation import ablation_tokens, mean_std, run_ablation
+from heptapod_nb.ablation import ablation_tokens, curve_table, plot_curves, run_ablation, summarize_curves
 from heptapod_nb.config import write_json
 
 
@@ -43,38 +43,32 @@ def main(argv=None):
                         samples=a.samples, curve_samples=a.samples, model=dict(window="global", **({"diff_draws": a.diff_draws} if a.diff_draws else {})), threads=1))
             for s in seeds for k, (p, root) in toks.items()]
     out, runs, t0 = Path(a.out), [], time.time()
-    with mp.get_context("spawn").Pool(a.workers) as pool:
+    cmd = "bench/tokens.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    same = {k: v for k, v in vars(a).items() if k not in ("workers", "plot", "out", "seeds")}
+    if out.exists():  # resume: keep the finished runs of an earlier invocation with the same settings
+        old = json.loads(out.read_text())
+        if {k: old["settings"].get(k) for k in same} == same:
+            runs = [r for r in old["runs"] if r["seed"] in seeds]
+            print(f"{out}: keeping its {len(runs)} finished runs with the same settings (delete it to train them again)", flush=True)
+    done = {(r["name"], r["seed"]) for r in runs}
+    jobs = [j for j in jobs if (j[0], j[1]) not in done]
+    with mp.get_context("spawn").Pool(min(a.workers, len(jobs)) or 1) as pool:
         for r in pool.imap_unordered(_job, jobs):
             runs.append(r)
+            write_json(out, dict(command=cmd, settings=vars(a), partial=True, runs=runs), indent=1)  # a crash loses one run at most
             print(f"[{time.time() - t0:6.0f}s] {r['name']} seed {r['seed']}: " +
                   ", ".join(f"step {c['step']} acc {c['class_acc']:.1%} FID {c['mnist_fid']:.1f}" for c in r["curve"]), flush=True)
-    table = []
-    for k in toks:
-        rs = [r for r in runs if r["name"] == k]
-        for i, c in enumerate(rs[0]["curve"]):
-            acc = [r["curve"][i]["class_acc"] for r in rs]; fid = [r["curve"][i]["mnist_fid"] for r in rs]
-            (acc_m, acc_s), (fid_m, fid_s) = mean_std(acc), mean_std(fid)
-            table.append(dict(tokens=k, step=c["step"], train_s=statistics.fmean(r["curve"][i]["train_s"] for r in rs),
-                              class_acc=acc_m, class_acc_std=acc_s, mnist_fid=fid_m, mnist_fid_std=fid_s, seeds=len(rs)))
-    print("| tokens | step | train s | class accuracy | MNIST-FID |\n|---|---|---|---|---|")
-    for t in table:
-        print(f"| {t['tokens']} | {t['step']} | {t['train_s']:.0f} | {t['class_acc']:.1%} +- {t['class_acc_std']:.1%} | "
-              f"{t['mnist_fid']:.1f} +- {t['mnist_fid_std']:.1f} |")
-    doc = dict(command="bench/tokens.py " + " ".join(sys.argv[1:] if argv is None else argv), settings=vars(a),
+    table = summarize_curves(sorted(runs, key=lambda r: (r["name"] != "vq", r["seed"])))
+    print(curve_table(table))
+    doc = dict(command=cmd, settings=vars(a),
                machine=f"{os.cpu_count()} CPU cores, 1 thread per run, {a.workers} runs in parallel", runs=runs, table=table)
     write_json(out, doc, indent=1)
     if a.plot:
         import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
         fig, axs = plt.subplots(1, 2, figsize=(10, 3.8))
-        for k, c in (("vq", "C0"), ("kl", "C3")):
-            rows = [t for t in table if t["tokens"] == k]
-            for ax, m in zip(axs, ("class_acc", "mnist_fid")):
-                ax.errorbar([t["step"] for t in rows], [t[m] for t in rows], yerr=[t[m + "_std"] for t in rows], fmt="-o",
-                            color=c, capsize=3, label=f"{k.upper()} tokens" + (" (cross-entropy)" if k == "vq" else " (diffusion)"))
-        axs[0].set(xlabel="training steps", ylabel="class accuracy (no CFG)"); axs[1].set(xlabel="training steps", ylabel="MNIST-FID")
-        axs[0].legend(); fig.suptitle(f"VQ vs KL tokens, tiny preset, global head, mean +- std over {len(seeds)} seeds")
+        plot_curves(table, axs, labels=dict(vq="VQ tokens (cross-entropy)", kl="KL tokens (diffusion)"))
+        fig.suptitle(f"VQ vs KL tokens, tiny preset, global head, mean +- std over {len(seeds)} seeds")
         fig.tight_layout(); fig.savefig(a.plot, dpi=110)
-
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,7 @@ def _job(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default=",".join(n for n in ABLATION if n != "global_m8"),
+    ap.add_argument("--configs", default="w1,w4,w16,global_m2,global,w1_long,global_nw3",
                     help=f"comma-separated names from {', '.join(ABLATION)}")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=300)

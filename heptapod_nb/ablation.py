@@ -18,7 +18,7 @@ from .train import TrainConfig, read_metrics, train
 
 # %% auto #0
 __all__ = ['ABLATION', 'ablation_label', 'ablation_tokens', 'val_grids', 'next_position_ce', 'run_ablation', 'mean_std',
-           'summarize', 'ablation_table', 'plot_ablation']
+           'summarize', 'ablation_table', 'summarize_curves', 'curve_table', 'plot_curves', 'plot_ablation']
 
 # %% ../nbs/14_ablation.ipynb #ab962f1d
 ABLATION: dict[str, dict] = {
@@ -30,12 +30,14 @@ ABLATION: dict[str, dict] = {
     "global_m8": dict(model=dict(window="global", targets_per_step=8), steps_mult=1.0),
     "w1_long":   dict(model=dict(window=1, targets_per_step=1), steps_mult=1.75),
     "global_nw3": dict(model=dict(window="global", targets_per_step=4, next_weight=3.0), steps_mult=1.0),
+    "global_m2_nw3": dict(model=dict(window="global", targets_per_step=2, next_weight=3.0), steps_mult=1.0),
+    "global_m2_hd1": dict(model=dict(window="global", targets_per_step=2, head_depth=1), steps_mult=1.0),
 }
 
 def ablation_label(name: str) -> str:
     "A short human label: window and M."
     m = ABLATION[name]["model"]
-    w = m["window"]; s = f"window={w}, M={m['targets_per_step']}" + (f", next_weight={m['next_weight']:g}" if "next_weight" in m else "")
+    s = f"window={m['window']}, M={m['targets_per_step']}" + "".join(f", {k}={m[k]:g}" for k in ("next_weight", "head_depth") if k in m)
     return s + (f", {ABLATION[name]['steps_mult']}x steps" if ABLATION[name]["steps_mult"] != 1 else "")
 
 # %% ../nbs/14_ablation.ipynb #39103e46
@@ -167,6 +169,49 @@ def ablation_table(rows: list[dict]) -> str:
                    f"{r['class_acc']:.1%} +- {r['class_acc_std']:.1%} | {r['val_next_ce']:.3f} +- {r['val_next_ce_std']:.3f} | "
                    f"{r['train_s']:.0f} |")
     return "\n".join(out)
+
+_CURVE_METRICS = ("class_acc", "mnist_fid", "val_next_ce")
+
+def summarize_curves(runs: list[dict]) -> list[dict]:
+    """Quality against steps: per run name (in order of appearance) and checkpoint step, mean and std over seeds of
+    every metric the curves hold (`class_acc`/`mnist_fid` need `curve_samples` > 0) and the mean training seconds."""
+    rows = []
+    for name in dict.fromkeys(r["name"] for r in runs):
+        rs = [r for r in runs if r["name"] == name]
+        for i, pt in enumerate(rs[0]["curve"]):
+            pts = [r["curve"][i] for r in rs]
+            if any(p["step"] != pt["step"] for p in pts): raise ValueError(f"runs of {name!r} were scored at different steps")
+            row = dict(name=name, step=pt["step"], seeds=len(rs), train_s=statistics.fmean(p["train_s"] for p in pts))
+            for k in (k for k in _CURVE_METRICS if all(k in p for p in pts)):
+                row[k], row[k + "_std"] = mean_std([p[k] for p in pts])
+            rows.append(row)
+    return rows
+
+def curve_table(rows: list[dict]) -> str:
+    "A markdown table of `summarize_curves` rows."
+    ks = [k for k in _CURVE_METRICS if all(k in r for r in rows)]
+    head = dict(class_acc="class accuracy", mnist_fid="MNIST-FID", val_next_ce="next-position val loss")
+    fmt = dict(class_acc="{:.1%} +- {:.1%}", mnist_fid="{:.1f} +- {:.1f}", val_next_ce="{:.3f} +- {:.3f}")
+    out = ["| run | step | seeds | train s | " + " | ".join(head[k] for k in ks) + " |", "|---" * (4 + len(ks)) + "|"]
+    for r in rows:
+        out.append(f"| {r['name']} | {r['step']} | {r['seeds']} | {r['train_s']:.0f} | " +
+                   " | ".join(fmt[k].format(r[k], r[k + '_std']) for k in ks) + " |")
+    return "\n".join(out)
+
+def plot_curves(rows: list[dict], axes=None, metrics=("class_acc", "mnist_fid"), labels: dict | None = None):
+    "`summarize_curves` rows: one panel per metric against training steps, one line (mean +- std) per run name."
+    import matplotlib.pyplot as plt
+    if axes is None: _, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    axes = list(np.ravel(axes))
+    names = dict(class_acc="class accuracy (no CFG)", mnist_fid="MNIST-FID", val_next_ce="next-position val loss")
+    for i, name in enumerate(dict.fromkeys(r["name"] for r in rows)):
+        rs = [r for r in rows if r["name"] == name]
+        for ax, m in zip(axes, metrics):
+            ax.errorbar([r["step"] for r in rs], [r[m] for r in rs], yerr=[r[m + "_std"] for r in rs], fmt="-o", capsize=3,
+                        color=f"C{i}", label=(labels or {}).get(name, name))
+    for ax, m in zip(axes, metrics): ax.set(xlabel="training steps", ylabel=names[m])
+    axes[0].legend(fontsize=8)
+    return axes
 
 def plot_ablation(runs: list[dict], axes=None):
     "Left: next-position val CE against training seconds (every run); right: MNIST-FID vs class accuracy (means)."

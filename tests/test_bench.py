@@ -33,3 +33,22 @@ def test_window_ablation_resumes_and_refuses_other_settings(tmp_path, capsys, mo
         wa.main(args[:1] + ["5"] + args[2:])                # --steps 5 would mix runs of different lengths
     with pytest.raises(SystemExit, match="unknown config"):
         wa.main(args[:-6] + ["--configs", "w3", "--seeds", "0"] + args[-4:])
+
+
+def test_tokens_bench_keeps_finished_runs_and_tabulates_curves(tmp_path, capsys, monkeypatch):
+    tb = _load("tokens")
+    monkeypatch.setattr(tb, "ablation_tokens", lambda root, tok, progress=False: Path(root))   # no extraction
+    out, png = tmp_path / "tokens.json", tmp_path / "tokens.png"
+    args = ["--steps", "6", "--seeds", "0,1,2", "--evals", "2", "--samples", "10", "--out", str(out), "--plot", str(png)]
+    curve = lambda s, acc: [dict(step=3, train_s=1.0, val_next_ce=3.0, class_acc=acc / 2, mnist_fid=80.0),
+                            dict(step=6, train_s=2.0, val_next_ce=2.5, class_acc=acc, mnist_fid=40.0 + s)]
+    runs = [dict(name=k, seed=s, curve=curve(s, 0.5 + 0.1 * s)) for k in ("vq", "kl") for s in (0, 1, 2)]
+    settings = vars(tb.argparse.Namespace(vq="runs/tok_vq_tiny_v2/tokenizer.safetensors", kl="runs/tok_kl_tiny_v2/tokenizer.safetensors",
+                                          seeds="0,1,2", steps=6, batch=32, lr=2e-3, evals=2, samples=10, diff_draws=None,
+                                          workers=2, plot=None, out=str(out)))
+    out.write_text(json.dumps(dict(settings=settings, partial=True, runs=runs)))
+    tb.main(args)                                           # every run is finished: nothing is trained
+    text = capsys.readouterr().out
+    assert "keeping its 6 finished runs" in text and "| vq | 6 | 3 | 2 | 60.0% +- 10.0% | 41.0 +- 1.0 |" in text
+    doc = json.loads(out.read_text())
+    assert "partial" not in doc and len(doc["table"]) == 4 and png.stat().st_size > 10_000
