@@ -11,7 +11,7 @@ measured in a fresh subprocess per config (the peak resident set size of a proce
     .venv/bin/python bench/speed.py --threads 2 --out bench/results/speed.json
 """
 from __future__ import annotations
-import argparse, json, multiprocessing as mp, os, statistics, sys, time
+import argparse, multiprocessing as mp, os, statistics, sys, time
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from speed_train import Runner                                   # the training-step timer of bench/speed_train.py
 
 from heptapod_nb.app import load_bundle
-from heptapod_nb.config import get_preset
+from heptapod_nb.config import get_preset, write_json
 from heptapod_nb.ablation import mean_std
 from heptapod_nb.evaluate import score_samples
 from heptapod_nb.metrics import mnist_classifier
@@ -114,11 +114,6 @@ def sample_speed(a, bundle, clf) -> list[dict]:
     return out
 
 
-def save(path, doc):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(doc, indent=1, default=str))
-
-
 def tps_batch_sweep(a, model, T) -> list[dict]:
     "Seconds per generation of the demo Heptapod for tokens_per_step 1/2/4 at several batch sizes (best of interleaved repeats)."
     cfgs = [(b, k) for b in a.tps_batches for k in (1, 2, 4)]
@@ -163,7 +158,7 @@ def main(argv=None):
     if a.tps_only:
         bundle = load_bundle()
         sw = tps_batch_sweep(a, bundle.model, bundle.meta["recipe"]["temperature"]); print_tps(sw, a.threads)
-        if a.out: save(a.out, dict(command=cmd, torch=torch.__version__, threads=a.threads, cpus=os.cpu_count(), tps_batch_sweep=sw))
+        if a.out: write_json(a.out, dict(command=cmd, torch=torch.__version__, threads=a.threads, cpus=os.cpu_count(), tps_batch_sweep=sw), indent=1, default=str)
         return
     tr = train_speed(a)
     bundle, clf = load_bundle(), mnist_classifier(verbose=False)
@@ -196,10 +191,10 @@ def main(argv=None):
           f"class accuracy {acc_drop:+.1%} relative drop; global head at default M={default_m}: {dflt['ratio']:.2f}x a next-token step")
     print("goals:", ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in goals.items()))
     if a.out:
-        save(a.out, dict(command=cmd, torch=torch.__version__, threads=a.threads, cpus=os.cpu_count(),
+        write_json(a.out, dict(command=cmd, torch=torch.__version__, threads=a.threads, cpus=os.cpu_count(),
                                wall_s=round(time.time() - t0, 1), train=tr, sample=sa, tps_batch_sweep=sw,
                                kv_cache_speedup=kv_x, tokens_per_step4_speedup=tps_x,
-                               tokens_per_step4_rel_acc_drop=acc_drop, goals=goals))
+                               tokens_per_step4_rel_acc_drop=acc_drop, goals=goals), indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ The two tokenizers are the tiny ones trained by `bench/tokenizer.py` (same data,
     .venv/bin/python bench/tokens.py --steps 450 --seeds 0,1,2 --workers 2 --evals 3 --samples 200 --diff_draws 1 --out bench/results/tokens.json --plot bench/results/tokens.png
 """
 from __future__ import annotations
-import argparse, json, multiprocessing as mp, os, sys, time
+import argparse, multiprocessing as mp, os, sys, time
 from pathlib import Path
 
-from heptapod_nb.ablation import ablation_tokens, curve_table, plot_curves, run_ablation, summarize_curves
-from heptapod_nb.config import write_json
+from heptapod_nb.ablation import ablation_tokens, curve_table, earlier_results, plot_curves, run_ablation, summarize_curves
+from heptapod_nb.config import ConfigError, write_json
 
 
 def _job(args):
@@ -44,12 +44,11 @@ def main(argv=None):
             for s in seeds for k, (p, root) in toks.items()]
     out, runs, t0 = Path(a.out), [], time.time()
     cmd = "bench/tokens.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    same = {k: v for k, v in vars(a).items() if k not in ("workers", "plot", "out", "seeds")}
-    if out.exists():  # resume: keep the finished runs of an earlier invocation with the same settings
-        old = json.loads(out.read_text())
-        if {k: old["settings"].get(k) for k in same} == same:
-            runs = [r for r in old["runs"] if r["seed"] in seeds]
-            print(f"{out}: keeping its {len(runs)} finished runs with the same settings (delete it to train them again)", flush=True)
+    try: old = earlier_results(out, {k: v for k, v in vars(a).items() if k not in ("workers", "plot", "out", "seeds")})
+    except ConfigError as e: sys.exit(str(e))
+    if old:   # resume: keep the finished runs of an earlier invocation with the same settings
+        runs = [r for r in old["runs"] if r["seed"] in seeds]
+        print(f"{out}: keeping its {len(runs)} finished runs with the same settings (delete it to train them again)", flush=True)
     done = {(r["name"], r["seed"]) for r in runs}
     jobs = [j for j in jobs if (j[0], j[1]) not in done]
     with mp.get_context("spawn").Pool(min(a.workers, len(jobs)) or 1) as pool:

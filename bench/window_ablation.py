@@ -6,11 +6,11 @@ and are appended to `--out` as they finish, so an interrupted benchmark resumes 
     .venv/bin/python bench/window_ablation.py --steps 300 --seeds 0,1,2 --workers 2 --out bench/results/window_ablation.json
 """
 from __future__ import annotations
-import argparse, json, multiprocessing as mp, os, sys, time
+import argparse, multiprocessing as mp, os, sys, time
 from pathlib import Path
 
-from heptapod_nb.ablation import ABLATION, ablation_table, ablation_tokens, plot_ablation, run_ablation, summarize
-from heptapod_nb.config import write_json
+from heptapod_nb.ablation import ABLATION, ablation_table, ablation_tokens, earlier_results, plot_ablation, run_ablation, summarize
+from heptapod_nb.config import ConfigError, write_json
 
 
 def _job(args):
@@ -44,10 +44,9 @@ def main(argv=None):
     kw = dict(tokens_root=str(root), steps=a.steps, batch_size=a.batch, lr=a.lr, evals=a.evals, samples=a.samples,
               temperature=a.temperature, threads=1, tokenizer=a.tokenizer)
     out = Path(a.out)
-    doc = json.loads(out.read_text()) if out.exists() else {}
-    same = {k: doc.get("settings", {}).get(k) for k in ("steps", "batch", "lr", "samples", "temperature", "tokenizer")}
     settings = dict(steps=a.steps, batch=a.batch, lr=a.lr, samples=a.samples, temperature=a.temperature, tokenizer=a.tokenizer)
-    if doc and same != settings: sys.exit(f"{out} holds runs with other settings {same}: use another --out")
+    try: doc = earlier_results(out, settings)
+    except ConfigError as e: sys.exit(str(e))
     runs = doc.get("runs", [])
     this = "bench/window_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
     commands = doc.get("commands", [doc["command"]] if "command" in doc else [])

@@ -18,7 +18,8 @@ from .train import TrainConfig, read_metrics, train
 
 # %% auto #0
 __all__ = ['ABLATION', 'ablation_label', 'ablation_tokens', 'val_grids', 'next_position_ce', 'run_ablation', 'mean_std',
-           'summarize', 'ablation_table', 'summarize_curves', 'curve_table', 'plot_curves', 'plot_ablation']
+           'summarize', 'ablation_table', 'earlier_results', 'summarize_curves', 'curve_table', 'plot_curves',
+           'plot_ablation']
 
 # %% ../nbs/14_ablation.ipynb #ab962f1d
 ABLATION: dict[str, dict] = {
@@ -170,6 +171,16 @@ def ablation_table(rows: list[dict]) -> str:
                    f"{r['class_acc']:.1%} +- {r['class_acc_std']:.1%} | {r['val_next_ce']:.3f} +- {r['val_next_ce_std']:.3f} | "
                    f"{r['train_s']:.0f} |")
     return "\n".join(out)
+
+def earlier_results(path, settings: dict) -> dict:
+    """The results JSON at `path` ({} if there is none), so a benchmark can keep its finished runs; `ConfigError` if
+    they were made with other `settings` (mixing them would be wrong, overwriting them would lose them)."""
+    path = Path(path)
+    if not path.exists(): return {}
+    doc = json.loads(path.read_text())
+    theirs = {k: doc.get("settings", {}).get(k) for k in settings}
+    if theirs != settings: raise ConfigError(f"{path} holds runs with other settings {theirs}: use another --out")
+    return doc
 
 _CURVE_METRICS = ("class_acc", "mnist_fid", "val_next_ce")
 

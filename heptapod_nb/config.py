@@ -108,9 +108,9 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True); raise
     return path
 
-def write_json(path, obj, indent: int | None = 2) -> Path:
-    "Write `obj` as JSON to `path` atomically (parent folders made)."
-    return atomic_write_bytes(path, json.dumps(obj, indent=indent).encode())
+def write_json(path, obj, indent: int | None = 2, default=None) -> Path:
+    "Write `obj` as JSON to `path` atomically (parent folders made); `default` as in `json.dumps`."
+    return atomic_write_bytes(path, json.dumps(obj, indent=indent, default=default).encode())
 
 # %% ../nbs/00_config.ipynb #8b935e79
 def parse_value(s: str):

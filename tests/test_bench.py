@@ -52,3 +52,6 @@ def test_tokens_bench_keeps_finished_runs_and_tabulates_curves(tmp_path, capsys,
     assert "keeping its 6 finished runs" in text and "| vq | 6 | 3 | 2 | 60.0% +- 10.0% | 41.0 +- 1.0 |" in text
     doc = json.loads(out.read_text())
     assert "partial" not in doc and len(doc["table"]) == 4 and png.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="other settings"):
+        tb.main(args[:1] + ["9"] + args[2:])                # --steps 9: refused, the finished runs are kept
+    assert json.loads(out.read_text()) == doc
