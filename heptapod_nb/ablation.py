@@ -32,6 +32,8 @@ ABLATION: dict[str, dict] = {
     "w1_long":   dict(model=dict(window=1, targets_per_step=1), steps_mult=1.75),
     "global_nw3": dict(model=dict(window="global", targets_per_step=4, next_weight=3.0), steps_mult=1.0),
     "global_m2_nw3": dict(model=dict(window="global", targets_per_step=2, next_weight=3.0), steps_mult=1.0),
+    "global_m2_nw5": dict(model=dict(window="global", targets_per_step=2, next_weight=5.0), steps_mult=1.0),
+    "global_m2_nw8": dict(model=dict(window="global", targets_per_step=2, next_weight=8.0), steps_mult=1.0),
     "global_m2_hd1": dict(model=dict(window="global", targets_per_step=2, head_depth=1), steps_mult=1.0),
 }
 
