@@ -111,7 +111,7 @@ def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_s
     if name not in ABLATION and model is None: raise ValueError(f"unknown ablation config {name!r}; known: {', '.join(ABLATION)}")
     if samples % 10 or curve_samples % 10: raise ValueError(f"samples must be multiples of 10 (class-balanced), got {samples}, {curve_samples}")
     spec, tokens_root = (ABLATION[name] if model is None else dict(model=model, steps_mult=1.0)), Path(tokens_root)
-    spec = dict(spec, model={"next_weight": 1.0, **spec["model"]})    # the grid predates the tiny preset's next_weight=3
+    spec = dict(spec, model={"next_weight": 1.0, **spec["model"]})    # the grid predates the tiny preset's next_weight (8)
     n_steps = max(1, round(steps * spec["steps_mult"]))
     every = max(1, steps // evals)
     tmp = Path(tempfile.mkdtemp(prefix=f"abl_{name}_{seed}_", dir=work))
@@ -231,16 +231,19 @@ def plot_ablation(runs: list[dict], axes=None):
     "Left: next-position val CE against training seconds (every run); right: MNIST-FID vs class accuracy (means)."
     import matplotlib.pyplot as plt
     if axes is None: _, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {n: f"C{i}" for i, n in enumerate(ABLATION)}
+    names = [n for n in ABLATION if any(r["name"] == n for r in runs)]                 # colours only for what is drawn
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colors = {n: cmap(i) for i, n in enumerate(names)}
     for r in runs:
         c = r["curve"]
         axes[0].plot([p["train_s"] for p in c], [p["val_next_ce"] for p in c], "-o", ms=3, color=colors[r["name"]],
                      alpha=0.8, label=ablation_label(r["name"]) if r["seed"] == min(q["seed"] for q in runs if q["name"] == r["name"]) else None)
     axes[0].set(xlabel="training seconds", ylabel="next-position val CE (nats)", title="val CE vs wall time")
     axes[0].legend(fontsize=7)
-    for row in summarize(runs):
+    for i, row in enumerate(summarize(runs)):
         axes[1].errorbar(row["class_acc"], row["mnist_fid"], xerr=row["class_acc_std"], yerr=row["mnist_fid_std"],
                          fmt="o", color=colors[row["name"]], capsize=3)
-        axes[1].annotate(row["name"], (row["class_acc"], row["mnist_fid"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        axes[1].annotate(row["name"], (row["class_acc"], row["mnist_fid"]), fontsize=8, color=colors[row["name"]],
+                         xytext=(4, 4 if i % 2 == 0 else -11), textcoords="offset points")   # alternate: close points stay legible
     axes[1].set(xlabel="class accuracy of samples (no CFG)", ylabel="MNIST-FID", title="sample quality (mean +- std over seeds)")
     return axes
