@@ -4,16 +4,16 @@
 
 # %% ../nbs/00_config.ipynb #d3643763
 from __future__ import annotations
-import dataclasses, json, os, random, tempfile, typing
+import dataclasses, hashlib, json, os, random, struct, sys, tempfile, traceback, typing
 from pathlib import Path
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['FAST', 'DEMO_FILES', 'get_device', 'seed_everything', 'demo_dir', 'ConfigError', 'Config', 'atomic_write_bytes',
-           'write_json', 'parse_value', 'apply_overrides', 'get_preset', 'check_state_dict', 'save_weights',
-           'load_weights']
+__all__ = ['FAST', 'DEMO_FILES', 'USER_ERRORS', 'get_device', 'seed_everything', 'demo_dir', 'ConfigError', 'Config',
+           'atomic_write_bytes', 'write_json', 'parse_value', 'apply_overrides', 'get_preset', 'check_state_dict',
+           'save_weights', 'load_weights', 'add_debug_arg', 'one_line', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #8fe41d5e
 FAST: bool = os.environ.get("HEPTAPOD_FAST", "0") not in ("", "0", "false", "False")
@@ -23,7 +23,7 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     if device is None: return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} was asked for, but CUDA is not available on this machine")
+        raise ValueError(f"device {device} was asked for, but CUDA is not available on this machine (use --device cpu)")
     return device
 
 def seed_everything(seed: int) -> None:
@@ -150,6 +150,19 @@ def check_state_dict(module_or_sd, sd: dict, what: str = "checkpoint") -> None:
         if shapes: msg.append(f"  wrong shapes ({len(shapes)}): {fmt(shapes)}")
         raise ConfigError("\n".join(msg))
 
+def _data_sha256(blob_or_path) -> str:
+    "sha256 of the tensor bytes of a safetensors file (everything after its JSON header), from bytes or a path."
+    h = hashlib.sha256()
+    if isinstance(blob_or_path, (bytes, bytearray)):
+        n = struct.unpack("<Q", blob_or_path[:8])[0]
+        h.update(memoryview(blob_or_path)[8 + n:])
+        return h.hexdigest()
+    with open(blob_or_path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        f.seek(8 + n)
+        for chunk in iter(lambda: f.read(1 << 24), b""): h.update(chunk)
+    return h.hexdigest()
+
 def save_weights(path, module_or_sd, config: Config | dict | None = None, kind: str = "") -> Path:
     "Save tensors to `path` (.safetensors) atomically, with `config` (and `kind`) in metadata and a .json beside."
     from safetensors.torch import save as st_save
@@ -157,16 +170,20 @@ def save_weights(path, module_or_sd, config: Config | dict | None = None, kind: 
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     cfg = config.to_dict() if isinstance(config, Config) else (config or {})
     meta = {"config": json.dumps(cfg), "kind": kind, "format": "heptapod_nb"}
+    data = st_save(sd, metadata=meta)
+    meta["tensors_sha256"] = _data_sha256(data)             # the tensor bytes do not move when metadata grows
     path = Path(path)
     atomic_write_bytes(path, st_save(sd, metadata=meta))
     write_json(path.with_suffix(".json"), {"kind": kind, "config": cfg})
     return path
 
-def load_weights(path, kind: str | None = None, device="cpu") -> tuple[dict, dict]:
-    "`(state_dict, config_dict)` from a file written by `save_weights`; clear errors for missing/corrupt files."
+def load_weights(path, kind: str | None = None, device="cpu", verify: bool = True) -> tuple[dict, dict]:
+    """`(state_dict, config_dict)` from a file written by `save_weights`; clear errors for missing/corrupt files.
+    With `verify` (default) the tensors are checked against the sha256 stored at save time (files without one load as is)."""
     from safetensors import safe_open
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir(): raise ConfigError(f"{path} is a folder; expected a .safetensors weights file")
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
@@ -175,4 +192,40 @@ def load_weights(path, kind: str | None = None, device="cpu") -> tuple[dict, dic
         raise ConfigError(f"checkpoint {path} is corrupt or not a safetensors file ({type(e).__name__}: {e})") from e
     if kind is not None and meta.get("kind") != kind:
         raise ConfigError(f"checkpoint {path} holds a {meta.get('kind')!r}, expected a {kind!r}")
+    if verify and "tensors_sha256" in meta and _data_sha256(path) != meta["tensors_sha256"]:
+        raise ConfigError(f"checkpoint {path} fails its checksum: its tensors changed after it was saved "
+                          "(a damaged copy or an edited file); restore it from a good copy")
     return sd, json.loads(meta.get("config", "{}"))
+
+# %% ../nbs/00_config.ipynb #285f78a4
+# ConfigError is a ValueError; OSError covers missing, unreadable and unwritable files; FloatingPointError a NaN loss
+USER_ERRORS: tuple = (ValueError, OSError, FloatingPointError, ImportError, torch.OutOfMemoryError)
+
+def add_debug_arg(parser):
+    "Add `--debug` (show tracebacks of user errors) to an argparse parser; returns the parser."
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
+
+def one_line(e: BaseException) -> str:
+    "An exception as one line of text (its message's lines joined)."
+    msg = " ".join(l.strip() for l in str(e).splitlines() if l.strip())
+    return msg or type(e).__name__
+
+def cli_main(prog: str, fn, argv=None) -> int:
+    """Run `fn(argv)` as the console script `prog` and return its exit status: 0 on success; 2 with one line
+    `prog: error: ...` on stderr for a user error (`USER_ERRORS`) or a usage error; with `--debug` in `argv` the
+    traceback comes first. Anything else is a bug and propagates."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        fn(argv)
+    except SystemExit as e:                                # argparse: --help (0) or a usage error (2)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        if not isinstance(e.code, (int, type(None))): print(f"{prog}: error: {e.code}", file=sys.stderr, flush=True)
+        return code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True); return 130
+    except USER_ERRORS as e:
+        if "--debug" in argv: traceback.print_exc()
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    return 0
