@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from .transformer import SwiGLU
 
 # %% auto #0
-__all__ = ['ORDERS', 'make_order', 'window_size', 'num_slots', 'Targets', 'select_targets', 'modulate', 'HeadBlock', 'Head2D',
-           'cosine_alpha_bar', 'timestep_embedding', 'ResBlockAdaLN', 'DiffusionMLP']
+__all__ = ['ORDERS', 'make_order', 'window_size', 'num_slots', 'Targets', 'select_targets', 'commit_supported',
+           'sampling_targets', 'modulate', 'HeadBlock', 'Head2D', 'cosine_alpha_bar', 'timestep_embedding',
+           'ResBlockAdaLN', 'DiffusionMLP']
 
 # %% ../nbs/06_head.ipynb #fee62557
 ORDERS = ("raster", "random")
@@ -49,6 +50,7 @@ class Targets:
     valid_BSM: torch.Tensor
     offset_BSM: torch.Tensor
     steps_S: torch.Tensor
+    commit_K: torch.Tensor | None = None   # sampler only: flat (S*M) slots of the committed offsets 0..k-1
 
 def select_targets(order_BN, window, targets_per_step, steps=None, n_fixed: int = 1,
                    generator: torch.Generator | None = None) -> Targets:
@@ -74,6 +76,53 @@ def select_targets(order_BN, window, targets_per_step, steps=None, n_fixed: int 
     idx_BSM = (steps_S[None, :, None] + offset_BSM).clamp(max=N - 1)
     pos_BSM = order_BN.gather(1, idx_BSM.reshape(B, -1)).view(B, S, M)
     return Targets(pos_BSM, valid_BSM, offset_BSM, steps_S)
+
+def commit_supported(window, targets_per_step, n: int, k: int) -> str | None:
+    "Why committing the next `k` positions at once is unsound for this (window, M), or None when it is sound."
+    W = window_size(window, n)
+    if k > W: return f"exceeds the model's window={window}: a window-{W} head predicts only the next {W} positions"
+    if k > 1 and num_slots(window, targets_per_step, n) == 1:
+        return (f"needs the head to have been trained on order offsets 1..{k - 1}, but with window={window!r} and "
+                f"targets_per_step={targets_per_step!r} only the next position (offset 0) was ever supervised")
+    return None
+
+def sampling_targets(order_BN, window, targets_per_step, step: int, k: int = 1,
+                     generator: torch.Generator | None = None) -> Targets:
+    """The sampler's query sets at `step` to commit order offsets 0..k-1, each drawn from a query set of the kind
+    training used (the next position in slot 0 plus M-1 others of the window). `commit_K` (k,) indexes the
+    flattened (S*M) slots holding offsets 0..k-1. For k <= M this is one group, `select_targets(..., n_fixed=k)`;
+    for M < k it is ceil((k-1)/(M-1)) groups of M at the same step, each the next position plus M-1 of the offsets
+    1..k-1 in turn (the last one filled up with random other offsets >= 1 of the window)."""
+    B, N = order_BN.shape
+    why = commit_supported(window, targets_per_step, N, k)
+    if why: raise ValueError(f"tokens_per_step={k} {why}")
+    if not 0 <= step < N: raise ValueError(f"step must be in [0, {N - 1}], got {step}")
+    k = min(k, N - step)
+    W, M = window_size(window, N), num_slots(window, targets_per_step, N)
+    dev = order_BN.device
+    if k <= M:
+        tg = select_targets(order_BN, window, targets_per_step, steps=[step], n_fixed=k, generator=generator)
+        tg.commit_K = torch.arange(k, device=dev)
+        return tg
+    G = -(-(k - 1) // (M - 1))
+    others = torch.full((G * (M - 1),), -1, dtype=torch.long, device=dev)
+    others[:k - 1] = torch.arange(1, k, device=dev)                            # offsets 1..k-1, M-1 per group
+    fixed_GM = torch.cat([torch.zeros(G, 1, dtype=torch.long, device=dev), others.view(G, M - 1)], 1)  # slot 0: next
+    n_fill = G * (M - 1) - (k - 1)                                             # free slots of the last group
+    offset_BGM = fixed_GM.expand(B, G, M).clone()
+    avail = min(N - step, W)
+    if n_fill:   # others of the last group: uniform over the window's offsets >= 1 not already in it
+        cand = torch.arange(1, W, device=dev)
+        scores = torch.rand(B, W - 1, device=dev, generator=generator)
+        taken = (cand[:, None] == fixed_GM[-1, 1:M - n_fill][None]).any(-1)
+        scores = scores.masked_fill((cand >= avail) | taken, float("inf"))
+        best = scores.topk(n_fill, dim=-1, largest=False)
+        offset_BGM[:, -1, M - n_fill:] = cand[best.indices].masked_fill(best.values.isinf(), W)   # W: no candidate left
+    valid_BGM = offset_BGM < avail
+    pos_BGM = order_BN.gather(1, (step + offset_BGM).clamp(max=N - 1).reshape(B, -1)).view(B, G, M)
+    commit_K = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
+                          (torch.arange(k - 1, device=dev) // (M - 1)) * M + 1 + torch.arange(k - 1, device=dev) % (M - 1)])
+    return Targets(pos_BGM, valid_BGM, offset_BGM, torch.full((G,), step, device=dev), commit_K)
 
 # %% ../nbs/06_head.ipynb #6b471ca5
 def modulate(x, shift, scale): return x * (1 + scale) + shift
@@ -170,7 +219,7 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     a = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(a), torch.sin(a)], -1)
+    return torch.cat([torch.cos(a), torch.sin(a)], -1)          # float32: cast to the weights' dtype by the caller
 
 class ResBlockAdaLN(nn.Module):
     "x + gate * mlp(modulate(norm(x))), shift/scale/gate from the conditioning."
@@ -209,11 +258,17 @@ class DiffusionMLP(nn.Module):
 
     def forward(self, x_VC, t_V, z_VZ):
         "Predicted noise for noisy tokens `x_VC` at integer times `t_V` given conditions `z_VZ`."
-        c = self.t_emb(timestep_embedding(t_V, self.width)) + self.z_emb(z_VZ)
-        h = self.inp(x_VC)
+        dt = self.inp.weight.dtype                        # bf16 / float64 models: inputs follow the weights
+        c = self.t_emb(timestep_embedding(t_V, self.width).to(dt)) + self.z_emb(z_VZ.to(dt))
+        h = self.inp(x_VC.to(dt))
         for b in self.blocks: h = b(h, c)
         shift, scale = self.ada_f(c).chunk(2, -1)
         return self.out(modulate(self.norm_f(h), shift, scale))
+
+    def schedule(self):
+        "alpha_bar in float32 or float64: a bf16 copy rounds alpha_bar[0] to 1, and the sampler divides by 1 - alpha_bar."
+        ab = self.alpha_bar
+        return ab if ab.dtype in (torch.float32, torch.float64) else cosine_alpha_bar(self.T, device=ab.device)
 
     def loss(self, x0_VC, z_VZ, draws: int = 4, generator=None):
         "Per-target epsilon MSE (V,), averaged over `draws` noise/time draws per target."
@@ -221,9 +276,9 @@ class DiffusionMLP(nn.Module):
         x0 = x0_VC.repeat(draws, 1); z = z_VZ.repeat(draws, 1)
         t = torch.randint(0, self.T, (V * draws,), device=x0.device, generator=generator)
         eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
-        ab = self.alpha_bar[t][:, None].to(x0.dtype)
+        ab = self.schedule()[t][:, None].to(x0.dtype)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-        mse = (self(xt, t, z) - eps).pow(2).mean(-1)
+        mse = (self(xt, t, z).to(eps.dtype) - eps).pow(2).mean(-1)
         return mse.view(draws, V).mean(0)
 
     @torch.no_grad()
@@ -232,9 +287,10 @@ class DiffusionMLP(nn.Module):
         V, dev = z_VZ.shape[0], z_VZ.device
         ts = torch.linspace(self.T - 1, 0, steps, device=dev).round().long()
         x = temperature * torch.randn(V, self.channels, device=dev, generator=generator, dtype=z_VZ.dtype)
+        abar = self.schedule()
         for i, t in enumerate(ts):
-            ab = self.alpha_bar[t]
-            ab_prev = self.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=dev)
+            ab = abar[t]
+            ab_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=dev)
             eps = self(x, t.expand(V), z_VZ)
             x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
             sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).clamp(min=0).sqrt()

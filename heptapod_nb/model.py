@@ -141,6 +141,7 @@ class Heptapod(nn.Module):
     # ---- backbone --------------------------------------------------------------------------------------------
     def embed(self, labels_B, tok_BL, pos_BL, with_class: bool):
         "Input embeddings: [class] + token embeddings + their grid positions' embeddings."
+        if tok_BL.dtype.is_floating_point: tok_BL = tok_BL.to(self.tok_emb.weight.dtype)   # KL tokens follow the weights
         x = self.tok_emb(tok_BL) + self.pos_emb(pos_BL)
         if with_class: x = torch.cat([self.cls_emb(labels_B)[:, None].to(x.dtype), x], 1)
         return x
@@ -164,14 +165,34 @@ class Heptapod(nn.Module):
         return self.backbone(self.embed(labels_B, tok_BL, pos_BL, pos0 == 0), pos0=pos0, use_cache=True)
 
     def head_out(self, hk_BTD, n: int, pos_BM, valid_BM=None):
-        "Head outputs (B, M, O) at positions `pos_BM` for the step that has seen n tokens (keys h_0..h_n, condition h_n)."
+        """Head outputs (B, M, O) at positions `pos_BM` for the step that has seen n tokens (keys h_0..h_n, condition
+        h_n). `pos_BM` may also be (B, G, M): G query sets at that same step in one call, outputs (B, G, M, O)."""
         if valid_BM is None: valid_BM = torch.ones_like(pos_BM, dtype=torch.bool)
-        steps = torch.tensor([n], device=hk_BTD.device)
-        return self.head(hk_BTD[:, :n + 1], hk_BTD[:, n:n + 1], steps, pos_BM[:, None], valid_BM[:, None])[:, 0]
+        grouped = pos_BM.dim() == 3
+        pos_BGM, valid_BGM = (pos_BM, valid_BM) if grouped else (pos_BM[:, None], valid_BM[:, None])
+        G = pos_BGM.shape[1]
+        steps = torch.full((G,), n, device=hk_BTD.device)
+        out = self.head(hk_BTD[:, :n + 1], hk_BTD[:, n:n + 1].expand(-1, G, -1), steps, pos_BGM, valid_BGM)
+        return out if grouped else out[:, 0]
 
     # ---- loss ------------------------------------------------------------------------------------------------
-    def forward(self, tokens, labels=None, order=None, targets: Targets | None = None) -> dict:
-        "Loss of next-2D-distribution prediction: dict(loss, next_loss, n_targets)."
+    def check_targets(self, targets: Targets, B: int, N: int):
+        "Refuse `targets` whose shapes or indices do not fit a batch of B sequences of N positions."
+        if not isinstance(targets, Targets): raise TypeError(f"targets must be a Targets, got {type(targets).__name__}")
+        pos, valid, steps = targets.pos_BSM, targets.valid_BSM, targets.steps_S
+        if pos.dim() != 3 or pos.shape[0] != B or valid.shape != pos.shape or steps.shape != pos.shape[1:2]:
+            raise ValueError(f"targets must have pos/valid of shape (B={B}, S, M) and steps (S,), got pos "
+                             f"{tuple(pos.shape)}, valid {tuple(valid.shape)}, steps {tuple(steps.shape)}")
+        if steps.numel() and (steps.min() < 0 or steps.max() >= N):
+            raise ValueError(f"target steps must be in [0, {N - 1}], got range [{int(steps.min())}, {int(steps.max())}]")
+        if pos.numel() and (pos.min() < 0 or pos.max() >= N):
+            raise ValueError(f"target positions must be in [0, {N - 1}], got range [{int(pos.min())}, {int(pos.max())}]")
+        if not valid[..., 0].all(): raise ValueError("slot 0 of every target step (the next position) must be valid")
+
+    def forward(self, tokens, labels=None, order=None, targets: Targets | None = None, return_outputs: bool = False) -> dict:
+        """Loss of next-2D-distribution prediction: dict(loss, next_loss, n_targets). `targets` may hold any subset of
+        steps (`select_targets(..., steps=[5])`); `return_outputs` adds `outputs`, the head's (B, S, M, O) logits (VQ)
+        or diffusion conditions z (KL) for those targets: what the sampler draws from."""
         c = self.config
         flat = self.check_tokens(tokens)
         B, N = flat.shape[:2]
@@ -179,19 +200,24 @@ class Heptapod(nn.Module):
         if order is None: order = make_order(c.order, B, N, device=flat.device)
         h_BND = self.states(flat, labels, order)
         if targets is None: targets = select_targets(order, c.window, c.targets_per_step)
-        pos, valid = targets.pos_BSM, targets.valid_BSM
-        out = self.head(h_BND, h_BND, targets.steps_S, pos, valid)                  # (B, N, M, O)
+        self.check_targets(targets, B, N)
+        pos, valid, steps = targets.pos_BSM, targets.valid_BSM, targets.steps_S.to(h_BND.device)
+        cond = h_BND if steps.shape[0] == N and torch.equal(steps, torch.arange(N, device=steps.device)) else h_BND[:, steps]
+        out = self.head(h_BND, cond, steps, pos, valid)                             # (B, S, M, O)
+        lt = torch.promote_types(out.dtype, torch.float32)                          # loss dtype: float32, or float64
         if c.token_kind == "vq":
             tgt = flat.gather(1, pos.flatten(1)).view_as(pos)
-            per = F.cross_entropy(out.flatten(0, 2).float(), tgt.flatten(), reduction="none").view_as(pos)
+            per = F.cross_entropy(out.flatten(0, 2).to(lt), tgt.flatten(), reduction="none").view_as(pos)
         else:
             x0 = flat.gather(1, pos.flatten(1)[..., None].expand(-1, -1, flat.shape[-1])).view(*pos.shape, -1)
-            per = out.new_zeros(pos.shape, dtype=torch.float32)
-            per[valid] = self.diffusion.loss(x0[valid], out[valid], c.diff_draws).float()
-        w = valid.float()
+            per = out.new_zeros(pos.shape, dtype=lt)
+            per[valid] = self.diffusion.loss(x0[valid], out[valid], c.diff_draws).to(lt)
+        w = valid.to(lt)
         w[..., 0] *= c.next_weight
         loss = (w * per).sum() / w.sum()
-        return {"loss": loss, "next_loss": per[..., 0].mean(), "n_targets": int(valid.sum())}
+        res = {"loss": loss, "next_loss": per[..., 0].mean(), "n_targets": int(valid.sum())}
+        if return_outputs: res["outputs"] = out
+        return res
 
     def loss(self, tokens, labels=None) -> torch.Tensor:
         "Scalar training loss for a batch of token grids and class labels."

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import get_device
-from .head import make_order, select_targets, window_size
+from .head import commit_supported, make_order, sampling_targets
 
 # %% auto #0
 __all__ = ['check_sampling_args', 'filter_logits', 'sample_logits', 'Prediction', 'predict_from_states', 'predict_remaining',
@@ -66,7 +66,7 @@ def predict_from_states(model, h_BTD, n: int, positions_BR, *, draws: int = 4, t
     out = model.head_out(h_BTD, n, positions_BR)
     if model.config.token_kind == "vq": return Prediction(positions_BR, logits=out.float())
     return Prediction(positions_BR, draws=_kl_draws(model, out, draws, temperature,
-                                                    diff_steps or model.config.diff_steps, generator))
+                                                    diff_steps or model.config.diff_steps, generator).float())
 
 @torch.no_grad()
 def predict_remaining(model, tokens, n_seen: int, labels=None, order=None, *, draws: int = 4, seed: int = 0,
@@ -95,6 +95,11 @@ class TraceStep:
     final_prob: torch.Tensor    # float: probability this step gave to the token finally chosen there (VQ; NaN for KL)
     guess: torch.Tensor         # VQ long (B, h, w) seen + argmax; KL float (B, C, h, w) seen + mean of draws
     probs: torch.Tensor | None = None   # float16 (B, h, w, K), only with trace="full" (zeros on seen positions)
+    # what the sampler actually drew from (the fields above query every remaining position at once, for pictures):
+    queries: torch.Tensor | None = None      # long (B, G, M): the step's query sets (flat positions), as in training
+    query_valid: torch.Tensor | None = None  # bool (B, G, M)
+    sampled: torch.Tensor | None = None      # float32/64 (B, k, O): raw head outputs for the k committed positions, in
+                                             # order: VQ logits (before temperature / top-k / top-p), KL conditions z
 
 @dataclass
 class Trace:
@@ -136,7 +141,7 @@ def _trace_step(model, pred: Prediction, t, seen_BN, chosen_BN, tok_flat, full: 
         var = d.var(2).clamp(min=1e-8) if d.shape[2] > 1 else torch.full_like(d[:, :, 0], 1e-8)
         ent = nan.scatter(1, pos, 0.5 * (math.log(2 * math.pi * math.e) + var.log()).sum(-1))
         maxp, probs = nan, None
-        guess = tok_flat.clone().scatter(1, pos[..., None].expand(-1, -1, d.shape[-1]), d.mean(2))
+        guess = tok_flat.float().scatter(1, pos[..., None].expand(-1, -1, d.shape[-1]), d.mean(2))
         guess = guess.transpose(1, 2)                             # (B, C, N)
     g = (_grid(guess, c.grid) if c.token_kind == "vq" else guess.reshape(B, -1, *c.grid)).cpu()
     return TraceStep(t=t, seen=_grid(seen_BN.clone(), c.grid).cpu(), chosen=_grid(chosen_BN, c.grid).cpu(),
@@ -161,7 +166,9 @@ def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top
              prompt_len: int = 0, device=None, batch: int | None = None, diff_steps: int | None = None,
              trace_draws: int = 4, kv_cache: bool = True):
     """Sample token grids (B, h, w) [KL: (B, C, h, w)] from `model`; with `trace` also a `Trace` of every step.
-    `kv_cache=False` recomputes the whole prefix at every step instead (same samples, for speed comparisons)."""
+    `kv_cache=False` recomputes the whole prefix at every step instead (same samples, for speed comparisons).
+    `tokens_per_step=k` commits the next k positions per step, each drawn from a query set of the kind training used
+    (`head.sampling_targets`); it is refused where offsets 1..k-1 were never supervised (k > window, or M = 1)."""
     c, N = model.config, model.config.n_positions
     device = model.device if device is None else get_device(device)
     if device != model.device and not (device.type == model.device.type and device.index in (None, model.device.index)):
@@ -169,9 +176,8 @@ def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top
     check_sampling_args(temperature, top_k, top_p)
     if not isinstance(tokens_per_step, int) or tokens_per_step < 1:
         raise ValueError(f"tokens_per_step must be an int >= 1, got {tokens_per_step!r}")
-    if tokens_per_step > window_size(c.window, N):
-        raise ValueError(f"tokens_per_step={tokens_per_step} exceeds the model's window={c.window}: "
-                         "a window-k head predicts only the next k positions")
+    why = commit_supported(c.window, c.targets_per_step, N, tokens_per_step)
+    if why: raise ValueError(f"tokens_per_step={tokens_per_step} {why}; use tokens_per_step=1")
     if trace not in (False, True, "full", None, 0, 1): raise ValueError(f"trace must be False, True or 'full', got {trace!r}")
     # labels and batch
     if labels is None:
@@ -226,31 +232,27 @@ def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top
                 rem = _remaining(seen, n)
                 full_pred = predict_from_states(model, h, n, rem, draws=trace_draws, temperature=temperature,
                                                 diff_steps=diff_steps, generator=tgen)
-            if confidence:
+            if confidence:   # the k most confident remaining positions become the next k of the order
                 if c.token_kind == "vq": conf = full_pred.logits.softmax(-1).amax(-1)
                 else: conf = -full_pred.draws.var(2).clamp(min=1e-8).log().sum(-1)
                 pick = conf.topk(k, -1).indices                              # (B, k) into rem
                 order_BN[:, n:n + k] = rem.gather(1, pick)
                 rest = rem.masked_fill(torch.zeros_like(rem, dtype=torch.bool).scatter(1, pick, True), N)
                 order_BN[:, n + k:] = rest.sort(-1).values[:, :N - n - k]
-                if c.token_kind == "vq":
-                    new = sample_logits(full_pred.logits.gather(1, pick[..., None].expand(-1, -1, c.vocab_size)),
-                                        temperature, top_k, top_p, gen)
-                else:
-                    z = model.head_out(h, n, order_BN[:, n:n + k])
-                    new = model.diffusion.sample(z.reshape(B * k, -1), steps=diff_steps or c.diff_steps,
-                                                 temperature=temperature, generator=gen).view(B, k, -1)
+            # the committed positions' distributions come from query sets of the kind training used (06_head)
+            tg = sampling_targets(order_BN, c.window, c.targets_per_step, n, k, generator=gen)
+            out = model.head_out(h, n, tg.pos_BSM, tg.valid_BSM).flatten(1, 2)[:, tg.commit_K]   # (B, k, O)
+            if c.token_kind == "vq": new = sample_logits(out, temperature, top_k, top_p, gen)
             else:
-                tg = select_targets(order_BN, c.window, c.targets_per_step, steps=[n], n_fixed=k, generator=gen)
-                out = model.head_out(h, n, tg.pos_BSM[:, 0], tg.valid_BSM[:, 0])[:, :k]
-                if c.token_kind == "vq": new = sample_logits(out, temperature, top_k, top_p, gen)
-                else:
-                    new = model.diffusion.sample(out.reshape(B * k, -1), steps=diff_steps or c.diff_steps,
-                                                 temperature=temperature, generator=gen).view(B, k, -1)
+                new = model.diffusion.sample(out.reshape(B * k, -1), steps=diff_steps or c.diff_steps,
+                                             temperature=temperature, generator=gen).view(B, k, -1)
             pos = order_BN[:, n:n + k]
             chosen = torch.zeros_like(seen).scatter(1, pos, True)
             if trace:
-                tr.steps.append(_trace_step(model, full_pred, len(tr.steps), seen, chosen, tok, trace == "full"))
+                st = _trace_step(model, full_pred, len(tr.steps), seen, chosen, tok, trace == "full")
+                st.queries, st.query_valid, st.sampled = (tg.pos_BSM.cpu(), tg.valid_BSM.cpu(),
+                                                           out.to(torch.promote_types(out.dtype, torch.float32)).cpu())
+                tr.steps.append(st)
             steps_n.append(n)
             if c.token_kind == "vq": tok.scatter_(1, pos, new)
             else: tok.scatter_(1, pos[..., None].expand(-1, -1, tok.shape[-1]), new.to(tok.dtype))
