@@ -12,11 +12,12 @@ import torch
 import matplotlib.pyplot as plt
 from torch.utils.data import Dataset
 
-from .config import write_json
+from .config import ConfigError, write_json
 
 # %% auto #0
-__all__ = ['MNIST_VAL_PER_CLASS', 'IMG_EXTENSIONS', 'ArrayDataset', 'stratified_split', 'load_mnist5k', 'load_digits8',
-           'image_grid', 'show_images', 'center_crop_arr', 'ImageFolderDataset', 'TokenDataset']
+__all__ = ['MNIST_VAL_PER_CLASS', 'IMG_EXTENSIONS', 'GRAY_MODES', 'ArrayDataset', 'stratified_split', 'load_mnist5k',
+           'load_digits8', 'image_grid', 'show_images', 'center_crop_arr', 'mode_channels', 'to_8bit', 'scan_images',
+           'ImageFolderDataset', 'check_image_channels', 'TokenDataset']
 
 # %% ../nbs/01_data.ipynb #da125556
 class ArrayDataset(Dataset):
@@ -84,6 +85,7 @@ def show_images(images: torch.Tensor, labels=None, nrow: int = 8, title: str = "
 
 # %% ../nbs/01_data.ipynb #58d97e5a
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+GRAY_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 
 def center_crop_arr(pil_image, image_size: int):
     "ADM-style center crop: box-downsample while large, bicubic resize of the short side, center crop."
@@ -96,33 +98,97 @@ def center_crop_arr(pil_image, image_size: int):
     y, x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
     return arr[y: y + image_size, x: x + image_size]
 
+def mode_channels(im) -> int:
+    "1 if the PIL image `im` is grayscale by its header (mode, or a palette of greys), else 3."
+    if im.mode in GRAY_MODES: return 1
+    if im.mode in ("P", "PA"):
+        pal = im.getpalette()
+        if pal and len(pal) % 3 == 0:
+            rgb = np.asarray(pal).reshape(-1, 3)
+            if (rgb == rgb[:, :1]).all(): return 1
+    return 3
+
+def to_8bit(im, channels: int):
+    "A PIL image of any mode -> mode `L` (`channels=1`) or `RGB` (3); 16-bit grayscale is scaled by 255/65535."
+    from PIL import Image
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        im = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8))
+    return im.convert("L" if channels == 1 else "RGB")
+
+def _probe(path) -> tuple[int, str | None]:
+    "(channels, None) from the header of image `path`, or (0, why) when it cannot be opened as an image."
+    from PIL import Image
+    try:
+        with Image.open(path) as im: return mode_channels(im), None
+    except Exception as e:
+        return 0, f"{type(e).__name__}: {e}"
+
+def scan_images(paths, threads: int = 8) -> list[tuple[int, str | None]]:
+    "`_probe` every path (headers only, in `threads` threads): [(channels, None) or (0, why)] in order."
+    paths = list(paths)
+    if len(paths) < 64 or threads <= 1: return [_probe(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(threads) as ex: return list(ex.map(_probe, paths, chunksize=256))
+
+def _visible(p: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in p.relative_to(root).parts)
+
 class ImageFolderDataset(Dataset):
-    "ImageNet-style class folders -> ((3, size, size) float in [-1, 1], label)."
-    def __init__(self, root, size: int = 256, flip: bool = False, skip_bad: bool = False):
+    """ImageNet-style class folders -> ((C, size, size) float in [-1, 1], label), C = `channels`.
+
+    `channels`: 1 (grayscale), 3 (RGB) or None (detect: 1 when every image is grayscale). Every image's header is
+    read once here: an unreadable file raises `OSError` naming it, or with `skip_bad` is left out and listed in
+    `skipped`. `detected_channels`, `examples` (a file per channel count) and `empty_classes` describe the folder."""
+    def __init__(self, root, size: int = 256, flip: bool = False, skip_bad: bool = False, channels: int | None = None):
         self.root = Path(root)
-        if not self.root.is_dir(): raise FileNotFoundError(f"image folder not found: {self.root}")
+        if not self.root.exists(): raise FileNotFoundError(f"image folder not found: {self.root}")
+        if not self.root.is_dir(): raise NotADirectoryError(f"expected an image folder, got a file: {self.root}")
         if size <= 0: raise ValueError(f"size must be positive, got {size}")
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        if channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or None (detect from the images), got {channels!r}")
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not self.classes: raise ValueError(f"no class folders in {self.root} (expected root/<class>/<image>)")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.samples = [(p, self.class_to_idx[c]) for c in self.classes for p in sorted((self.root / c).rglob("*"))
-                        if p.suffix.lower() in IMG_EXTENSIONS and p.is_file()]
-        if not self.samples: raise ValueError(f"no images with extensions {IMG_EXTENSIONS} under {self.root}")
+        samples = [(p, self.class_to_idx[c]) for c in self.classes for p in sorted((self.root / c).rglob("*"))
+                   if p.suffix.lower() in IMG_EXTENSIONS and _visible(p, self.root) and p.is_file()]
+        if not samples: raise ValueError(f"no images with extensions {IMG_EXTENSIONS} under {self.root}")
+        probes = scan_images([p for p, _ in samples])
+        bad = [(p, why) for (p, _), (_, why) in zip(samples, probes) if why is not None]
+        if bad and not skip_bad:
+            more = f" (and {len(bad) - 1} more unreadable)" if len(bad) > 1 else ""
+            raise OSError(f"cannot read image {bad[0][0]}: {bad[0][1]}{more}; skip_bad (--skip_bad) leaves unreadable images out")
+        self.samples = [s for s, (_, why) in zip(samples, probes) if why is None]
+        self.skipped = [str(p) for p, _ in bad]
+        if self.skipped:
+            warnings.warn(f"skipping {len(self.skipped)} unreadable image(s) under {self.root}: {_short_list(self.skipped)}")
+        if not self.samples: raise ValueError(f"no readable images under {self.root} ({len(bad)} unreadable)")
+        self.examples = {}
+        for (p, _), (c, why) in zip(samples, probes):
+            if why is None: self.examples.setdefault(c, p)
+        self.detected_channels = 3 if 3 in self.examples else 1
+        self.channels = channels or self.detected_channels
+        counts = np.bincount([y for _, y in self.samples], minlength=len(self.classes))
+        self.empty_classes = [c for c, n in zip(self.classes, counts) if n == 0]
+        for c in self.empty_classes:
+            warnings.warn(f"class folder {self.root / c} holds no readable images; it still counts as class "
+                          f"{self.class_to_idx[c]} of {len(self.classes)} (labels follow the sorted folder names)")
         self.size, self.flip, self.skip_bad = size, flip, skip_bad
         self.num_classes = len(self.classes)
 
     def __len__(self): return len(self.samples)
 
     def load(self, i: int) -> torch.Tensor:
-        "Image `i` as (3, size, size) in [-1, 1] (no flip); raises `OSError` naming the file if unreadable."
+        "Image `i` as (channels, size, size) in [-1, 1] (no flip); raises `OSError` naming the file if unreadable."
         from PIL import Image
         path = self.samples[i][0]
         try:
-            with Image.open(path) as im: im = im.convert("RGB"); im.load()
+            with Image.open(path) as im: im.load(); im = to_8bit(im, self.channels)
         except Exception as e:
             raise OSError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
         arr = center_crop_arr(im, self.size)
-        return torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1
+        if arr.ndim == 2: arr = arr[:, :, None]
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
 
     def __getitem__(self, i):
         for j in range(len(self)):
@@ -130,10 +196,29 @@ class ImageFolderDataset(Dataset):
             try: x = self.load(k)
             except OSError as e:
                 if not self.skip_bad: raise
+                self.skipped.append(str(self.samples[k][0]))
                 warnings.warn(f"skipping unreadable image: {e}"); continue
             if self.flip and torch.rand(()) < 0.5: x = x.flip(-1)
             return x, self.samples[k][1]
         raise OSError(f"no readable image in {self.root}")
+
+def _short_list(xs, n: int = 10) -> str:
+    return ", ".join(map(str, xs[:n])) + (f", ... ({len(xs)} in all)" if len(xs) > n else "")
+
+def check_image_channels(ds, want: int, who: str = "the tokenizer", option: str = "--channels") -> None:
+    """Raise `ConfigError` when dataset `ds` gives images with other than `want` channels, saying which option
+    (`option`) to set. `ds`: an `ImageFolderDataset` or an in-memory dataset with `images` (N, C, H, W)."""
+    have = ds.channels if hasattr(ds, "channels") and isinstance(ds.channels, int) else int(ds.images.shape[1])
+    if have == want: return
+    kind = {1: "grayscale", 3: "RGB"}
+    if not isinstance(ds, ImageFolderDataset):
+        raise ConfigError(f"{getattr(ds, 'name', 'the dataset')} images have {have} channel(s) but {who} takes {want}")
+    if ds.detected_channels == have:        # detected, not asked for
+        ex = ds.examples.get(3 if have == 3 else 1)
+        raise ConfigError(f"{ds.root} holds {kind[have]} images (e.g. {ex}) but {who} takes {want} channel(s): pass "
+                          f"{option} {want} to load them as {kind[want]}")
+    raise ConfigError(f"images are loaded with {have} channel(s) ({option} {have}) but {who} takes {want}: "
+                      f"pass {option} {want}")
 
 # %% ../nbs/01_data.ipynb #2bc54261
 class TokenDataset(Dataset):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_tokenizer_train.ipynb #ec7170e4
 from __future__ import annotations
-import argparse, io, json, math, os, sys, time
+import argparse, io, json, math, os, sys, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,26 +14,65 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import (Config, ConfigError, FAST, apply_overrides, atomic_write_bytes, write_json, get_device, get_preset,
-                                seed_everything)
-from .data import ImageFolderDataset, TokenDataset, load_mnist5k
+from .config import (Config, ConfigError, FAST, add_debug_arg, apply_overrides, atomic_write_bytes, cli_main,
+                                one_line, write_json, get_device, get_preset, seed_everything)
+from .data import ImageFolderDataset, TokenDataset, check_image_channels, load_mnist5k
 from .tokenizer import (TOKENIZER_PRESETS, TokenizerConfig, LPIPS, PatchDiscriminator, adaptive_weight,
                                    build_tokenizer, codebook_stats, hinge_d_loss, load_tokenizer, psnr, recon_loss,
                                    save_tokenizer)
 
 # %% auto #0
-__all__ = ['load_images', 'dist_info', 'init_dist', 'batches', 'TokenizerTrainConfig', 'lr_factor', 'evaluate',
-           'codebook_fingerprint', 'check_ranks_agree', 'fit_scale_factor', 'train_tokenizer', 'train_tokenizer_cli',
-           'extract_tokens', 'extract_cli']
+__all__ = ['TOKENIZER_RUN_FILES', 'TOKEN_FILES', 'load_images', 'data_channels', 'default_workers', 'check_out_dir',
+           'unwrap_worker_error', 'dist_info', 'init_dist', 'batches', 'TokenizerTrainConfig', 'lr_factor', 'evaluate',
+           'codebook_fingerprint', 'check_ranks_agree', 'fit_scale_factor', 'train_tokenizer', 'train_tokenizer_main',
+           'train_tokenizer_cli', 'extract_tokens', 'extract_main', 'extract_cli']
 
 # %% ../nbs/04_tokenizer_train.ipynb #03233827
-def load_images(data: str, split: str = "train", image_size: int = 256, flip: bool = False):
-    "`mnist5k` (32x32, 1 channel) or an image folder path -> a dataset of ((C, H, W) in [-1, 1], label)."
-    if data == "mnist5k": return load_mnist5k(split)
+def load_images(data: str, split: str = "train", image_size: int = 256, flip: bool = False, channels: int | None = None,
+                skip_bad: bool = False):
+    """`mnist5k` (32x32, 1 channel) or an image folder path -> a dataset of ((C, H, W) in [-1, 1], label).
+    A folder loads with `channels` (1 or 3; None or 0: detected from the images), `skip_bad` as `ImageFolderDataset`."""
+    if data == "mnist5k":
+        if channels not in (None, 0, 1): raise ConfigError(f"mnist5k is grayscale (1 channel); --channels {channels} does not apply")
+        return load_mnist5k(split)
     root = Path(data)
-    if not root.is_dir(): raise FileNotFoundError(f"--data must be 'mnist5k' or an image folder; not found: {root}")
+    if not root.exists(): raise FileNotFoundError(f"--data must be 'mnist5k' or an image folder; not found: {root}")
+    if not root.is_dir(): raise NotADirectoryError(f"--data must be 'mnist5k' or an image folder; {root} is a file")
     if (root / split).is_dir(): root = root / split
-    return ImageFolderDataset(root, size=image_size, flip=flip)
+    return ImageFolderDataset(root, size=image_size, flip=flip, skip_bad=skip_bad, channels=channels or None)
+
+def data_channels(ds) -> int:
+    "Channels of the images `ds` gives: an `ImageFolderDataset`'s `channels`, an in-memory dataset's image shape."
+    return ds.channels if isinstance(ds, ImageFolderDataset) else int(ds.images.shape[1])
+
+def default_workers(world: int = 1) -> int:
+    "DataLoader workers per process: min(4, CPUs per process - 1); 0 when a process has 2 CPUs or fewer."
+    try: n = len(os.sched_getaffinity(0))
+    except AttributeError: n = os.cpu_count() or 1
+    per = n // max(1, world)
+    return min(4, per - 1) if per > 2 else 0
+
+def check_out_dir(out, option: str = "--out") -> Path:
+    "Raise an `OSError` naming the problem if folder `out` cannot be made or written (a file in the way, read-only); makes nothing."
+    out = Path(out); a = out
+    while not a.exists() and a.parent != a: a = a.parent
+    if not a.is_dir():
+        raise NotADirectoryError(f"{option} {out} is a file, not a folder" if a == out else
+                                 f"{option} {out}: {a} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=a): pass
+    except OSError as e:
+        raise PermissionError(f"{option} {out}: cannot write in {a} ({e.strerror or e}): read-only or not yours") from e
+    return out
+
+def unwrap_worker_error(e: BaseException) -> BaseException:
+    "A DataLoader worker's error, re-raised with the worker's whole traceback as its message -> its last line only."
+    msg = str(e)
+    if not msg.startswith("Caught "): return e
+    last = [l for l in msg.splitlines() if l.strip()][-1].strip()
+    name = type(e).__name__ + ": "
+    try: return type(e)(last[len(name):] if last.startswith(name) else last)
+    except TypeError: return e
 
 def dist_info() -> tuple[int, int, int]:
     "(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 when run plainly)."
@@ -71,6 +110,8 @@ class TokenizerTrainConfig(Config):
     "One tokenizer training run."
     preset: str = "tiny-vq"                 # TOKENIZER_PRESETS name
     data: str = "mnist5k"                   # 'mnist5k' or an image folder (class sub-folders; uses <data>/train if present)
+    channels: int = 0                       # folder images as 1 (grayscale) or 3 (RGB); 0: detect (1 if all grayscale)
+    skip_bad: bool = False                  # leave unreadable images out (listed at the end) instead of stopping
     image_size: int = 0                     # folder images are resized to this (0: the preset's image_size)
     out: str = "runs/tokenizer"             # run folder: tokenizer.safetensors, train_state.pt, log.jsonl
     batch_size: int = 32                    # per process
@@ -94,7 +135,7 @@ class TokenizerTrainConfig(Config):
     eval_every: int = 0                     # steps between val evaluations (0: at the end only)
     ckpt_every: int = 500                   # steps between checkpoints
     eval_batches: int = 8
-    num_workers: int = 4
+    num_workers: int = -1                   # DataLoader workers per process (-1: default_workers(), 0 on 2 cores)
     auto_scale: bool = True                 # KL: set scale_factor = 1 / std of the train latents (LDM's recipe)
     seed: int = 0
     device: str = ""                        # '' picks CUDA when available
@@ -106,6 +147,8 @@ class TokenizerTrainConfig(Config):
         for k in ("batch_size", "max_steps", "ckpt_every", "eval_batches"):
             if getattr(self, k) <= 0: raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
         if self.lr <= 0: raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.channels not in (0, 1, 3): raise ConfigError(f"channels must be 1 (grayscale), 3 (RGB) or 0 (detect), got {self.channels}")
+        if self.num_workers < -1: raise ConfigError(f"num_workers must be >= 0 (or -1: as the machine allows), got {self.num_workers}")
 
 def lr_factor(progress: float, step: int, warmup: int, min_ratio: float) -> float:
     "Linear warmup over `warmup` steps, then cosine from 1 to `min_ratio` as `progress` goes 0 -> 1."
@@ -166,30 +209,64 @@ def _save_state(path: Path, opt, disc, opt_d, step: int, elapsed: float, cfg: To
     atomic_write_bytes(path, buf.getvalue())
 
 # %% ../nbs/04_tokenizer_train.ipynb #3c6e0f84
-def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = False, progress: bool = True):
-    "Train a tokenizer as `cfg` says (tokenizer preset + `overrides`); -> (tokenizer, summary dict)."
+TOKENIZER_RUN_FILES = ("tokenizer.safetensors", "tokenizer.json", "train_state.pt", "log.jsonl", "summary.json",
+                       "tokenizer_config.json")
+
+def _override_keys(overrides) -> set:
+    if not overrides: return set()
+    if isinstance(overrides, dict): return set(overrides)
+    return {o.split("=", 1)[0].strip() for o in overrides}
+
+def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = False, progress: bool = True,
+                    overwrite: bool = False):
+    """Train a tokenizer as `cfg` says (tokenizer preset + `overrides`); -> (tokenizer, summary dict).
+    A `cfg.out` that already holds a run is refused unless `resume` (continue it) or `overwrite` (start again)."""
+    if resume and overwrite: raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     rank, world, device = init_dist(cfg.device or None)
     seed_everything(cfg.seed + rank)
+    out = check_out_dir(cfg.out); ckpt, state_path = out / "tokenizer.safetensors", out / "train_state.pt"
+    existing = [f for f in TOKENIZER_RUN_FILES if (out / f).exists()]
+    if existing and not (resume or overwrite):
+        raise FileExistsError(f"--out {out} already holds a tokenizer run ({', '.join(existing)}): pass --resume to "
+                              f"continue it or --overwrite to replace it")
+    if world > 1: dist.barrier()                     # every rank has looked before rank 0 writes anything
     tcfg = apply_overrides(get_preset(TOKENIZER_PRESETS, cfg.preset), overrides)
     size = cfg.image_size or tcfg.image_size
-    if cfg.data == "mnist5k" and (size, tcfg.in_channels) != (32, 1):
-        raise ConfigError(f"mnist5k images are 1x32x32 but the tokenizer expects {tcfg.in_channels}x{size}x{size}")
-    tcfg = tcfg.replace(image_size=size)
-    out = Path(cfg.out); ckpt, state_path = out / "tokenizer.safetensors", out / "train_state.pt"
-    tok = build_tokenizer(tcfg, device)
-    step, elapsed0 = 0, 0.0
-    state = None
+    loaded = None
     if resume:
         if not ckpt.exists() or not state_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint in {out} (need tokenizer.safetensors and train_state.pt)")
         loaded = load_tokenizer(ckpt, device)
+    set_in = "in_channels" in _override_keys(overrides)
+    if set_in and cfg.channels and cfg.channels != tcfg.in_channels:
+        raise ConfigError(f"--channels {cfg.channels} and -o in_channels={tcfg.in_channels} disagree "
+                          f"(a new tokenizer's in_channels follows --channels: pass only --channels)")
+    want = cfg.channels or (loaded.config.in_channels if loaded is not None else None)
+    train_ds = load_images(cfg.data, "train", size, flip=cfg.flip, channels=want, skip_bad=cfg.skip_bad)
+    if set_in or loaded is not None:
+        check_image_channels(train_ds, tcfg.in_channels if set_in else loaded.config.in_channels,
+                             who=f"the tokenizer ({'-o in_channels' if set_in else ckpt})")
+    if not set_in: tcfg = tcfg.replace(in_channels=data_channels(train_ds))
+    if cfg.data == "mnist5k" and size != 32:
+        raise ConfigError(f"mnist5k images are 1x32x32 but the tokenizer expects {tcfg.in_channels}x{size}x{size}")
+    tcfg = tcfg.replace(image_size=size)
+    tok = build_tokenizer(tcfg, device)
+    step, elapsed0 = 0, 0.0
+    state = None
+    if loaded is not None:
         if loaded.config.replace(scale_factor=tcfg.scale_factor) != tcfg:     # the scale is refitted, not trained
             raise ConfigError(f"--resume: {ckpt} was trained with {loaded.config}, this run asks for {tcfg}")
         tok.load_state_dict(loaded.state_dict())
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        try: state = torch.load(state_path, map_location=device, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"--resume: cannot read {state_path} ({type(e).__name__}: {one_line(e)}); it is damaged: "
+                             f"start again with --overwrite") from e
         step, elapsed0 = state["step"], state["elapsed"]
-    train_ds = load_images(cfg.data, "train", size, flip=cfg.flip)
-    val_ds = load_images(cfg.data, "val", size) if cfg.data == "mnist5k" or (Path(cfg.data) / "val").is_dir() else None
+    has_val = cfg.data == "mnist5k" or (Path(cfg.data) / "val").is_dir()
+    val_ds = load_images(cfg.data, "val", size, channels=tcfg.in_channels, skip_bad=cfg.skip_bad) if has_val else None
+    if overwrite and rank == 0:
+        for f in existing: (out / f).unlink(missing_ok=True)
+    num_workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(world)
     tok.train()
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     disc = opt_d = None
@@ -218,7 +295,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
                desc=f"train {tcfg.kind}", dynamic_ncols=True)
     t0, c0 = time.time(), time.process_time()
     data = batches(train_ds, cfg.batch_size, rank, world, cfg.seed, epoch=step // max(1, len(train_ds) // (cfg.batch_size * world)),
-                   num_workers=cfg.num_workers)
+                   num_workers=num_workers)
     stats = {}
     def elapsed(): return elapsed0 + time.time() - t0
 
@@ -240,7 +317,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
         if ctl[0].item(): break
         p = ctl[1].item()
         for g in opt.param_groups: g["lr"] = cfg.lr * lr_factor(p, step, cfg.warmup_steps, cfg.min_lr_ratio)
-        x, _ = next(data)
+        try: x, _ = next(data)
+        except OSError as e: raise unwrap_worker_error(e) from e
         x = x.to(device, non_blocking=True)
         x_hat, info, idx = model(x)
         rec = recon_loss(x_hat, x, cfg.rec_loss)
@@ -280,7 +358,10 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
     checkpoint()
     summary = {"kind": tcfg.kind, "preset": cfg.preset, "steps": step, "train_seconds": train_s,
                "cpu_seconds_this_process": time.process_time() - c0, "world_size": world,
-               "params": sum(p.numel() for p in tok.parameters())}
+               "params": sum(p.numel() for p in tok.parameters()), "image_channels": tcfg.in_channels,
+               "num_workers": num_workers}
+    if cfg.skip_bad:            # this process's list: files left out when the folder was read, or skipped when decoded
+        summary["skipped_images"] = sorted(set(getattr(train_ds, "skipped", [])) | set(getattr(val_ds, "skipped", [])))
     if rank == 0 and val_ds is not None:                 # all of MNIST's val; eval_batches batches of a folder
         summary["val"] = evaluate(tok, val_ds, *((250, None) if cfg.data == "mnist5k" else (cfg.batch_size, cfg.eval_batches)))
     if rank == 0:
@@ -288,37 +369,69 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
     return tok.eval(), summary
 
 # %% ../nbs/04_tokenizer_train.ipynb #da19b88e
+def _bool_arg(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "y", "on"): return True
+    if v in ("0", "false", "no", "n", "off"): return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+_HELP = {"channels": "load folder images as 1 (grayscale) or 3 (RGB) channels; 0: detect (1 when every image is "
+                     "grayscale); a new tokenizer's in_channels follows it",
+         "skip_bad": "leave unreadable images out and list them at the end (default: stop and name the first one)",
+         "num_workers": "DataLoader workers per process (-1: min(4, CPUs - 1), 0 on a 2-CPU machine)"}
+
 def _add_config_args(p: argparse.ArgumentParser, cls, skip=()):
     for f in cls.__dataclass_fields__.values():
         if f.name in skip: continue
-        typ = {bool: lambda s: s.lower() in ("1", "true", "yes", "y")}.get(type(f.default), type(f.default))
-        p.add_argument(f"--{f.name}", type=typ, default=f.default, help=f"(default: {f.default!r})")
+        h = (_HELP[f.name] + " " if f.name in _HELP else "") + f"(default: {f.default!r})"
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", type=_bool_arg, nargs="?", const=True, default=f.default, metavar="BOOL", help=h)
+        else: p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=h)
 
-def train_tokenizer_cli(argv=None) -> None:
-    "Console script `heptapod-train-tokenizer` (results in <out>/summary.json)."
+def _report_skipped(prog: str, skipped) -> None:
+    if skipped:
+        print(f"{prog}: skipped {len(skipped)} unreadable image(s): " + ", ".join(skipped[:20])
+              + (f", ... ({len(skipped)} in all)" if len(skipped) > 20 else ""), file=sys.stderr, flush=True)
+
+def train_tokenizer_main(argv=None) -> dict:
+    "`heptapod-train-tokenizer` as a function: errors raise; prints and returns the summary (also in <out>/summary.json)."
     p = argparse.ArgumentParser(prog="heptapod-train-tokenizer", description="Train a VQ or KL tokenizer.")
     _add_config_args(p, TokenizerTrainConfig)
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="tokenizer config override, e.g. -o ch=32 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/tokenizer.safetensors + train_state.pt")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--no_progress", action="store_true")
+    add_debug_arg(p)
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
     cfg = TokenizerTrainConfig.from_dict({k: getattr(a, k) for k in TokenizerTrainConfig.field_names()})
     try:
-        _, summary = train_tokenizer(cfg, a.override, resume=a.resume, progress=not a.no_progress)
-        if dist_info()[0] == 0: print(json.dumps(summary, indent=2))
+        _, summary = train_tokenizer(cfg, a.override, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
+        if dist_info()[0] == 0:
+            print(json.dumps(summary, indent=2))
+            _report_skipped(p.prog, summary.get("skipped_images"))
     finally:
         if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+    return summary
+
+def train_tokenizer_cli(argv=None) -> int:
+    "Console script `heptapod-train-tokenizer`: exit status 0, or 2 with one line on stderr for a user error."
+    return cli_main("heptapod-train-tokenizer", train_tokenizer_main, argv)
 
 # %% ../nbs/04_tokenizer_train.ipynb #7028bc61
+TOKEN_FILES = ("meta.json", "codes.npy", "labels.npy")
+
 def extract_tokens(tok, ds, out, augs: int = 1, batch_size: int = 256, sample: bool = False, extra: dict | None = None,
-                   progress: bool = True, seed: int = 0) -> dict:
-    "Encode every image of `ds` (and its flip when `augs=2`) into a `TokenDataset` at `out`; resumable; -> meta."
+                   progress: bool = True, seed: int = 0, overwrite: bool = False) -> dict:
+    """Encode every image of `ds` (and its flip when `augs=2`) into a `TokenDataset` at `out`; -> meta.
+    An unfinished extraction with the same settings in `out` is continued; `overwrite` deletes it first."""
     if augs not in (1, 2): raise ValueError(f"augs must be 1 (as is) or 2 (plus a horizontal flip), got {augs}")
     rank, world, _ = dist_info() if dist.is_available() and dist.is_initialized() else (0, 1, 0)
     out, n = Path(out), len(ds)
+    if overwrite and rank == 0:
+        for f in TOKEN_FILES: (out / f).unlink(missing_ok=True)
     want = dict(kind=tok.kind, grid=list(tok.grid), num_classes=int(getattr(ds, "num_classes", 0)), n=n, augs=augs,
                 vocab_size=getattr(tok, "vocab_size", None), channels=getattr(tok, "channels", None),
                 **(extra or {}))
@@ -359,8 +472,13 @@ def extract_tokens(tok, ds, out, augs: int = 1, batch_size: int = 256, sample: b
     if world > 1: dist.barrier()
     return json.loads(meta_path.read_text())
 
-def extract_cli(argv=None) -> None:
-    "Console script `heptapod-extract` (results in <out>/meta.json)."
+def _token_state(out: Path) -> str:
+    try:
+        m = json.loads((out / "meta.json").read_text()); return f"{m['done']}/{m['n']} images done"
+    except Exception: return ", ".join(f for f in TOKEN_FILES if (out / f).exists())
+
+def extract_main(argv=None) -> dict:
+    "`heptapod-extract` as a function: errors raise; prints and returns the meta dict (also in <out>/meta.json)."
     p = argparse.ArgumentParser(prog="heptapod-extract", description="Encode a dataset into a TokenDataset folder.")
     p.add_argument("--tokenizer", required=True, help="tokenizer .safetensors written by heptapod-train-tokenizer")
     p.add_argument("--data", default="mnist5k", help="'mnist5k' or an image folder")
@@ -369,21 +487,46 @@ def extract_cli(argv=None) -> None:
     p.add_argument("--augs", type=int, default=1, help="1, or 2 to add a horizontal-flip copy")
     p.add_argument("--batch_size", type=int, default=256, help="per process")
     p.add_argument("--sample", action="store_true", help="KL: store a posterior sample instead of the mean")
+    p.add_argument("--channels", type=int, default=0, choices=(0, 1, 3),
+                   help="load folder images as 1 (grayscale) or 3 (RGB) channels; 0: detect, and they must match the tokenizer")
+    p.add_argument("--skip_bad", action="store_true",
+                   help="leave unreadable images out and list them at the end (default: stop and name the first one)")
+    p.add_argument("--resume", action="store_true", help="continue the extraction already in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete the tokens already in --out and start again")
     p.add_argument("--device", default="", help="'' picks CUDA when available")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no_progress", action="store_true")
+    add_debug_arg(p)
     a = p.parse_args(argv)
+    if a.resume and a.overwrite: raise ConfigError("--resume continues the tokens in --out and --overwrite replaces them: pass one of them")
     if a.threads: torch.set_num_threads(a.threads)
     rank, world, device = init_dist(a.device or None)
     try:
+        out = check_out_dir(a.out)
+        if any((out / f).exists() for f in TOKEN_FILES) and not (a.resume or a.overwrite):
+            raise FileExistsError(f"--out {out} already holds tokens ({_token_state(out)}): pass --resume to continue "
+                                  f"that extraction or --overwrite to replace it")
+        if a.resume and not (out / "meta.json").exists():
+            raise FileNotFoundError(f"--resume: no extraction to continue in {out} (no meta.json)")
+        if world > 1: dist.barrier()                 # every rank has looked before rank 0 writes anything
         tok = load_tokenizer(a.tokenizer, device)
-        ds = load_images(a.data, a.split, tok.image_shape[1])
+        ds = load_images(a.data, a.split, tok.image_shape[1], channels=a.channels, skip_bad=a.skip_bad)
+        check_image_channels(ds, tok.image_shape[0], who=f"the tokenizer {a.tokenizer}")
         if tuple(ds[0][0].shape) != tok.image_shape:
             raise ValueError(f"{a.data} images are {tuple(ds[0][0].shape)}, the tokenizer expects {tok.image_shape}")
         extra = {"tokenizer": str(Path(a.tokenizer).resolve()), "data": a.data, "split": a.split,
                  "sample": bool(a.sample)}
         if tok.kind == "kl": extra["scale_factor"] = tok.scale_factor
-        meta = extract_tokens(tok, ds, a.out, a.augs, a.batch_size, a.sample, extra, progress=not a.no_progress)
-        if rank == 0: print(json.dumps(meta, indent=2))
+        meta = extract_tokens(tok, ds, out, a.augs, a.batch_size, a.sample, extra, progress=not a.no_progress,
+                              overwrite=a.overwrite)
+        skipped = list(getattr(ds, "skipped", []))
+        if rank == 0:
+            if a.skip_bad: meta["skipped_images"] = skipped; TokenDataset.write_meta(out, meta)
+            print(json.dumps(meta, indent=2)); _report_skipped(p.prog, skipped)
     finally:
         if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+    return meta
+
+def extract_cli(argv=None) -> int:
+    "Console script `heptapod-extract`: exit status 0, or 2 with one line on stderr for a user error."
+    return cli_main("heptapod-extract", extract_main, argv)

@@ -12,8 +12,9 @@ from PIL import Image
 from heptapod_nb.config import ConfigError
 from heptapod_nb.data import TokenDataset, load_mnist5k
 from heptapod_nb.tokenizer import load_tokenizer
-from heptapod_nb.tokenizer_train import (TokenizerTrainConfig, extract_cli, extract_tokens, lr_factor,
-                                         train_tokenizer_cli)
+from heptapod_nb import tokenizer_train
+from heptapod_nb.tokenizer_train import (TokenizerTrainConfig, default_workers, extract_cli, extract_main, extract_tokens,
+                                         lr_factor, train_tokenizer_cli, train_tokenizer_main)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["-o", "ch=8", "-o", "norm_groups=4", "-o", "z_channels=8"]
@@ -36,7 +37,7 @@ def test_lr_schedule():
 @pytest.fixture(scope="module")
 def vq_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vq") / "run"
-    train_tokenizer_cli(["--out", str(out), "--max_steps", "6", "--ckpt_every", "3", "--batch_size", "16",
+    train_tokenizer_main(["--out", str(out), "--max_steps", "6", "--ckpt_every", "3", "--batch_size", "16",
                          "--restart_every", "2", "--eval_every", "3", "--eval_batches", "1", *SMALL, *QUIET])
     return out
 
@@ -54,16 +55,16 @@ def test_train_vq_writes_checkpoint_summary_and_log(vq_run):
 def test_resume_continues_and_refuses_other_architecture(vq_run, tmp_path):
     import shutil
     out = tmp_path / "run"; shutil.copytree(vq_run, out)
-    train_tokenizer_cli(["--out", str(out), "--max_steps", "8", "--batch_size", "16", "--resume", *SMALL, *QUIET])
+    train_tokenizer_main(["--out", str(out), "--max_steps", "8", "--batch_size", "16", "--resume", *SMALL, *QUIET])
     assert _summary(out)["steps"] == 8                  # 6 done before + 2 more
     with pytest.raises(ConfigError, match="--resume"):
-        train_tokenizer_cli(["--out", str(out), "--max_steps", "9", "--resume", "-o", "ch=16", *QUIET])
+        train_tokenizer_main(["--out", str(out), "--max_steps", "9", "--resume", "-o", "ch=16", *QUIET])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train_tokenizer_cli(["--out", str(tmp_path / "empty"), "--resume", *QUIET])
+        train_tokenizer_main(["--out", str(tmp_path / "empty"), "--resume", *QUIET])
 
 
 def test_time_budget_stops_training(tmp_path):
-    train_tokenizer_cli(["--out", str(tmp_path / "kl"), "--preset", "tiny-kl", "--max_minutes", "0.0001",
+    train_tokenizer_main(["--out", str(tmp_path / "kl"), "--preset", "tiny-kl", "--max_minutes", "0.0001",
                          "--batch_size", "8", *SMALL, *QUIET])
     s = _summary(tmp_path / "kl")
     assert s["kind"] == "kl" and 1 <= s["steps"] <= 3 and np.isfinite(s["val"]["psnr"])
@@ -77,18 +78,18 @@ def test_train_on_image_folder_rgb(tmp_path):
             for i in range(4):
                 Image.fromarray(rng.randint(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / split / c / f"{i}.png")
     out = tmp_path / "run"
-    train_tokenizer_cli(["--out", str(out), "--data", str(tmp_path / "imgs"), "--image_size", "16", "--max_steps", "2",
+    train_tokenizer_main(["--out", str(out), "--data", str(tmp_path / "imgs"), "--image_size", "16", "--max_steps", "2",
                          "--batch_size", "4", "--num_workers", "0", "-o", "in_channels=3", *SMALL, *QUIET])
     tok = load_tokenizer(out / "tokenizer.safetensors")
     assert tok.image_shape == (3, 16, 16) and tok.grid == (4, 4) and _summary(out)["val"]["n"] == 8
-    with pytest.raises(ConfigError, match="mnist5k images are 1x32x32"):
-        train_tokenizer_cli(["--out", str(tmp_path / "x"), "-o", "in_channels=3", *QUIET])
+    with pytest.raises(ConfigError, match="mnist5k/train images have 1 channel"):
+        train_tokenizer_main(["--out", str(tmp_path / "x"), "-o", "in_channels=3", *QUIET])
 
 
 def test_extract_matches_encode_flip_and_resume(vq_run, tmp_path):
     tok = load_tokenizer(vq_run / "tokenizer.safetensors")
     out = tmp_path / "tokens"
-    extract_cli(["--tokenizer", str(vq_run / "tokenizer.safetensors"), "--split", "val", "--out", str(out),
+    extract_main(["--tokenizer", str(vq_run / "tokenizer.safetensors"), "--split", "val", "--out", str(out),
                  "--augs", "2", "--batch_size", "128", *QUIET])
     ds = TokenDataset(out, aug="first")
     val = load_mnist5k("val")
@@ -111,16 +112,16 @@ def test_extract_matches_encode_flip_and_resume(vq_run, tmp_path):
     np.testing.assert_array_equal(np.load(out / "codes.npy"), codes)
     # a different extraction into the same folder is refused, not mixed
     with pytest.raises(ValueError, match="different extraction"):
-        extract_cli(["--tokenizer", str(vq_run / "tokenizer.safetensors"), "--split", "val", "--out", str(out),
-                     "--augs", "1", *QUIET])
+        extract_main(["--tokenizer", str(vq_run / "tokenizer.safetensors"), "--split", "val", "--out", str(out),
+                     "--augs", "1", "--resume", *QUIET])
 
 
 def test_extract_kl_mean_and_sample(tmp_path):
-    train_tokenizer_cli(["--out", str(tmp_path / "kl"), "--preset", "tiny-kl", "--max_steps", "1", "--batch_size", "8",
+    train_tokenizer_main(["--out", str(tmp_path / "kl"), "--preset", "tiny-kl", "--max_steps", "1", "--batch_size", "8",
                          *SMALL, *QUIET])
     ck = str(tmp_path / "kl" / "tokenizer.safetensors")
-    extract_cli(["--tokenizer", ck, "--split", "val", "--out", str(tmp_path / "mean"), *QUIET])
-    extract_cli(["--tokenizer", ck, "--split", "val", "--out", str(tmp_path / "smp"), "--sample", *QUIET])
+    extract_main(["--tokenizer", ck, "--split", "val", "--out", str(tmp_path / "mean"), *QUIET])
+    extract_main(["--tokenizer", ck, "--split", "val", "--out", str(tmp_path / "smp"), "--sample", *QUIET])
     m, s = TokenDataset(tmp_path / "mean"), TokenDataset(tmp_path / "smp")
     assert m.kind == "kl" and m.channels == 4 and m[0][0].shape == (4, 8, 8) and m[0][0].dtype == torch.float32
     tok = load_tokenizer(ck)
@@ -144,7 +145,7 @@ def _torchrun(args, tmp_path):
 def test_ddp_two_ranks_keep_codebook_in_sync_and_extract_slices(tmp_path):
     "2 CPU processes (gloo): restarts every step stay identical on both ranks (checked at every checkpoint)."
     code = ("import sys; from heptapod_nb.tokenizer_train import train_tokenizer_cli as t, extract_cli as e; "
-            "(t if sys.argv[1] == 'train' else e)(sys.argv[2:])")
+            "sys.exit((t if sys.argv[1] == 'train' else e)(sys.argv[2:]))")
     (tmp_path / "ddp_entry.py").write_text(code)
     out = tmp_path / "run"
     _torchrun(["ddp_entry", "train", "--out", str(out), "--max_steps", "4", "--ckpt_every", "2", "--batch_size", "8",
@@ -154,16 +155,228 @@ def test_ddp_two_ranks_keep_codebook_in_sync_and_extract_slices(tmp_path):
     ck = str(out / "tokenizer.safetensors")
     _torchrun(["ddp_entry", "extract", "--tokenizer", ck, "--split", "val", "--out", str(tmp_path / "t2"),
                "--batch_size", "64", "--device", "cpu", *QUIET], tmp_path)
-    extract_cli(["--tokenizer", ck, "--split", "val", "--out", str(tmp_path / "t1"), "--batch_size", "500", *QUIET])
+    extract_main(["--tokenizer", ck, "--split", "val", "--out", str(tmp_path / "t1"), "--batch_size", "500", *QUIET])
     np.testing.assert_array_equal(np.load(tmp_path / "t2" / "codes.npy"), np.load(tmp_path / "t1" / "codes.npy"))
     assert json.loads((tmp_path / "t2" / "meta.json").read_text())["done"] == 500
 
 
 def test_patchgan_switches_on_after_disc_start(tmp_path):
     out = tmp_path / "gan"
-    train_tokenizer_cli(["--out", str(out), "--max_steps", "3", "--batch_size", "8", "--disc_weight", "0.5",
+    train_tokenizer_main(["--out", str(out), "--max_steps", "3", "--batch_size", "8", "--disc_weight", "0.5",
                          "--disc_start", "1", "--eval_every", "3", "--eval_batches", "1", *SMALL, *QUIET])
     log = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert log["adv_w"] > 0 and np.isfinite(log["d_loss"])
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["disc"] is not None and state["step"] == 3
+
+
+# ---- console-script convention, own image folders (issues 15 and 18) ----
+
+def _images(root, mode="RGB", n=4, size=(20, 24), classes=("a", "b")):
+    "A tiny class folder of random images: mode 'RGB' or 'L'."
+    rng = np.random.RandomState(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            shape = size + ((3,) if mode == "RGB" else ())
+            Image.fromarray(rng.randint(0, 255, shape, dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def _run(fn, argv, capsys):
+    capsys.readouterr()
+    rc = fn(argv)
+    return rc, capsys.readouterr().err
+
+
+def _assert_user_error(fn, prog, argv, capsys, fragment):
+    rc, err = _run(fn, argv, capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert rc == 2 and len(lines) == 1, (rc, err)
+    assert lines[0].startswith(f"{prog}: error: ") and fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_train_cli_user_errors_are_one_line_and_exit_2(vq_run, tmp_path, capsys):
+    import shutil
+    (tmp_path / "file").write_text("x")
+    bad = _images(tmp_path / "bad"); (bad / "b" / "corrupt.png").write_bytes(b"\x89PNG garbage")
+    rgb = _images(tmp_path / "rgb")
+    damaged = tmp_path / "damaged"; shutil.copytree(vq_run, damaged)
+    (damaged / "train_state.pt").write_bytes(b"not a torch file")
+    broken_ck = tmp_path / "broken_ck"; shutil.copytree(vq_run, broken_ck)
+    (broken_ck / "tokenizer.safetensors").write_bytes(b"garbage")
+    out = ["--out", str(tmp_path / "new")]
+    cases = [
+        (["--batch_size", "0", *out], "batch_size must be positive"),
+        (["--channels", "2", *out], "channels must be 1 (grayscale), 3 (RGB) or 0"),
+        (["--data", str(tmp_path / "nope"), *out], "not found"),
+        (["--data", str(tmp_path / "file"), *out], "is a file"),
+        (["--out", str(tmp_path / "file" / "run")], f"{tmp_path / 'file'} is a file, not a folder"),
+        (["--out", str(tmp_path / "file")], "is a file, not a folder"),
+        (["--out", str(vq_run)], "already holds a tokenizer run"),
+        (["--resume", "--overwrite", *out], "pass one of them"),
+        (["--resume", *out], "no checkpoint"),
+        (["--data", str(bad), "--image_size", "16", *out], "corrupt.png"),
+        (["--data", str(rgb), "--image_size", "16", "-o", "in_channels=1", *out], "pass --channels 1"),
+        (["--data", str(rgb), "--channels", "3", "-o", "in_channels=1", *out], "disagree"),
+        (["--channels", "3", *out], "mnist5k is grayscale"),
+        (["-o", "nosuchfield=1", *out], "nosuchfield"),
+        (["--out", str(damaged), "--resume", *SMALL], "train_state.pt"),
+        (["--out", str(broken_ck), "--resume", *SMALL], "corrupt"),
+    ]
+    for argv, fragment in cases:
+        line = _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer", [*argv, *QUIET], capsys, fragment)
+        assert "Traceback" not in line
+    assert not (tmp_path / "new").exists()                      # nothing was made by the failed runs
+    rc, err = _run(train_tokenizer_cli, ["--flip", "maybe", *out], capsys)       # argparse usage error
+    assert rc == 2 and "expected true or false" in err
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    argv = ["--out", str(tmp_path / "file" / "run"), *QUIET]
+    rc, err = _run(train_tokenizer_cli, [*argv, "--debug"], capsys)
+    assert rc == 2 and "Traceback (most recent call last)" in err and "check_out_dir" in err
+    assert err.strip().splitlines()[-1].startswith("heptapod-train-tokenizer: error: ")
+    rc, err = _run(extract_cli, ["--tokenizer", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "t"), "--debug"], capsys)
+    assert rc == 2 and "Traceback (most recent call last)" in err and "checkpoint not found" in err.strip().splitlines()[-1]
+
+
+def test_unwritable_output_is_a_user_error(tmp_path, capsys, monkeypatch):
+    def refuse(*a, **k): raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tokenizer_train.tempfile, "TemporaryFile", refuse)      # a read-only folder, even for root
+    _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer", ["--out", str(tmp_path / "run"), *QUIET], capsys,
+                       f"--out {tmp_path / 'run'}: cannot write in {tmp_path} (Permission denied)")
+    _assert_user_error(extract_cli, "heptapod-extract", ["--tokenizer", "x", "--out", str(tmp_path / "t"), *QUIET], capsys,
+                       "cannot write in")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(tmp_path, capsys):
+    ro = tmp_path / "ro"; ro.mkdir(); ro.chmod(0o500)
+    try:
+        _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer", ["--out", str(ro / "run"), *QUIET], capsys,
+                           "cannot write in")
+    finally: ro.chmod(0o700)
+
+
+def test_extract_cli_errors_refusal_resume_overwrite_and_channels(vq_run, tmp_path, capsys):
+    ck = str(vq_run / "tokenizer.safetensors")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "broken.safetensors").write_bytes(b"garbage")
+    rgb = _images(tmp_path / "rgb", size=(32, 32))
+    E = lambda argv, frag: _assert_user_error(extract_cli, "heptapod-extract", [*argv, *QUIET], capsys, frag)
+    E(["--tokenizer", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "t")], "checkpoint not found")
+    E(["--tokenizer", str(tmp_path / "broken.safetensors"), "--out", str(tmp_path / "t")], "corrupt")
+    E(["--tokenizer", ck, "--out", str(tmp_path / "file" / "t")], "is a file, not a folder")
+    E(["--tokenizer", ck, "--data", str(rgb), "--out", str(tmp_path / "t")], "pass --channels 1")
+    E(["--tokenizer", ck, "--channels", "3", "--out", str(tmp_path / "t")], "mnist5k is grayscale")
+    E(["--tokenizer", ck, "--resume", "--out", str(tmp_path / "t")], "no extraction to continue")
+    E(["--tokenizer", ck, "--resume", "--overwrite", "--out", str(tmp_path / "t")], "pass one of them")
+    assert not (tmp_path / "t").exists()
+    # --channels 1: the RGB folder is converted to grayscale for the 1-channel tokenizer
+    t = tmp_path / "t"
+    assert _run(extract_cli, ["--tokenizer", ck, "--data", str(rgb), "--channels", "1", "--out", str(t), *QUIET], capsys)[0] == 0
+    codes = np.load(t / "codes.npy").copy()
+    tok = load_tokenizer(ck)
+    from heptapod_nb.data import ImageFolderDataset
+    ds = ImageFolderDataset(rgb, size=32, channels=1)
+    np.testing.assert_array_equal(codes[:, 0], tok.encode(torch.stack([ds[i][0] for i in range(len(ds))])).numpy())
+    # a folder holding tokens: refused, --resume keeps it (already complete), --overwrite replaces it
+    line = E(["--tokenizer", ck, "--data", str(rgb), "--channels", "1", "--out", str(t)], "already holds tokens (8/8 images done)")
+    assert "--resume" in line and "--overwrite" in line
+    assert _run(extract_cli, ["--tokenizer", ck, "--data", str(rgb), "--channels", "1", "--out", str(t), "--resume", *QUIET], capsys)[0] == 0
+    np.testing.assert_array_equal(np.load(t / "codes.npy"), codes)
+    E(["--tokenizer", ck, "--data", str(rgb), "--channels", "1", "--out", str(t), "--augs", "2", "--resume"], "different extraction")
+    assert _run(extract_cli, ["--tokenizer", ck, "--data", str(rgb), "--channels", "1", "--out", str(t), "--augs", "2",
+                              "--overwrite", *QUIET], capsys)[0] == 0
+    meta = json.loads((t / "meta.json").read_text())
+    assert meta["augs"] == 2 and meta["done"] == 8 and np.load(t / "codes.npy").shape == (8, 2, 8, 8)
+    np.testing.assert_array_equal(np.load(t / "codes.npy")[:, 0], codes[:, 0])
+
+
+def test_train_refuses_existing_run_overwrite_starts_again(tmp_path, capsys):
+    root = tmp_path / "imgs"; _images(root / "train", size=(16, 16)); _images(root / "val", size=(16, 16))
+    out = tmp_path / "run"
+    common = ["--data", str(root), "--out", str(out), "--image_size", "16", "--batch_size", "4", "--num_workers", "0",
+              "--eval_batches", "1", *SMALL, *QUIET]
+    assert _run(train_tokenizer_cli, [*common, "--max_steps", "2", "--eval_every", "1"], capsys)[0] == 0
+    before = (out / "tokenizer.safetensors").read_bytes()
+    assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    line = _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer", [*common, "--max_steps", "1"], capsys,
+                              "already holds a tokenizer run")
+    assert "--resume" in line and "--overwrite" in line
+    assert (out / "tokenizer.safetensors").read_bytes() == before and _summary(out)["steps"] == 2
+    assert _run(train_tokenizer_cli, [*common, "--max_steps", "1", "--overwrite"], capsys)[0] == 0
+    assert _summary(out)["steps"] == 1 and torch.load(out / "train_state.pt", weights_only=True)["step"] == 1
+    assert not (out / "log.jsonl").exists()                   # the old run's log (steps 1, 2) went with it
+    assert (out / "tokenizer.safetensors").read_bytes() != before
+    assert _run(train_tokenizer_cli, [*common, "--max_steps", "3", "--resume"], capsys)[0] == 0
+    assert _summary(out)["steps"] == 3
+
+
+def test_own_images_channels_follow_the_folder(tmp_path, capsys):
+    gray, rgb = _images(tmp_path / "gray", mode="L"), _images(tmp_path / "rgb")
+    common = ["--image_size", "16", "--max_steps", "1", "--batch_size", "4", "--num_workers", "0", *SMALL, *QUIET]
+    for data, extra, want in [(gray, [], 1), (rgb, [], 3), (rgb, ["--channels", "1"], 1)]:
+        out = tmp_path / f"run_{data.name}_{want}"
+        rc, err = _run(train_tokenizer_cli, ["--data", str(data), "--out", str(out), *extra, *common], capsys)
+        assert rc == 0, err
+        tok = load_tokenizer(out / "tokenizer.safetensors")
+        assert tok.config.in_channels == want and tok.image_shape == (want, 16, 16) and _summary(out)["image_channels"] == want
+    # --resume reads the folder as the checkpoint was trained, and refuses a --channels that disagrees with it
+    out = tmp_path / "run_rgb_1"
+    assert _run(train_tokenizer_cli, ["--data", str(rgb), "--out", str(out), "--resume", *common[:2], "--max_steps", "2",
+                                      *common[4:]], capsys)[0] == 0
+    assert _summary(out)["steps"] == 2
+    _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer",
+                       ["--data", str(rgb), "--out", str(out), "--resume", "--channels", "3", *common[:2], "--max_steps", "3", *common[4:]],
+                       capsys, "pass --channels 1")
+
+
+def test_skip_bad_counts_and_lists_skipped_files(vq_run, tmp_path, capsys):
+    data = _images(tmp_path / "imgs", mode="L", size=(32, 32))
+    (data / "a" / "zz_corrupt.png").write_bytes(b"\x89PNG garbage")
+    (data / "b" / "empty.jpg").write_bytes(b"")
+    common = ["--data", str(data), "--max_steps", "1", "--batch_size", "4", "--num_workers", "0", *SMALL, *QUIET]
+    _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer", ["--out", str(tmp_path / "r0"), *common], capsys,
+                       "zz_corrupt.png")
+    rc, err = _run(train_tokenizer_cli, ["--out", str(tmp_path / "r1"), "--skip_bad", *common], capsys)
+    assert rc == 0, err
+    assert "skipped 2 unreadable image(s)" in err and "zz_corrupt.png" in err and "empty.jpg" in err
+    assert [Path(p).name for p in _summary(tmp_path / "r1")["skipped_images"]] == ["zz_corrupt.png", "empty.jpg"]
+    ck = str(vq_run / "tokenizer.safetensors")
+    rc, err = _run(extract_cli, ["--tokenizer", ck, "--data", str(data), "--out", str(tmp_path / "t"), "--skip_bad", *QUIET], capsys)
+    assert rc == 0 and "skipped 2 unreadable image(s)" in err
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    assert meta["n"] == meta["done"] == 8 and len(meta["skipped_images"]) == 2
+
+
+def test_decode_failure_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
+    import io
+    data = _images(tmp_path / "imgs", size=(16, 16), n=2)
+    buf = io.BytesIO(); Image.fromarray(np.zeros((16, 16, 3), np.uint8) + 7).save(buf, "PNG")
+    (data / "a" / "trunc.png").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])   # header fine, pixels cut
+    common = ["--data", str(data), "--image_size", "16", "--max_steps", "2", "--batch_size", "5", "--num_workers", "1",
+              "--flip", "false", *SMALL, *QUIET]
+    line = _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer", ["--out", str(tmp_path / "r"), *common],
+                              capsys, "cannot read image")
+    assert "trunc.png" in line and "Original Traceback" not in line and "DataLoader worker" not in line
+    assert _run(train_tokenizer_cli, ["--out", str(tmp_path / "r2"), "--skip_bad", *common], capsys)[0] == 0
+
+
+def test_default_workers_follow_the_machine(monkeypatch):
+    for cpus, world, want in [(1, 1, 0), (2, 1, 0), (3, 1, 2), (4, 1, 3), (16, 1, 4), (8, 2, 3), (4, 2, 0)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
+        assert default_workers(world) == want, (cpus, world)
+    assert TokenizerTrainConfig().num_workers == -1
+    with pytest.raises(ConfigError, match="num_workers"):
+        TokenizerTrainConfig(num_workers=-2)
+
+
+def test_bool_flags():
+    import argparse
+    p = argparse.ArgumentParser(); tokenizer_train._add_config_args(p, TokenizerTrainConfig)
+    assert p.parse_args(["--skip_bad"]).skip_bad is True and p.parse_args([]).skip_bad is False
+    assert p.parse_args(["--flip", "no"]).flip is False and p.parse_args(["--flip", "--max_steps", "3"]).flip is True
