@@ -1,10 +1,16 @@
-"""App benchmark: start time with the bundled weights, one generation with a full trace, scrubbing one step.
+"""App benchmark: start time with the bundled weights, one generation with a full trace, scrubbing one step, and
+20 concurrent generations through the web API (throughput, p50/max latency) served two ways.
 
     flock /tmp/heptapod-bench.lock .venv/bin/python bench/app.py --threads 2 --out bench/results/app.json
 
 Targets (issue 6, 2 CPU cores): start <= 20 s, generation with full trace <= 2 s, scrubbing a step <= 0.2 s.
+Concurrency (issue 15): `--workers 1` is the app's default (one lock per bundle + one Gradio queue for the endpoints
+that compute: requests run one at a time, in arrival order); `--workers W` serves W at once, each on its own copy of
+the models (its own KV cache); W = the number of calls is a copy per request. Every concurrent result is checked
+against the same call made alone.
 """
-import argparse, json, os, platform, socket, statistics, sys, time, urllib.request
+import argparse, json, os, platform, socket, statistics, sys, threading, time, urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -17,12 +23,50 @@ def free_port():
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
+def concurrent_generations(bundle, workers: int, n: int = 20) -> dict:
+    "Serve the app with `workers` model sets, send `n` /generate calls at once from `n` clients; latency per call."
+    from gradio_client import Client
+    from PIL import Image
+    import numpy as np
+    from heptapod_nb.app import HeptapodApp, build_blocks
+    blocks = build_blocks(HeptapodApp(bundle, workers=workers), first_image=False)
+    port = free_port()
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=False)
+    try:
+        clients = [Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(n)]
+        args = [(i % 10, 100 + i, 1.0, 0, "raster", 1, "entropy", False) for i in range(n)]
+        pix = lambda out: np.asarray(Image.open(out[0]))
+        alone, alone_s = [], []
+        for a in args:                                               # the same calls, one at a time
+            t0 = time.perf_counter(); alone.append(pix(clients[0].predict(*a, api_name="/generate")))
+            alone_s.append(time.perf_counter() - t0)
+        go, lat, same = threading.Barrier(n + 1), [None] * n, [False] * n
+        def call(i):
+            go.wait(); t0 = time.perf_counter()
+            out = clients[i].predict(*args[i], api_name="/generate")
+            lat[i] = time.perf_counter() - t0
+            same[i] = bool(np.array_equal(pix(out), alone[i]))
+        with ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(call, i) for i in range(n)]
+            go.wait(); t0 = time.perf_counter()
+            for f in futures: f.result()
+            wall = time.perf_counter() - t0
+    finally:
+        blocks.close()
+    return {"workers": workers, "calls": n, "wall_s": round(wall, 2), "throughput_per_s": round(n / wall, 3),
+            "p50_s": round(statistics.median(lat), 2), "max_s": round(max(lat), 2), "min_s": round(min(lat), 2),
+            "alone_p50_s": round(statistics.median(alone_s), 3), "identical_to_alone": sum(same)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=None, help="weights folder (default: the bundled demo weights)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--concurrent", type=int, default=20, help="concurrent /generate calls (0: skip that part)")
+    p.add_argument("--workers", default="1,2,20", help="designs to serve them with: comma-separated numbers of model "
+                   "sets (1: the lock, one at a time; 20 = --concurrent: a copy per request)")
     a = p.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -48,6 +92,7 @@ def main(argv=None):
     for t in (3, 30, 60, 10, 50):
         t0 = time.perf_counter(); client.predict(t, "entropy", False, api_name="/scrub"); scrub_api.append(time.perf_counter() - t0)
     blocks.close()
+    conc = [concurrent_generations(bundle, int(w), a.concurrent) for w in a.workers.split(",")] if a.concurrent else []
 
     wdir = Path(a.weights) if a.weights else demo_dir()
     res = {
@@ -58,7 +103,7 @@ def main(argv=None):
         "scrub_step_s": round(statistics.median(scrub), 5),
         "scrub_step_s_max": round(max(scrub), 5),
         "scrub_step_via_http_s": round(statistics.median(scrub_api), 4),
-        "steps": view.T, "grid": list(bundle.grid),
+        "steps": view.T, "grid": list(bundle.grid), "concurrent": conc,
         "weights": str(wdir), "weights_bytes": sum(f.stat().st_size for f in wdir.glob("*.safetensors")),
         "model_params": sum(p.numel() for p in bundle.model.parameters()),
         "threads": a.threads, "torch": torch.__version__, "python": platform.python_version(),
@@ -70,6 +115,12 @@ def main(argv=None):
     for k in ("app_start_s", "generate_full_trace_s", "view_decode_s", "scrub_step_s", "scrub_step_s_max", "scrub_step_via_http_s"):
         tgt = targets.get(k)
         print(f"{k:28s} {res[k]:10.4f} {('<= %g' % tgt) if tgt else '':>8s}" + ("" if tgt is None or res[k] <= tgt else "  MISSED"))
+    if conc:
+        print(f"\n{a.concurrent} concurrent /generate calls (full trace, 64 steps), each from its own client:")
+        print(f"{'workers':8s} {'wall s':>7s} {'gen/s':>6s} {'p50 s':>6s} {'max s':>6s} {'min s':>6s} {'alone s':>8s} {'same as alone':>14s}")
+        for c in conc:
+            print(f"{c['workers']:<8d} {c['wall_s']:7.2f} {c['throughput_per_s']:6.3f} {c['p50_s']:6.2f} {c['max_s']:6.2f} "
+                  f"{c['min_s']:6.2f} {c['alone_p50_s']:8.3f} {c['identical_to_alone']:>8d} of {c['calls']}")
     print(f"(1-minute load average while measuring: {res['load_avg_1min']} on {res['cpu_count']} cores)")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

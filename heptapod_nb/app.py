@@ -4,7 +4,8 @@
 
 # %% ../nbs/13_app.ipynb #8bea83f8
 from __future__ import annotations
-import argparse, json, os, sys, time
+import argparse, copy, json, math, os, queue, socket, sys, threading, time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,14 +16,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import DEMO_FILES, FAST, Config, ConfigError, demo_dir, write_json, get_device, save_weights, seed_everything
+from .config import (DEMO_FILES, FAST, Config, ConfigError, demo_dir, write_json, get_device, save_weights,
+                                 seed_everything, add_debug_arg, cli_main)
 from .viz import TraceView, view_for_model, trace_summary, is_next_token, _up
 
 # %% auto #0
 __all__ = ['MAX_UPLOAD_SIDE', 'ORDERS', 'HEATMAPS', 'Bundle', 'missing_demo_files', 'load_bundle', 'write_untrained_weights',
-           'InputError', 'image_to_input', 'check_class', 'check_temperature', 'check_int', 'HeptapodApp',
-           'build_blocks', 'launch', 'main', 'DemoRecipe', 'encode_mnist', 'train_demo_model', 'class_accuracy_of',
-           'retrain_demo', 'demo_cli']
+           'InputError', 'image_to_input', 'check_int', 'check_class', 'check_temperature', 'check_choice',
+           'check_bool', 'HeptapodApp', 'build_blocks', 'check_port', 'launch', 'default_port', 'serve', 'main',
+           'DemoRecipe', 'encode_mnist', 'train_demo_model', 'class_accuracy_of', 'retrain_demo', 'demo', 'demo_cli']
 
 # %% ../nbs/13_app.ipynb #1bb36eb5
 MAX_UPLOAD_SIDE = 1024
@@ -35,6 +37,8 @@ class Bundle:
     baseline: torch.nn.Module | None = None
     device: torch.device = torch.device("cpu")
     meta: dict = field(default_factory=dict)          # demo_meta.json of the weights folder (recipe, accuracy), if any
+    # held for every computation with the models or the tokenizer: the KV cache lives on the model object
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int: return int(self.model.config.num_classes)
@@ -117,27 +121,71 @@ def image_to_input(image, size: int = 32) -> torch.Tensor:
     return torch.from_numpy(out * 2 - 1)[None, None]
 
 # %% ../nbs/13_app.ipynb #f9d747f6
-def check_class(c, num_classes: int) -> int:
-    if c is None or isinstance(c, bool) or float(c) != int(float(c)) or not 0 <= int(float(c)) < num_classes:
-        raise InputError(f"class must be an integer from 0 to {num_classes - 1}, got {c!r}")
-    return int(float(c))
+def _shown(v) -> str:
+    "A user's value for an error message: its repr, cut to 40 characters (messages and log lines stay one short line)."
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
 
-def check_temperature(t) -> float:
-    if t is None or not float(t) > 0: raise InputError(f"temperature must be > 0, got {t!r}")
-    return float(t)
+def _finite(v, what: str) -> float:
+    "`v` (a number or a numeric string) as a finite float, else `InputError` naming `what`."
+    if v is None or isinstance(v, (bool, np.bool_)): raise InputError(f"{what}, got {_shown(v)}")
+    try: f = float(v)
+    except (TypeError, ValueError, OverflowError): raise InputError(f"{what}, got {_shown(v)}") from None
+    if not math.isfinite(f): raise InputError(f"{what}, got {_shown(v)}")
+    return f
 
 def check_int(v, name: str, lo: int, hi: int) -> int:
-    if v is None or float(v) != int(float(v)) or not lo <= int(float(v)) <= hi:
-        raise InputError(f"{name} must be an integer from {lo} to {hi}, got {v!r}")
-    return int(float(v))
+    "`v` as an int in [lo, hi]; a fraction (3.5), a word or NaN is refused, never rounded."
+    what = f"{name} must be an integer from {lo} to {hi}"
+    f = _finite(v, what)
+    if f != int(f) or not lo <= int(f) <= hi: raise InputError(f"{what}, got {_shown(v)}")
+    return int(f)
+
+def check_class(c, num_classes: int) -> int: return check_int(c, "class", 0, num_classes - 1)
+
+def check_temperature(t) -> float:
+    f = _finite(t, "temperature must be a number > 0")
+    if not f > 0: raise InputError(f"temperature must be a number > 0, got {_shown(t)}")
+    return f
+
+def check_choice(v, name: str, choices) -> str:
+    if not isinstance(v, str) or v not in choices: raise InputError(f"{name} must be one of {tuple(choices)}, got {_shown(v)}")
+    return v
+
+def check_bool(v, name: str) -> bool:
+    if v is None: return False
+    if not isinstance(v, (bool, np.bool_)): raise InputError(f"{name} must be true or false, got {_shown(v)}")
+    return bool(v)
 
 ORDERS = ("raster", "random")
+HEATMAPS = ["entropy", "final_prob", "maxprob"]
 
 class HeptapodApp:
     "The app's callbacks over a `Bundle`; every method takes and returns plain values (testable without a server)."
-    def __init__(self, bundle: Bundle, scale: int = 4, max_samples: int = 8, temperature: float | None = None):
+    def __init__(self, bundle: Bundle, scale: int = 4, max_samples: int = 8, temperature: float | None = None,
+                 workers: int = 1):
         self.b, self.scale, self.max_samples = bundle, scale, max_samples
         self.temperature = temperature or bundle.meta.get("recipe", {}).get("temperature", 1.0)   # the UI's default
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+        self.workers = workers
+        # the model sets computations check out: the bundle's own models (under the bundle's lock, which any other
+        # user of the bundle takes too), plus workers - 1 private copies (each with its own KV cache)
+        self._sets: queue.SimpleQueue = queue.SimpleQueue()
+        self._sets.put((self.b.lock, {}))
+        models = [m for m in (self.b.model, self.b.baseline) if m is not None]
+        for _ in range(workers - 1): self._sets.put((threading.RLock(), {id(m): copy.deepcopy(m) for m in models}))
+
+    @contextmanager
+    def using(self, model):
+        """Check out a set of models (waiting for a free one), and hold its lock while `model` (and the shared,
+        stateless tokenizer) compute; yields the copy of `model` to use. The KV cache lives on the model object, so
+        two generations on one model object must never overlap. Hold it only while computing: a streaming endpoint
+        computes its trace inside, then yields its frames outside."""
+        lock, copies = self._sets.get()
+        try:
+            with lock: yield copies.get(id(model), model)
+        finally: self._sets.put((lock, copies))
 
     def _generate(self, model, cls, seed, temperature, top_k, order, tokens_per_step, prompt=None, prompt_len=0, n=1):
         from heptapod_nb.sample import generate
@@ -147,7 +195,7 @@ class HeptapodApp:
         K = getattr(self.b.tokenizer, "vocab_size", None) or 2**31 - 1
         top_k = check_int(top_k or 0, "top-k", 0, K)
         tokens_per_step = check_int(tokens_per_step, "tokens per step", 1, N)
-        if order not in ORDERS: raise InputError(f"order must be one of {ORDERS}, got {order!r}")
+        order = check_choice(order, "order", ORDERS)
         labels = torch.full((n,), cls, dtype=torch.long, device=self.b.device)
         kw = dict(prompt=prompt, prompt_len=prompt_len) if prompt is not None else {}
         with torch.no_grad():
@@ -161,17 +209,17 @@ class HeptapodApp:
         m = self.b.model if model == "model" else self.b.baseline
         if m is None: raise InputError("no next-token baseline was loaded (baseline.safetensors is missing)")
         if is_next_token(m): tokens_per_step = 1                     # a window-1 model commits one token per step
-        _, trace = self._generate(m, cls, seed, temperature, top_k, order, tokens_per_step)
-        return view_for_model(m, trace, self.b.tokenizer, scale=self.scale)
+        with self.using(m) as m:
+            _, trace = self._generate(m, cls, seed, temperature, top_k, order, tokens_per_step)
+            return view_for_model(m, trace, self.b.tokenizer, scale=self.scale)
 
     def panels(self, view: TraceView | None, step=0, heatmap="entropy", overlay=False, all_panels=True) -> np.ndarray:
-        "The composed panels of `view` at `step` (clamped to the view's length)."
+        "The composed panels of `view` at `step` (clamped to the view's length). Only composes: no model, no lock."
         if view is None: raise InputError("generate an image first")
-        if heatmap not in ("entropy", "final_prob", "maxprob"):
-            raise InputError(f"heatmap must be 'entropy', 'final_prob' or 'maxprob', got {heatmap!r}")
+        heatmap = check_choice(heatmap, "heatmap", HEATMAPS)
         which = ("seen", "guess", heatmap) + (("final_prob",) if all_panels and heatmap != "final_prob" else ())
-        t = min(max(int(step or 0), 0), len(view) - 1)
-        return view.strip(t, which, bool(overlay))
+        t = min(check_int(0 if step is None else step, "step", 0, 2**31 - 1), len(view) - 1)
+        return view.strip(t, which, check_bool(overlay, "overlay"))
 
     def final_image(self, view: TraceView) -> np.ndarray:
         return np.ascontiguousarray(_up(view.final_img, 2 * self.scale))
@@ -183,14 +231,15 @@ class HeptapodApp:
         n_seen = check_int(n_seen, "tokens seen", 0, N - 1)
         n_samples = check_int(n_samples, "number of completions", 1, self.max_samples)
         x = image_to_input(image, self.b.tokenizer.config.image_size if hasattr(self.b.tokenizer, "config") else 32)
-        with torch.no_grad(): tokens = self.b.tokenizer.encode(x.to(self.b.device))       # (1, h, w)
-        prompt = tokens.expand(n_samples, *tokens.shape[1:]).contiguous()
-        out, trace = self._generate(self.b.model, cls, seed, temperature, 0, "raster", 1,
-                                    prompt=prompt, prompt_len=n_seen, n=n_samples)
-        first = SimpleNamespace(steps=[trace[0]], tokens=trace.tokens if hasattr(trace, "tokens") else out,
-                                kind=getattr(trace, "kind", "vq"))
-        view = TraceView(first, self.b.tokenizer, scale=self.scale, label="prediction")
-        with torch.no_grad(): imgs = self.b.tokenizer.decode(out).float().cpu()
+        with self.using(self.b.model) as m:
+            with torch.no_grad(): tokens = self.b.tokenizer.encode(x.to(self.b.device))       # (1, h, w)
+            prompt = tokens.expand(n_samples, *tokens.shape[1:]).contiguous()
+            out, trace = self._generate(m, cls, seed, temperature, 0, "raster", 1,
+                                        prompt=prompt, prompt_len=n_seen, n=n_samples)
+            first = SimpleNamespace(steps=[trace[0]], tokens=trace.tokens if hasattr(trace, "tokens") else out,
+                                    kind=getattr(trace, "kind", "vq"))
+            view = TraceView(first, self.b.tokenizer, scale=self.scale, label="prediction")
+            with torch.no_grad(): imgs = self.b.tokenizer.decode(out).float().cpu()
         from heptapod_nb.viz import images_to_uint8
         gallery = [np.ascontiguousarray(_up(a, 2 * self.scale)) for a in images_to_uint8(imgs)]
         return view.panels(0, ("seen",))["seen"], view.strip(0, ("seen", "guess", "entropy", "maxprob")), gallery
@@ -209,20 +258,51 @@ class HeptapodApp:
         return (self.generate(cls, seed, temperature, 0, "raster", tokens_per_step, "model"),
                 self.generate(cls, seed, temperature, 0, "raster", tokens_per_step, "baseline"))
 
-# %% ../nbs/13_app.ipynb #ca61f503
+# %% ../nbs/13_app.ipynb #ef70113c
+def _refuse(msg: str):
+    "A refused input: one line on the server's log, and a `gr.Error` for the page (no traceback anywhere)."
+    import gradio as gr
+    print(f"heptapod-app: refused input: {msg}", file=sys.stderr, flush=True)
+    return gr.Error(msg, print_exception=False)
+
 def _guard(fn):
-    "Run a callback; an `InputError` becomes a `gr.Error` with the same message."
-    import functools, gradio as gr
+    "Run a callback; an `InputError` becomes a `gr.Error` with the same message and a one-line log."
+    import functools
     @functools.wraps(fn)
     def wrapped(*args):
         try: return fn(*args)
-        except InputError as e: raise gr.Error(str(e)) from None
+        except InputError as e: raise _refuse(str(e)) from None
     return wrapped
 
-HEATMAPS = ["entropy", "final_prob", "maxprob"]
+_CHECKED: dict = {}
 
-def build_blocks(app: HeptapodApp, first_image: bool = True):
-    "The Gradio `Blocks` of the app (tabs Generate, Complete my drawing, Compare); opens on a first generated image."
+def _checked(base, image: str | None = None):
+    """A subclass of the Gradio component class `base` (drawn by the same frontend) whose preprocessing leaves the
+    checks to the callback: a number, slider or choice reaches it exactly as sent (no silent rounding, no raw
+    conversion error); an image (`image` names it) that the decoder cannot read is refused by name, without the
+    decoder's message and the server's temporary path. A subclass, not a patched instance: Gradio rebuilds a
+    component from its class when an event updates it (the step slider's maximum)."""
+    if (base, image) not in _CHECKED:
+        root = base
+        while "is_template" in vars(root): root = root.__base__         # gr.Sketchpad is drawn by ImageEditor
+        if image is None:
+            class Checked(base):
+                def preprocess(self, payload): return payload
+        else:
+            class Checked(base):
+                def preprocess(self, payload):
+                    try: return base.preprocess(self, payload)
+                    except Exception as e:      # whatever a user's file makes the decoder raise is the file's fault
+                        raise _refuse(f"the {image} is not an image this app can read (PNG, JPEG, WebP): {type(e).__name__}") from None
+        Checked.get_block_name = Checked.get_block_class = lambda self, n=root.__name__.lower(): n
+        Checked.__name__ = Checked.__qualname__ = f"Checked{base.__name__}"
+        _CHECKED[base, image] = Checked
+    return _CHECKED[base, image]
+
+def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: int | None = None):
+    """The Gradio `Blocks` of the app (tabs Generate, Complete my drawing, Compare); opens on a first generated image.
+    `model_concurrency`: how many of `/generate`, `/complete`, `/compare` run at once (their shared group's limit;
+    default `app.workers`, the number of model sets: more would only wait for one)."""
     import gradio as gr
     nc, N = app.b.num_classes, app.b.n_positions
     w = app.b.grid[1]
@@ -246,6 +326,8 @@ def build_blocks(app: HeptapodApp, first_image: bool = True):
     def compare_scrub(views, step, heat): return app.compare_panels(views, step, heat)
 
     img = dict(type="numpy", format="png", interactive=False)
+    group = dict(concurrency_id="model", concurrency_limit=model_concurrency or app.workers)   # the endpoints that compute
+    num = lambda value, label: _checked(gr.Number)(value, label=label, step=1)
     T0 = app.temperature
     first = app.generate(0, 0, T0) if first_image else None      # the page opens on a generated image, ready to scrub
     with gr.Blocks(title="Heptapod: next 2D distribution prediction", analytics_enabled=False) as blocks:
@@ -254,80 +336,112 @@ def build_blocks(app: HeptapodApp, first_image: bool = True):
                     "Scrub the step slider to watch its holistic guess of the whole image sharpen.")
         with gr.Tab("Generate"):
             with gr.Row():
-                cls = gr.Number(0, label=f"class (0-{nc - 1})", precision=0)
-                seed = gr.Number(0, label="seed", precision=0)
-                temp = gr.Number(T0, label="temperature (> 0)")
-                top_k = gr.Number(0, label="top-k (0 = off)", precision=0)
-                order = gr.Dropdown(list(ORDERS), value="raster", label="order")
-                tps = gr.Number(1, label="tokens per step", precision=0)
+                cls = num(0, f"class (0-{nc - 1})")
+                seed = num(0, "seed")
+                temp = _checked(gr.Number)(T0, label="temperature (> 0)")
+                top_k = num(0, "top-k (0 = off)")
+                order = _checked(gr.Dropdown)(list(ORDERS), value="raster", label="order")
+                tps = num(1, "tokens per step")
             btn = gr.Button("Generate", variant="primary")
             with gr.Row():
                 final = gr.Image(app.final_image(first) if first is not None else None, label="generated image", elem_id="final-image", **img)
                 pan = gr.Image(app.panels(first, 0) if first is not None else None, label="step t: seen | holistic guess | heatmap | p(final token)",
                                elem_id="panels", **img)
-            step = gr.Slider(0, len(first) - 1 if first is not None else N, value=0, step=1, label="step")
+            step = _checked(gr.Slider)(0, len(first) - 1 if first is not None else N, value=0, step=1, label="step")
             with gr.Row():
-                heat = gr.Radio(HEATMAPS, value="entropy", label="heatmap")
-                overlay = gr.Checkbox(False, label="overlay heatmap on the image")
+                heat = _checked(gr.Radio)(HEATMAPS, value="entropy", label="heatmap")
+                overlay = _checked(gr.Checkbox)(False, label="overlay heatmap on the image")
             summary = gr.JSON(trace_summary(first) if first is not None else None, label="trace (per step)")
             state = gr.State(first)
             btn.click(_guard(gen), [cls, seed, temp, top_k, order, tps, heat, overlay], [final, pan, step, summary, state],
-                      api_name="generate")
+                      api_name="generate", **group)
             step.change(_guard(scrub), [state, step, heat, overlay], pan, api_name="scrub")
             for c in (heat, overlay): c.change(_guard(scrub), [state, step, heat, overlay], pan, show_api=False)
         with gr.Tab("Complete my drawing"):
             gr.Markdown(f"Draw a digit (white background is fine) or upload an image. The model sees the first *n* "
                         f"tokens in raster order ({w} tokens = one token row = the top {32 // app.b.grid[0]} pixel rows).")
             with gr.Row():
-                sketch = gr.Sketchpad(label="draw", type="numpy", image_mode="RGBA", canvas_size=(280, 280),
+                sketch = _checked(gr.Sketchpad, "drawing")(label="draw", type="numpy", image_mode="RGBA", canvas_size=(280, 280),
                                       brush=gr.Brush(colors=["#000000"], default_size=18, color_mode="fixed"))
-                upload = gr.Image(label="... or upload", type="numpy", sources=["upload", "clipboard"], image_mode="RGBA")
+                upload = _checked(gr.Image, "upload")(label="... or upload", type="numpy", sources=["upload", "clipboard"],
+                                                      image_mode="RGBA")
             with gr.Row():
-                ccls = gr.Number(0, label=f"class (0-{nc - 1})", precision=0)
-                nseen = gr.Slider(0, N - 1, value=N // 2, step=1, label="tokens the model sees")
-                nsamp = gr.Slider(1, app.max_samples, value=4, step=1, label="completions")
-                cseed = gr.Number(0, label="seed", precision=0)
-                ctemp = gr.Number(T0, label="temperature (> 0)")
+                ccls = num(0, f"class (0-{nc - 1})")
+                nseen = _checked(gr.Slider)(0, N - 1, value=N // 2, step=1, label="tokens the model sees")
+                nsamp = _checked(gr.Slider)(1, app.max_samples, value=4, step=1, label="completions")
+                cseed = num(0, "seed")
+                ctemp = _checked(gr.Number)(T0, label="temperature (> 0)")
             cbtn = gr.Button("Complete", variant="primary")
             with gr.Row():
                 seen_img = gr.Image(label="what the model sees", **img)
                 pred_img = gr.Image(label="2D prediction of the rest", **img)
             gallery = gr.Gallery(label="completions", columns=4, height="auto", format="png")
             cbtn.click(_guard(complete), [sketch, upload, ccls, nseen, nsamp, cseed, ctemp], [seen_img, pred_img, gallery],
-                       api_name="complete")
+                       api_name="complete", **group)
         with gr.Tab("Compare"):
             gr.Markdown("Same class, seed and step. The next-token baseline knows only its next position; "
                         "Heptapod holds a distribution over the whole remaining grid.")
             with gr.Row():
-                kcls = gr.Number(0, label=f"class (0-{nc - 1})", precision=0)
-                kseed = gr.Number(0, label="seed", precision=0)
-                ktemp = gr.Number(T0, label="temperature (> 0)")
-                ktps = gr.Number(1, label="tokens per step", precision=0)
-                kheat = gr.Radio(HEATMAPS, value="entropy", label="heatmap")
+                kcls = num(0, f"class (0-{nc - 1})")
+                kseed = num(0, "seed")
+                ktemp = _checked(gr.Number)(T0, label="temperature (> 0)")
+                ktps = num(1, "tokens per step")
+                kheat = _checked(gr.Radio)(HEATMAPS, value="entropy", label="heatmap")
             kbtn = gr.Button("Compare", variant="primary")
-            kstep = gr.Slider(0, N, value=0, step=1, label="step")
+            kstep = _checked(gr.Slider)(0, N, value=0, step=1, label="step")
             with gr.Row():
                 ka = gr.Image(label="Heptapod (global head)", **img)
                 kb = gr.Image(label="next-token baseline", **img)
             kstate = gr.State(None)
-            kbtn.click(_guard(compare), [kcls, kseed, ktemp, ktps, kheat], [ka, kb, kstep, kstate], api_name="compare")
+            kbtn.click(_guard(compare), [kcls, kseed, ktemp, ktps, kheat], [ka, kb, kstep, kstate], api_name="compare", **group)
             kstep.change(_guard(compare_scrub), [kstate, kstep, kheat], [ka, kb], api_name="compare_scrub")
     return blocks
 
+def check_port(host: str, port: int) -> None:
+    "Refuse (OSError) a port that another program already holds on `host`, before any slow loading."
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)       # as the server does: TIME_WAIT is no obstacle
+        try: s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot serve on {host}:{port}: {e.strerror or e} (another program holds it? "
+                          f"choose another with --port or GRADIO_SERVER_PORT)") from None
+
 def launch(bundle: Bundle, host: str = "127.0.0.1", port: int | None = None, inbrowser: bool = False,
-           block: bool = True):
-    "Start the app server; returns the `Blocks` (with `block=False` it runs in the background)."
-    blocks = build_blocks(HeptapodApp(bundle))
+           block: bool = True, workers: int = 2):
+    "Start the app server (`workers` generations at once); returns the `Blocks` (with `block=False` it runs in the background)."
+    blocks = build_blocks(HeptapodApp(bundle, workers=workers))
     blocks.launch(server_name=host, server_port=port, inbrowser=inbrowser, prevent_thread_lock=not block,
-                  max_file_size="5mb", show_error=True, quiet=not block)
+                  max_file_size="5mb", show_error=False, quiet=not block)
     return blocks
+
+def _port(v: str) -> int:
+    "argparse type of --port: an integer from 1 to 65535."
+    try: p = int(v)
+    except ValueError: raise argparse.ArgumentTypeError(f"must be an integer from 1 to 65535, got {v!r}") from None
+    if not 1 <= p <= 65535: raise argparse.ArgumentTypeError(f"must be an integer from 1 to 65535, got {p}")
+    return p
+
+def default_port() -> int:
+    "The port to serve on when --port is not given: `GRADIO_SERVER_PORT`, else 7860."
+    v = os.environ.get("GRADIO_SERVER_PORT", "").strip()
+    if not v: return 7860
+    try: return _port(v)
+    except argparse.ArgumentTypeError as e: raise ValueError(f"GRADIO_SERVER_PORT {e}") from None
+
+def _device(v):
+    "--device as a torch.device; an unknown or unavailable device is a ValueError naming it."
+    try: return get_device(v)
+    except RuntimeError as e: raise ValueError(f"--device {v!r} is not a device torch knows (cpu, cuda, cuda:1, mps): {e}") from None
 
 def _parser(prog: str, retrain: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Heptapod app: watch a causal Transformer predict the next 2D distribution.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=_port, default=None,
+                   help="port to serve on (default: the GRADIO_SERVER_PORT environment variable, else 7860)")
     p.add_argument("--weights", default=None, help="folder with tokenizer/heptapod/baseline .safetensors (default: bundled demo)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=2, help="generations that run at once, each on its own copy of "
+                   "the models (default 2, the best median latency measured on 2 cores; 1: one at a time)")
     if retrain:
         p.add_argument("--retrain", action="store_true", help="remake the demo weights with the project's recipe first")
         p.add_argument("--minutes", type=float, default=None, help="wall-clock cap for the whole retrain in minutes (scales each stage's cap)")
@@ -335,15 +449,26 @@ def _parser(prog: str, retrain: bool = False) -> argparse.ArgumentParser:
                        "use 1 on a machine shared with other jobs)")
         p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
         p.add_argument("--no-launch", action="store_true", help="only (re)train, do not start the app")
-    return p
+    return add_debug_arg(p)
+
+def _serve_args(args) -> tuple[torch.device, int]:
+    "Check --device and the port (given, or from the environment) before any loading; returns (device, port)."
+    device, port = _device(args.device), args.port if args.port is not None else default_port()
+    if args.workers < 1: raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    check_port(args.host, port)
+    return device, port
+
+def serve(argv: list[str]) -> None:
+    "`heptapod-app` with `argv`: check the arguments, load the weights, serve until interrupted."
+    args = _parser("heptapod-app").parse_args(argv)
+    device, port = _serve_args(args)
+    bundle = load_bundle(args.weights, device)
+    print(f"heptapod-app: serving on http://{args.host}:{port}", file=sys.stderr, flush=True)
+    launch(bundle, args.host, port, workers=args.workers)
 
 def main(argv=None) -> int:
-    "`heptapod-app`: serve the app on --host (default 127.0.0.1) / --port with the --weights folder."
-    args = _parser("heptapod-app").parse_args(argv)
-    try: bundle = load_bundle(args.weights, args.device)
-    except FileNotFoundError as e: print(f"heptapod-app: {e}", file=sys.stderr); return 2
-    launch(bundle, args.host, args.port)
-    return 0
+    "`heptapod-app`: serve the app on --host (default 127.0.0.1) / --port with the --weights folder; the exit status."
+    return cli_main("heptapod-app", serve, argv)
 
 # %% ../nbs/13_app.ipynb #323e4170
 @dataclass
@@ -480,10 +605,14 @@ def retrain_demo(out=None, recipe: DemoRecipe | None = None, device=None) -> dic
     print(f"demo weights written to {out} ({meta['bytes'] / 1e6:.1f} MB) in {meta['total_seconds'] / 60:.1f} min", flush=True)
     return meta
 
-def demo_cli(argv=None) -> int:
-    "`heptapod-demo` (`make demo`): open the app on the bundled weights, retraining them first if missing or asked."
+def demo(argv: list[str]) -> None:
+    "`heptapod-demo` with `argv`: (re)make the demo weights if missing or asked, then serve them until interrupted."
     args = _parser("heptapod-demo", retrain=True).parse_args(argv)
     d = Path(args.weights) if args.weights else demo_dir()
+    if d.exists() and not d.is_dir(): raise NotADirectoryError(f"--weights {d} is a file, not a folder")
+    device, port = _serve_args(args) if not args.no_launch else (_device(args.device), None)   # fail before retraining
+    if args.minutes is not None and not args.minutes > 0: raise ValueError(f"--minutes must be > 0, got {args.minutes}")
+    if args.threads is not None and args.threads < 1: raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.retrain or missing_demo_files(d):
         if not args.retrain: print(f"demo weights missing in {d}: making them now (about 30 minutes on 2 CPU cores)", flush=True)
         recipe = DemoRecipe()
@@ -492,8 +621,13 @@ def demo_cli(argv=None) -> int:
             recipe = recipe.replace(tokenizer_minutes=recipe.tokenizer_minutes * f, model_minutes=recipe.model_minutes * f,
                                     baseline_minutes=recipe.baseline_minutes * f)
         if args.threads: recipe = recipe.replace(threads=args.threads)
-        retrain_demo(d, recipe, args.device)
-    if args.no_launch: return 0
-    print(f"starting the app on http://{args.host}:{args.port}", flush=True)
-    launch(load_bundle(d, args.device), args.host, args.port, inbrowser=not args.no_browser)
-    return 0
+        retrain_demo(d, recipe, device)
+    if args.no_launch: return
+    bundle = load_bundle(d, device)
+    check_port(args.host, port)                  # again: a retrain takes minutes, another program may have taken it
+    print(f"starting the app on http://{args.host}:{port}", flush=True)
+    launch(bundle, args.host, port, inbrowser=not args.no_browser, workers=args.workers)
+
+def demo_cli(argv=None) -> int:
+    "`heptapod-demo` (`make demo`): open the app on the bundled weights, retraining them first if missing or asked; the exit status."
+    return cli_main("heptapod-demo", demo, argv)

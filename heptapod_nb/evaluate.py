@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, atomic_write_bytes, write_json, get_device
+from .config import ConfigError, add_debug_arg, atomic_write_bytes, cli_main, write_json, get_device
 from .metrics import (class_accuracy, inception_metrics, load_npz_images, mnist_classifier, mnist_fid,
                                  save_npz, to_uint8)
 
 # %% auto #0
-__all__ = ['balanced_labels', 'block_seed', 'rank_blocks', 'load_decoder', 'sample_block', 'sample_to_dir', 'gather_parts',
-           'sample_parser', 'sample_cli', 'mnist_images_from_uint8', 'evaluate_mnist', 'score_samples', 'eval_parser',
-           'eval_cli', 'main']
+__all__ = ['balanced_labels', 'block_seed', 'rank_blocks', 'load_decoder', 'check_compatible', 'sample_block', 'sample_to_dir',
+           'gather_parts', 'sample_parser', 'sample_cli', 'sample_main', 'mnist_images_from_uint8', 'evaluate_mnist',
+           'score_samples', 'eval_parser', 'eval_cli', 'eval_main', 'main']
 
 # %% ../nbs/11_evaluate.ipynb #136fbae2
 def balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
@@ -50,6 +50,25 @@ def load_decoder(path, fmt: str = "heptapod", device="cpu"):
         tok = load_mar_kl(path, device=device)
     else: raise ValueError(f"tokenizer format must be 'heptapod', 'llamagen' or 'mar', got {fmt!r}")
     return tok.eval()
+
+def check_compatible(model, tok, model_name="the model", tok_name="the tokenizer") -> None:
+    """Raise `ConfigError` listing every way `tok` cannot decode `model`'s tokens: token kind, vocabulary (VQ),
+    grid, token channels (KL). A VQ model with a smaller vocabulary than the codebook would decode without a
+    complaint into the wrong images, so this runs before any sampling."""
+    mc = model.config
+    tok_kind = getattr(tok, "kind", None) or getattr(getattr(tok, "config", None), "kind", None)
+    problems = []
+    if tok_kind != mc.token_kind:
+        problems.append(f"token kind: {model_name} makes {mc.token_kind!r} tokens, {tok_name} is a {tok_kind!r} tokenizer")
+    elif mc.token_kind == "vq" and getattr(tok, "vocab_size", None) != mc.vocab_size:
+        problems.append(f"vocabulary: {model_name} has {mc.vocab_size} codes, {tok_name} {getattr(tok, 'vocab_size', None)}")
+    elif mc.token_kind == "kl" and getattr(tok, "channels", None) != mc.token_channels:
+        problems.append(f"channels: {model_name} makes {mc.token_channels}-channel tokens, {tok_name} {getattr(tok, 'channels', None)}")
+    if tuple(getattr(tok, "grid", ())) != tuple(mc.grid):
+        problems.append(f"grid: {model_name} makes {tuple(mc.grid)} token grids, {tok_name} decodes {tuple(getattr(tok, 'grid', ()))}")
+    if problems:
+        raise ConfigError(f"{tok_name} cannot decode {model_name}: " + "; ".join(problems)
+                          + " (was the model trained on tokens of another tokenizer?)")
 
 # %% ../nbs/11_evaluate.ipynb #96f0590d
 @torch.no_grad()
@@ -128,14 +147,33 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--tokens_per_step", type=int, default=1)
-    p.add_argument("--order", default=None, help="raster | random | confidence (default: the model's order)")
+    p.add_argument("--order", default=None, choices=["raster", "random", "confidence"],
+                   help="default: the model's order (confidence needs a model trained on random orders)")
     p.add_argument("--no_png", action="store_true", help="write only the .npz")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     p.add_argument("--no_progress", action="store_true")
-    return p
+    return add_debug_arg(p)
+
+def _check_out_dir(out_dir: Path, settings: dict) -> None:
+    """Refuse an `out_dir` that holds blocks made with other settings (they would mix into one `.npz`), or a
+    `samples.npz` that `heptapod-sample` did not write. A `sample_args.json` with no block beside it is left by a
+    run that failed before its first block: it is replaced, so the corrected command just works."""
+    prev, blocks = out_dir / "sample_args.json", list((out_dir / "parts").glob("block_*.npz"))
+    if not prev.exists():
+        if blocks or (out_dir / "samples.npz").exists():
+            raise ConfigError(f"{out_dir} holds samples that heptapod-sample did not record (no sample_args.json): "
+                              "use a new --out_dir")
+        return
+    try: old = json.loads(prev.read_text())
+    except json.JSONDecodeError as e: old = {"unreadable sample_args.json": str(e)}
+    if old != settings and blocks:
+        diff = {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)}
+        raise ConfigError(f"{out_dir} holds {len(blocks)} blocks from a run with other settings (old, new): {diff}; "
+                          "use a new --out_dir, or rerun with the old settings to finish that run")
 
 def sample_cli(argv=None) -> dict:
-    "Entry point of `heptapod-sample`; returns the summary it writes to `out_dir/sample_summary.json`."
+    """`heptapod-sample` as a function: returns the summary it writes to `out_dir/sample_summary.json`
+    (errors are raised; the console script is `sample_main`)."""
     args = sample_parser().parse_args(argv)
     rank, world, local_rank = _dist_env()
     if args.device is None: args.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -149,22 +187,25 @@ def sample_cli(argv=None) -> dict:
         from heptapod_nb.model import load_model
         model = load_model(args.model, device=device)
         decoder = load_decoder(args.tokenizer, args.tokenizer_format, device=device)
+        check_compatible(model, decoder, f"model {args.model}", f"tokenizer {args.tokenizer}")
         nc = args.num_classes if args.num_classes is not None else model.config.num_classes
         if nc < 1: raise ConfigError("the model is unconditional (num_classes=0): pass --num_classes N to make N * per_class samples")
         if model.config.num_classes and nc > model.config.num_classes:
             raise ConfigError(f"--num_classes {nc} exceeds the model's {model.config.num_classes} classes")
         labels = balanced_labels(nc, args.per_class)
         out_dir = Path(args.out_dir)
-        settings = {k: v for k, v in vars(args).items() if k not in ("device", "no_progress", "no_png", "out_dir")}
+        settings = {k: v for k, v in vars(args).items() if k not in ("device", "no_progress", "no_png", "out_dir", "debug")}
         settings["n"] = len(labels)
+        err = None
         if rank == 0:
-            prev = out_dir / "sample_args.json"
-            if prev.exists() and (old := json.loads(prev.read_text())) != settings:
-                diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-                raise ConfigError(f"{out_dir} holds blocks from a run with other settings (old, new): {diff}; "
-                                  "use a new --out_dir")
-            write_json(prev, settings)
-        if dist: dist.barrier()
+            try:
+                _check_out_dir(out_dir, settings)
+                write_json(out_dir / "sample_args.json", settings)
+            except (ConfigError, OSError) as e: err = e
+        if dist:                                           # every rank stops on rank 0's error (no rank left waiting)
+            box = [None if err is None else (type(err), str(err))]; dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and err is None: err = box[0][0](box[0][1])
+        if err is not None: raise err
         order = None if args.order is None else args.order
         gen_kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           tokens_per_step=args.tokens_per_step, order=order)
@@ -181,6 +222,10 @@ def sample_cli(argv=None) -> dict:
         return summary
     finally:
         if dist and dist.is_initialized(): dist.destroy_process_group()
+
+def sample_main(argv=None) -> int:
+    "Console script `heptapod-sample`: exit status 0 on success, 2 with one line on stderr for a user error."
+    return cli_main("heptapod-sample", sample_cli, argv)
 
 # %% ../nbs/11_evaluate.ipynb #d245440c
 def mnist_images_from_uint8(images_NHW3: np.ndarray) -> torch.Tensor:
@@ -229,17 +274,37 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    return p
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    return add_debug_arg(p)
+
+def _read_samples(path: Path):
+    "`(images uint8 (N, H, W, 3), labels or None)` of an ADM `.npz`; a damaged file is a `ValueError` naming it."
+    import zipfile, zlib
+    try:
+        with np.load(path) as z: labels = z["arr_1"] if "arr_1" in z.files else None
+        return load_npz_images(path), labels
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError) as e:
+        raise ValueError(f"samples file {path} is damaged or not an .npz ({type(e).__name__}: {e})") from e
+    except ValueError as e:
+        if "pickle" not in str(e): raise
+        raise ValueError(f"samples file {path} is not an .npz of arrays (an ADM sample batch)") from e
 
 def eval_cli(argv=None) -> dict:
     "Entry point of `heptapod-eval`: prints a table, returns (and with `--out` writes) the results."
     args = eval_parser().parse_args(argv)
     device = get_device(args.device)
     path = _samples_path(args.samples)
+    if args.out:                                           # before the work: an existing or unwritable --out fails now
+        out = Path(args.out)
+        if out.exists() and not args.overwrite:
+            raise FileExistsError(f"--out {out} exists: pass --overwrite to replace it, or choose another file")
+        if out.is_dir(): raise IsADirectoryError(f"--out {out} is a folder; expected a .json file path")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK): raise PermissionError(f"--out {out}: folder {out.parent} is not writable")
     t0 = time.time()
     if args.dataset == "mnist":
-        with np.load(path) as z: labels = z["arr_1"] if "arr_1" in z.files else None
-        images = mnist_images_from_uint8(load_npz_images(path))
+        x, labels = _read_samples(path)
+        images = mnist_images_from_uint8(x)
         ref = args.ref or "val"
         res = evaluate_mnist(images, labels, args.classifier, ref, device)
         res = dict(dataset="mnist", samples=str(path), ref=ref, **res)
@@ -255,14 +320,18 @@ def eval_cli(argv=None) -> dict:
     if args.out: write_json(args.out, res)
     return res
 
+def eval_main(argv=None) -> int:
+    "Console script `heptapod-eval`: exit status 0 on success, 2 with one line on stderr for a user error."
+    return cli_main("heptapod-eval", eval_cli, argv)
+
 # %% ../nbs/11_evaluate.ipynb #769b6de8
-def main(argv=None):
-    "`python -m heptapod_nb.evaluate sample|eval ...` (what torchrun runs)."
+def main(argv=None) -> int:
+    "`python -m heptapod_nb.evaluate sample|eval ...` (what torchrun runs); returns the exit status."
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("sample", "eval"):
-        raise SystemExit("usage: python -m heptapod_nb.evaluate sample|eval [options]")
-    return sample_cli(argv[1:]) if argv[0] == "sample" else eval_cli(argv[1:])
+        print("usage: python -m heptapod_nb.evaluate sample|eval [options]", file=sys.stderr); return 2
+    return sample_main(argv[1:]) if argv[0] == "sample" else eval_main(argv[1:])
 
 # %% ../nbs/11_evaluate.ipynb #81272f06
 #| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__": sys.exit(main())

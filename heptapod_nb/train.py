@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_train.ipynb #001e9fb0
 from __future__ import annotations
-import argparse, contextlib, copy, dataclasses, hashlib, json, math, os, random, re, sys, tempfile, time, warnings
+import argparse, contextlib, copy, dataclasses, hashlib, json, math, os, random, re, signal, sys, tempfile, threading, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -15,15 +15,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import (Config, ConfigError, FAST, apply_overrides, atomic_write_bytes, write_json, get_device,
-                                get_preset, seed_everything, check_state_dict, save_weights)
+from .config import (Config, ConfigError, FAST, add_debug_arg, apply_overrides, atomic_write_bytes, cli_main,
+                                write_json, get_device, get_preset, seed_everything, check_state_dict, save_weights)
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'FSDP_UNITS', 'TrainConfig', 'split_overrides', 'make_config', 'DistInfo', 'setup_distributed',
            'epoch_permutation', 'rank_batches', 'TrainData', 'model_config_for', 'token_info', 'random_tokens',
            'LossModule', 'param_groups', 'lr_lambda', 'EMA', 'CheckpointError', 'save_checkpoint', 'verify_checkpoint',
-           'load_checkpoint', 'list_checkpoints', 'latest_good_checkpoint', 'prune_checkpoints', 'rng_state',
-           'set_rng_state', 'TrainingDiverged', 'train', 'build_parser', 'main', 'read_metrics', 'plot_metrics']
+           'load_checkpoint', 'list_checkpoints', 'latest_good_checkpoint', 'resolve_resume', 'prune_checkpoints',
+           'rng_state', 'set_rng_state', 'TrainingDiverged', 'StopSignals', 'train', 'build_parser', 'main',
+           'read_metrics', 'plot_metrics']
 
 # %% ../nbs/09_train.ipynb #54ebf55c
 @dataclass
@@ -149,6 +150,10 @@ class TrainData:
             self.dataset = load_mnist5k("train") if cfg.data == "mnist5k" else ImageFolderDataset(
                 cfg.data, cfg.image_size or self.tokenizer.image_shape[-1], flip=True)
             x0, _ = self.dataset[0]
+            c_img, c_tok = int(x0.shape[0]), int(self.tokenizer.image_shape[0])
+            if c_img != c_tok:
+                raise ConfigError(f"--data {cfg.data} gives {c_img}-channel images but tokenizer {cfg.tokenizer} was trained on "
+                                  f"{c_tok}-channel images (its in_channels): use a tokenizer made for this data")
             t0 = self.encode(x0[None].to(device))
             kind = "vq" if not t0.is_floating_point() else "kl"
             grid = tuple(t0.shape[-2:])
@@ -297,6 +302,8 @@ class CheckpointError(ConfigError):
 
 CKPT_FORMAT = "heptapod_nb.train/1"
 _CKPT_RE = re.compile(r"^step_(\d{8,})\.pt$")
+_EXPECTED = ("--resume takes a training checkpoint (RUN/checkpoints/step_XXXXXXXX.pt, with its .json sidecar) or a run "
+             "folder (RUN), or no value for the newest checkpoint in --out")
 
 def _sha256(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
@@ -322,11 +329,18 @@ def verify_checkpoint(path) -> dict:
     "The sidecar of checkpoint `path` if the file is complete and intact; `CheckpointError` naming the problem if not."
     path = Path(path)
     if not path.exists(): raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir(): raise CheckpointError(f"{path} is a folder; {_EXPECTED}")
     side_path = path.with_suffix(".json")
+    if path.suffix != ".pt":
+        what = "model weights (for sampling), " if path.suffix == ".safetensors" else ""
+        raise CheckpointError(f"{path} is {what}not a training checkpoint; {_EXPECTED}")
     if not side_path.exists():
         raise CheckpointError(f"checkpoint {path} has no sidecar {side_path.name}: its write never finished, refusing it")
     try: side = json.loads(side_path.read_text())
     except json.JSONDecodeError as e: raise CheckpointError(f"checkpoint sidecar {side_path} is not valid JSON: {e}") from e
+    if not isinstance(side, dict) or side.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path} is not a heptapod_nb training checkpoint (its {side_path.name} is not a "
+                              f"checkpoint sidecar of format {CKPT_FORMAT}); {_EXPECTED}")
     size = path.stat().st_size
     if size != side.get("bytes"):
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {size} bytes on disk, {side.get('bytes')} were written")
@@ -357,6 +371,20 @@ def latest_good_checkpoint(folder, log=print) -> Path | None:
         try: verify_checkpoint(p); return p
         except CheckpointError as e: log(f"refusing {e}; falling back to the previous checkpoint")
     return None
+
+def resolve_resume(resume, log=print) -> Path | None:
+    """The checkpoint that `--resume PATH` names: PATH itself (verified), or the newest good checkpoint of a run
+    folder (`PATH/checkpoints/`) or of a checkpoints folder; `CheckpointError` saying what was expected otherwise."""
+    path = Path(resume)
+    if path.is_dir():
+        for folder in (path / "checkpoints", path):
+            if list_checkpoints(folder):
+                found = latest_good_checkpoint(folder, log=log)
+                if found is None: raise CheckpointError(f"no checkpoint in {folder} verifies (all are damaged)")
+                return found
+        raise CheckpointError(f"{path} holds no training checkpoint (step_XXXXXXXX.pt, here or in {path / 'checkpoints'}); {_EXPECTED}")
+    verify_checkpoint(path)
+    return path
 
 def prune_checkpoints(folder, keep: int):
     "Delete all but the newest `keep` checkpoints (sidecar first, so a half-deleted one is never trusted)."
@@ -421,17 +449,54 @@ def _bcast(obj, di: DistInfo):
     if not di.initialized: return obj
     lst = [obj]; dist.broadcast_object_list(lst, src=0); return lst[0]
 
+class StopSignals:
+    """While active (in the main thread), SIGINT and SIGTERM only set `signum`: the step in progress finishes, the
+    loop writes a checkpoint and returns. A second signal interrupts at once (`KeyboardInterrupt`; checkpoint
+    writes are atomic, so nothing on disk is damaged)."""
+    NAMES = ("SIGINT", "SIGTERM")
+    def __init__(self): self.signum, self._old = None, {}
+    def _handle(self, signum, frame):
+        if self.signum is not None: raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.signum = signum
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                if (sig := getattr(signal, name, None)) is not None: self._old[sig] = signal.signal(sig, self._handle)
+        return self
+    def __exit__(self, *exc):
+        for sig, old in self._old.items(): signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old = {}
+
+def _worker_init(worker_id: int):
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops the run cleanly (they would die
+    mid-batch). So a worker outlives a plain `terminate()`: the loop shuts its workers down itself on every exit
+    (else `multiprocessing`'s exit handler would wait for them forever)."""
+    for name in StopSignals.NAMES:
+        if (sig := getattr(signal, name, None)) is not None: signal.signal(sig, signal.SIG_IGN)
+
+def _loader_error(e: BaseException) -> BaseException:
+    "An exception re-raised from a DataLoader worker, with the worker's traceback text cut down to its last line."
+    msg = str(e)
+    if "DataLoader worker" not in msg: return e
+    last = [l.strip() for l in msg.splitlines() if l.strip()][-1]
+    last = last.split(": ", 1)[1] if ":" in last and last.split(":", 1)[0].isidentifier() else last
+    try: return type(e)(last)
+    except Exception: return e
+
 def train(cfg: TrainConfig, resume: str | None = None, model: nn.Module | None = None, log=None) -> dict:
-    """Train as `cfg` says; `resume` = "auto" (newest good checkpoint in `cfg.out`, if any) or a checkpoint path.
-    `model` replaces the preset model (anything with `.loss(tokens, labels)`). Returns a summary dict."""
+    """Train as `cfg` says; `resume` = "auto" (newest good checkpoint in `cfg.out`, if any), a checkpoint path or a
+    run folder. `model` replaces the preset model (anything with `.loss(tokens, labels)`). Returns a summary dict;
+    after SIGINT/SIGTERM (a preemption) it is returned early, with the signal's name in `stopped_by`, once a
+    checkpoint of the current step is written."""
     if cfg.threads: torch.set_num_threads(cfg.threads)
     di = setup_distributed(cfg.device)
     owns_group = di.initialized
-    try: return _train(cfg, resume, model, di, log)
+    try:
+        with StopSignals() as stop: return _train(cfg, resume, model, di, log, stop)
     finally:
         if owns_group and dist.is_initialized(): dist.destroy_process_group()
 
-def _train(cfg: TrainConfig, resume, model, di: DistInfo, log) -> dict:
+def _train(cfg: TrainConfig, resume, model, di: DistInfo, log, stop: StopSignals | None = None) -> dict:
     from tqdm.auto import tqdm
     say = (log or (lambda m: print(m, flush=True))) if di.main else (lambda m: None)
     dev, world, B = di.device, di.world, cfg.batch_size
@@ -453,7 +518,7 @@ def _train(cfg: TrainConfig, resume, model, di: DistInfo, log) -> dict:
             ck_path = latest_good_checkpoint(ckdir, log=say)
             if ck_path is None: say(f"no usable checkpoint in {ckdir}: starting from scratch")
         else:
-            ck_path = Path(resume); verify_checkpoint(ck_path)
+            ck_path = resolve_resume(resume, log=say)
         ckdir.mkdir(parents=True, exist_ok=True)
         for t in ckdir.glob(".step_*.tmp"): t.unlink(missing_ok=True)         # leftovers of a killed write
     ck_path = _bcast(ck_path, di)
@@ -521,11 +586,12 @@ def _train(cfg: TrainConfig, resume, model, di: DistInfo, log) -> dict:
         atomic_write_bytes(metrics_path, "".join(l + "\n" for l in keep).encode())
 
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    last_ckpt = ck_path
+    last_ckpt, ckpt_step, stopped_by = ck_path, (step if state is not None else None), None
     tok_per_step = B * data.tokens_per_image
 
     def checkpoint():
-        nonlocal last_ckpt
+        nonlocal last_ckpt, ckpt_step
+        ckpt_step = step
         rng_all = [None] * world
         if di.initialized: dist.all_gather_object(rng_all, rng_state(dev))
         else: rng_all = [rng_state(dev)]
@@ -546,48 +612,66 @@ def _train(cfg: TrainConfig, resume, model, di: DistInfo, log) -> dict:
         data.set_epoch(epoch)
         batches = rank_batches(n, cfg.seed, epoch, index, B, di.rank, world, mb)
         loader = DataLoader(data.dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=dev.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
+                            generator=torch.Generator().manual_seed(cfg.seed + epoch), worker_init_fn=_worker_init)
         it, this_epoch = iter(loader), epoch
-        while epoch == this_epoch and step < cfg.steps:
-            loss_sum = torch.zeros((), device=dev)
-            for a in range(accum):
-                x, y = next(it)
-                tokens, labels = data.to_tokens(x, dev), y.to(dev, non_blocking=True)
-                last = a == accum - 1
-                if cfg.fsdp: wrapper.set_requires_gradient_sync(last)
-                with (ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()):
-                    with amp(): loss = net(tokens, labels)
-                    (loss / accum).backward()
-                loss_sum += loss.detach().float()
-            loss_sum /= accum
-            if di.initialized: dist.all_reduce(loss_sum); loss_sum /= world
-            gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            last_loss, gn_v = loss_sum.item(), float(_full(gn))
-            if not (math.isfinite(last_loss) and math.isfinite(gn_v)):
-                opt.zero_grad(set_to_none=True); pbar.close()
-                raise TrainingDiverged(
-                    f"non-finite {'loss' if not math.isfinite(last_loss) else 'gradient norm'} (loss={last_loss}, grad_norm={gn_v}) "
-                    f"at step {step + 1}: the run stops here, the weights were not updated. "
-                    f"Last good checkpoint: {last_ckpt or 'none'} (resume from it with a lower lr or more warmup)")
-            lr_now = opt.param_groups[0]["lr"]
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-            if ema is not None: ema.update(raw, step)
-            step += 1; index += 1
-            if index == spe: epoch, index = epoch + 1, 0
-            acc_loss += last_loss; acc_n += 1
-            pbar.update(1); pbar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr_now:.2e}", refresh=False)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                if dev.type == "cuda": torch.cuda.synchronize(dev)
-                dt = time.perf_counter() - t0
-                rec = dict(step=step, epoch=epoch, loss=acc_loss / acc_n, lr=lr_now, tokens_per_s=acc_n * tok_per_step / dt,
-                           grad_norm=gn_v, time=time.time())
-                if di.main:
-                    with open(metrics_path, "a") as f: f.write(json.dumps(rec) + "\n")
-                t0, acc_loss, acc_n = time.perf_counter(), 0.0, 0
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                tc = time.perf_counter(); checkpoint(); t0 += time.perf_counter() - tc   # tokens/s counts training only
-        del it, loader
+        try:
+            while epoch == this_epoch and step < cfg.steps:
+                loss_sum = torch.zeros((), device=dev)
+                for a in range(accum):
+                    try: x, y = next(it)
+                    except Exception as e:
+                        if (clean := _loader_error(e)) is e: raise
+                        raise clean from None
+                    tokens, labels = data.to_tokens(x, dev), y.to(dev, non_blocking=True)
+                    last = a == accum - 1
+                    if cfg.fsdp: wrapper.set_requires_gradient_sync(last)
+                    with (ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()):
+                        with amp(): loss = net(tokens, labels)
+                        (loss / accum).backward()
+                    loss_sum += loss.detach().float()
+                loss_sum /= accum
+                if di.initialized: dist.all_reduce(loss_sum); loss_sum /= world
+                gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                last_loss, gn_v = loss_sum.item(), float(_full(gn))
+                if not (math.isfinite(last_loss) and math.isfinite(gn_v)):
+                    opt.zero_grad(set_to_none=True); pbar.close()
+                    raise TrainingDiverged(
+                        f"non-finite {'loss' if not math.isfinite(last_loss) else 'gradient norm'} (loss={last_loss}, grad_norm={gn_v}) "
+                        f"at step {step + 1}: the run stops here, the weights were not updated. "
+                        f"Last good checkpoint: {last_ckpt or 'none'} (resume from it with a lower lr or more warmup)")
+                lr_now = opt.param_groups[0]["lr"]
+                opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+                if ema is not None: ema.update(raw, step)
+                step += 1; index += 1
+                if index == spe: epoch, index = epoch + 1, 0
+                acc_loss += last_loss; acc_n += 1
+                pbar.update(1); pbar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr_now:.2e}", refresh=False)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    if dev.type == "cuda": torch.cuda.synchronize(dev)
+                    dt = time.perf_counter() - t0
+                    rec = dict(step=step, epoch=epoch, loss=acc_loss / acc_n, lr=lr_now, tokens_per_s=acc_n * tok_per_step / dt,
+                               grad_norm=gn_v, time=time.time())
+                    if di.main:
+                        with open(metrics_path, "a") as f: f.write(json.dumps(rec) + "\n")
+                    t0, acc_loss, acc_n = time.perf_counter(), 0.0, 0
+                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                    tc = time.perf_counter(); checkpoint(); t0 += time.perf_counter() - tc   # tokens/s counts training only
+                sig = stop.signum if stop is not None else None
+                if di.initialized:                             # every rank stops after the same step (the checkpoint is collective)
+                    flag = torch.tensor(sig or 0, device=dev); dist.all_reduce(flag, op=dist.ReduceOp.MAX); sig = int(flag) or None
+                if sig and step < cfg.steps:
+                    stopped_by = signal.Signals(sig).name
+                    if ckpt_step != step: checkpoint()
+                    break
+        finally:                                           # workers ignore SIGTERM (see _worker_init): end them here
+            if hasattr(it, "_shutdown_workers"): it._shutdown_workers()
+            del it, loader
+        if stopped_by: break
     pbar.close()
+    if stopped_by:
+        say(f"stopped by {stopped_by} at step {step} of {cfg.steps}; checkpoint {last_ckpt}")
+        return dict(step=step, epoch=epoch, index=index, loss=last_loss, grad_norm=gn_v, out=str(out),
+                    checkpoint=str(last_ckpt) if last_ckpt else None, stopped_by=stopped_by)
 
     # final weights for sampling / eval (raw and EMA)
     sd = _full_model_state(raw, wrapper, cfg.fsdp)
@@ -600,7 +684,7 @@ def _train(cfg: TrainConfig, resume, model, di: DistInfo, log) -> dict:
         say(f"done: step {step}, loss {last_loss:.4f}; weights {paths}")
     _barrier(di)
     return dict(step=step, epoch=epoch, index=index, loss=last_loss, grad_norm=gn_v, checkpoint=str(last_ckpt) if last_ckpt else None,
-                out=str(out), **paths)
+                out=str(out), stopped_by=None, **paths)
 
 def _cfg_dict(m: nn.Module):
     c = getattr(m, "config", None)
@@ -626,22 +710,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from the newest good checkpoint in --out (or from CKPT)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return p
+    return add_debug_arg(p)
 
-def main(argv: list[str] | None = None) -> int:
-    "Entry point of `heptapod-train`; returns the exit status (0 ok, 1 error with a message on stderr)."
+def _run(argv) -> None:
     a = build_parser().parse_intermixed_args(argv)
     if a.resume not in (None, "auto") and "=" in a.resume and not Path(a.resume).exists():   # `--resume steps=9`
         a.overrides.append(a.resume); a.resume = "auto"
-    try:
-        cfg = make_config(a.overrides, a.config, **{k: getattr(a, k) for k in (
-            "preset", "data", "tokenizer", "out", "steps", "batch_size", "lr", "device", "fsdp", "compile", "progress")})
-        if a.print_config: print(json.dumps(cfg.to_dict(), indent=2)); return 0
-        train(cfg, resume=a.resume)
-    except (ConfigError, TrainingDiverged, FileNotFoundError, ValueError) as e:
-        print(f"heptapod-train: error: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    cfg = make_config(a.overrides, a.config, **{k: getattr(a, k) for k in (
+        "preset", "data", "tokenizer", "out", "steps", "batch_size", "lr", "device", "fsdp", "compile", "progress")})
+    if a.print_config: print(json.dumps(cfg.to_dict(), indent=2)); return
+    r = train(cfg, resume=a.resume)
+    if r.get("stopped_by"):
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"heptapod-train: stopped by {r['stopped_by']} at step {r['step']} of {cfg.steps}; checkpoint "
+                  f"{r['checkpoint']}: the same command with --resume continues exactly", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.Signals[r["stopped_by"]].value)
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script `heptapod-train`; returns the exit status: 0 done, 2 a user error (one line on stderr; the
+    traceback too with `--debug`), 128 + the signal (130, 143) after SIGINT/SIGTERM once a checkpoint is written."""
+    return cli_main("heptapod-train", _run, argv)
 
 # %% ../nbs/09_train.ipynb #0d29c873
 def read_metrics(path) -> list[dict]:

@@ -1,5 +1,6 @@
 "The Gradio app driven through gradio_client, and a real headless Chromium screenshot."
-import os, shutil, socket, subprocess
+import os, shutil, socket, subprocess, sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image
 
 from heptapod_nb.app import (HeptapodApp, InputError, build_blocks, load_bundle, write_untrained_weights, image_to_input,
-                             main, missing_demo_files, _parser)
+                             main, demo_cli, launch, missing_demo_files, _parser)
 
 ART = Path(__file__).parent / "_artifacts"
 
@@ -18,13 +19,15 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    w = write_untrained_weights(tmp_path_factory.mktemp("weights"))
-    bundle = load_bundle(w, "cpu")
-    blocks = build_blocks(HeptapodApp(bundle))
+def weights(tmp_path_factory):
+    return write_untrained_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def server(weights):
+    bundle = load_bundle(weights, "cpu")
     port = _free_port()
-    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, show_error=True, quiet=True,
-                  max_file_size="5mb")
+    blocks = launch(bundle, "127.0.0.1", port, block=False)          # as heptapod-app serves it (show_error=False)
     yield f"http://127.0.0.1:{port}/", bundle
     blocks.close()
 
@@ -63,8 +66,8 @@ def test_step_slider_scrubs_the_trace(client):
 @pytest.mark.parametrize("args, msg", [
     ((10, 0, 1.0, 0, "raster", 1), "class must be an integer from 0 to 9"),
     ((-3, 0, 1.0, 0, "raster", 1), "class must be an integer from 0 to 9"),
-    ((0, 0, 0.0, 0, "raster", 1), "temperature must be > 0"),
-    ((0, 0, -2.0, 0, "raster", 1), "temperature must be > 0"),
+    ((0, 0, 0.0, 0, "raster", 1), "temperature must be a number > 0"),
+    ((0, 0, -2.0, 0, "raster", 1), "temperature must be a number > 0"),
     ((0, 0, 1.0, 0, "raster", 0), "tokens per step must be"),
 ])
 def test_bad_generate_inputs_give_errors(client, args, msg):
@@ -116,8 +119,142 @@ def test_cli_defaults_and_missing_weights(tmp_path, capsys):
     args = _parser("heptapod-app").parse_args([])
     assert args.host == "127.0.0.1"
     assert main(["--weights", str(tmp_path)]) == 2
-    assert "heptapod-demo --retrain" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("heptapod-app: error: weights folder") and "heptapod-demo --retrain" in err and err.count("\n") == 1
     assert set(missing_demo_files(tmp_path)) == {"tokenizer.safetensors", "heptapod.safetensors", "baseline.safetensors"}
+
+
+def _port_in_use():
+    "A listening socket on a free port (held until closed): a port another program holds."
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
+    return s, s.getsockname()[1]
+
+
+@pytest.mark.parametrize("cli, argv, msg", [
+    (main, ["--device", "tpu"], "--device 'tpu' is not a device torch knows"),
+    (main, ["--port", "0"], "argument --port: must be an integer from 1 to 65535, got 0"),
+    (main, ["--workers", "0"], "--workers must be >= 1, got 0"),
+    (demo_cli, ["--device", "tpu", "--no-launch"], "--device 'tpu' is not a device torch knows"),
+    (demo_cli, ["--weights", __file__, "--no-launch"], "is a file, not a folder"),
+    (demo_cli, ["--minutes", "-1", "--no-launch"], "--minutes must be > 0"),
+])
+def test_cli_user_errors_exit_2_with_one_line(cli, argv, msg, capsys):
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    prog = "heptapod-app" if cli is main else "heptapod-demo"
+    assert msg in err and err.splitlines()[-1].startswith(f"{prog}: error: ") and "Traceback" not in err, err
+
+
+def test_cli_port_in_use_and_gradio_server_port(weights, capsys, monkeypatch):
+    sock, port = _port_in_use()
+    with sock:
+        assert main(["--weights", str(weights), "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"heptapod-app: error: cannot serve on 127.0.0.1:{port}: Address already in use (another program holds it? choose another with --port or GRADIO_SERVER_PORT)\n", err
+        monkeypatch.setenv("GRADIO_SERVER_PORT", str(port))        # no --port: the environment's port is the one used
+        for cli in (main, demo_cli):
+            assert cli(["--weights", str(weights)]) == 2
+            assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "http")
+    assert main(["--weights", str(weights)]) == 2
+    assert capsys.readouterr().err == "heptapod-app: error: GRADIO_SERVER_PORT must be an integer from 1 to 65535, got 'http'\n"
+    assert demo_cli(["--weights", str(weights), "--no-launch"]) == 0    # --no-launch needs no port; the weights exist
+    for prog in ("heptapod-app", "heptapod-demo"):
+        h = " ".join(_parser(prog).format_help().split())
+        assert "--port PORT port to serve on (default: the GRADIO_SERVER_PORT environment variable, else 7860)" in h
+        assert "--debug" in h
+
+
+def test_console_script_exit_status(tmp_path):
+    "The installed `heptapod-app` exits 2 with one line (no traceback) for a missing weights folder; --debug shows it."
+    exe = Path(sys.executable).parent / "heptapod-app"
+    if not exe.exists(): pytest.skip("heptapod-app is not installed in this environment (pip install -e .)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(exe), "--weights", str(tmp_path / "nope"), "--port", str(_free_port())],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("heptapod-app: error: weights folder"), r.stderr
+
+
+@pytest.mark.parametrize("api, args, msg", [
+    ("/generate", ("abc", 0, 1.0, 0, "raster", 1, "entropy", False), "class must be an integer from 0 to 9, got 'abc'"),
+    ("/generate", (3.5, 0, 1.0, 0, "raster", 1, "entropy", False), "class must be an integer from 0 to 9, got 3.5"),
+    ("/generate", (3, 0, "hot", 0, "raster", 1, "entropy", False), "temperature must be a number > 0, got 'hot'"),
+    ("/generate", (3, 0.5, 1.0, 0, "raster", 1, "entropy", False), "seed must be an integer"),
+    ("/generate", (3, 0, 1.0, 0, "zigzag", 1, "entropy", False), "order must be one of ('raster', 'random'), got 'zigzag'"),
+    ("/compare", (3.5, 0, 1.0, 1, "entropy"), "class must be an integer from 0 to 9, got 3.5"),
+    ("/compare", (3, 0, 1.0, 1, "hot"), "heatmap must be one of"),
+    ("/scrub", ("abc", "entropy", False), "step must be an integer"),
+])
+def test_bad_values_refused_in_words_with_one_log_line(client, api, args, msg, capfd):
+    from gradio_client.exceptions import AppError
+    capfd.readouterr()
+    with pytest.raises(AppError) as e:
+        client.predict(*args, api_name=api)
+    assert str(e.value) == msg or str(e.value).startswith(msg), str(e.value)    # never rounded, never Python's own words
+    err = capfd.readouterr().err
+    assert [l for l in err.splitlines() if l.strip()] == [f"heptapod-app: refused input: {e.value}"], err
+
+
+def test_fake_png_and_fractional_values_refused(client, tmp_path, capfd):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    fake = tmp_path / "digit.png"; fake.write_bytes(b"this is not a png, only its name says so" * 10)
+    capfd.readouterr()
+    with pytest.raises(AppError) as e:
+        client.predict(None, handle_file(str(fake)), 0, 24, 2, 0, 1.0, api_name="/complete")
+    assert str(e.value) == "the upload is not an image this app can read (PNG, JPEG, WebP): UnidentifiedImageError"
+    err = capfd.readouterr().err
+    assert "/tmp" not in str(e.value) and "Traceback" not in err and err.count("refused input") == 1, err
+    ok = tmp_path / "one.png"; img = np.full((64, 64, 3), 255, np.uint8); img[10:50, 30:34] = 0
+    Image.fromarray(img).save(ok)
+    for args, msg in [((3.5, 24, 2), "class must be an integer from 0 to 9, got 3.5"),
+                      ((3, 24.5, 2), "tokens seen must be an integer from 0 to 63, got 24.5"),
+                      ((3, 24, 2.5), "number of completions must be an integer from 1 to 8, got 2.5")]:
+        with pytest.raises(AppError, match=msg.replace(".", r"\.")):
+            client.predict(None, handle_file(str(ok)), *args, 0, 1.0, api_name="/complete")
+
+
+def test_compute_endpoints_share_one_queue(server):
+    "/generate, /complete, /compare wait in one Gradio queue (limit: the app's workers); scrubbing stays outside it."
+    for workers in (1, 2):
+        blocks = build_blocks(HeptapodApp(server[1], workers=workers), first_image=False)
+        fns = {f.api_name: f for f in blocks.fns.values() if f.api_name}
+        for name in ("generate", "complete", "compare"):
+            assert fns[name].concurrency_id == "model" and fns[name].concurrency_limit == workers, name
+        for name in ("scrub", "compare_scrub"): assert fns[name].concurrency_id != "model"
+    cfg = blocks.get_config_file()                                  # the checked inputs keep their frontend
+    types = {c["type"] for c in cfg["components"]}
+    assert {"number", "slider", "dropdown", "radio", "checkbox", "image", "imageeditor"} <= types, types
+    assert not any(t.startswith("checked") for t in types)
+
+
+def _pixels(out):
+    "Every image in an endpoint's result (file paths, gallery items) as one list of pixel arrays."
+    if isinstance(out, (list, tuple)): return [a for o in out for a in _pixels(o)]
+    if isinstance(out, dict) and "image" in out: return _pixels(out["image"])
+    if isinstance(out, str) and os.path.isfile(out): return [_img(out)]
+    return []
+
+
+def test_twenty_mixed_concurrent_calls_equal_the_same_calls_alone(server, tmp_path):
+    """20 mixed /generate, /compare, /complete calls (10 kinds, twice) at once from 4 clients: each result is the same
+    call's alone.
+    (Before the lock and the shared queue: 0 of 20 succeeded, or wrong images with no error.)"""
+    from gradio_client import Client, handle_file
+    img = np.full((64, 64, 3), 255, np.uint8); img[10:50, 30:34] = 0
+    up = tmp_path / "one.png"; Image.fromarray(img).save(up)
+    calls = ([("/generate", (c, c, 1.0, 0, "raster", 8, "entropy", False)) for c in range(5)]
+             + [("/compare", (c, 10 + c, 1.0, 8, "entropy")) for c in range(2)]     # the baseline takes all 64 steps
+             + [("/complete", (None, handle_file(str(up)), c, 56, 2, 20 + c, 1.0)) for c in range(3)])
+    clients = [Client(server[0], verbose=False) for _ in range(4)]
+    alone = [_pixels(clients[0].predict(*args, api_name=api)) for api, args in calls]
+    jobs = [(clients[i % 4], calls[i % len(calls)]) for i in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        futures = [pool.submit(lambda cl, c: _pixels(cl.predict(*c[1], api_name=c[0])), cl, c) for cl, c in jobs]
+        together = [f.result(timeout=300) for f in futures]
+    for i, got in enumerate(together):
+        want = alone[i % len(calls)]
+        assert len(got) == len(want) > 0 and all(np.array_equal(a, b) for a, b in zip(got, want)), f"call {i} {jobs[i][1][0]} differs"
 
 
 def _chromium():

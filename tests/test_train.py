@@ -71,13 +71,13 @@ def test_config_and_cli_errors(tokens, tmp_path, capsys):
     assert main(args(tokens, tmp_path / "r", "--print-config", "steps=5")) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["steps"] == 5 and cfg["model"]["depth"] == 1 and cfg["batch_size"] == 8
-    assert main(args(tokens, tmp_path / "r", "stepz=5")) == 1
+    assert main(args(tokens, tmp_path / "r", "stepz=5")) == 2
     assert "unknown TrainConfig keys ['stepz']" in capsys.readouterr().err
     assert main(args(tokens, tmp_path / "e", "epochs=0.5", "ckpt_every=100")) == 0     # 64 examples / 8 = 8 steps per epoch
     assert read_metrics(tmp_path / "e")[-1]["step"] == 4
-    assert main(args(tokens, tmp_path / "r", "batch_size=1000")) == 1
+    assert main(args(tokens, tmp_path / "r", "batch_size=1000")) == 2
     assert "fewer than one batch" in capsys.readouterr().err
-    assert main(["--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 1
+    assert main(["--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "not a token dataset" in capsys.readouterr().err
     f = tmp_path / "run.json"; f.write_text(json.dumps({"steps": 7, "lr": 1e-3}))
     c = make_config(["lr=2e-3"], str(f)); assert (c.steps, c.lr) == (7, 2e-3)
@@ -129,24 +129,44 @@ def test_accumulated_micro_batches_equal_one_batch_in_float64(tokens, tmp_path):
     assert [x["loss"] for x in read_metrics(tmp_path / "mb2")] == pytest.approx([x["loss"] for x in read_metrics(tmp_path / "mb8")], rel=1e-6)   # logged in float32
 
 
-def test_sigkill_then_resume_is_exact(tokens, tmp_path):
-    "SIGKILL a run mid-way; the same command + --resume ends with the uninterrupted run's weights, EMA and log."
-    run = args(tokens, tmp_path / "killed", "steps=30", "ckpt_every=3", "keep=2")
-    p = subprocess.Popen([PY, "-m", "heptapod_nb.train", *run], env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    ck = tmp_path / "killed" / "checkpoints"
+@pytest.fixture(scope="module")
+def whole(tokens, tmp_path_factory):
+    "The uninterrupted 30-step run that the interrupted ones must reproduce bit for bit."
+    out = tmp_path_factory.mktemp("whole")
+    assert main(args(tokens, out, "steps=30", "ckpt_every=3", "keep=2")) == 0
+    return out
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_interrupt_then_resume_is_exact(tokens, tmp_path, whole, sig):
+    """Stop a run mid-way: SIGKILL (it resumes from its last periodic checkpoint), or SIGTERM / SIGINT (a cluster's
+    preemption, Ctrl-C: it finishes the step, writes a checkpoint of it and exits 128 + signal with one line on
+    stderr). The same command + --resume ends with the uninterrupted run's weights, EMA and log, bit for bit."""
+    kill = sig == "SIGKILL"
+    # SIGTERM/SIGINT: no periodic checkpoint before step 30, so the one found was written by the signal
+    run = args(tokens, tmp_path / "stopped", "steps=30", "ckpt_every=3" if kill else "ckpt_every=1000", "keep=2")
+    p = subprocess.Popen([PY, "-m", "heptapod_nb.train", *run], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ck, metrics = tmp_path / "stopped" / "checkpoints", tmp_path / "stopped" / "metrics.jsonl"
+    started = (lambda: list(ck.glob("step_*.json"))) if kill else (lambda: metrics.exists() and metrics.read_text().strip())
     t0 = time.time()
-    while not list(ck.glob("step_*.json")) and p.poll() is None and time.time() - t0 < 90: time.sleep(0.01)
-    p.send_signal(signal.SIGKILL); p.wait()
-    assert not (tmp_path / "killed" / "model.safetensors").exists(), "the run finished before it was killed"
-    killed_at = max(int(c.stem[5:]) for c in ck.glob("step_*.json"))
-    assert killed_at < 30
+    while not started() and p.poll() is None and time.time() - t0 < 90: time.sleep(0.005)
+    p.send_signal(getattr(signal, sig)); out, err = p.communicate(timeout=90)
+    assert not (tmp_path / "stopped" / "model.safetensors").exists(), "the run finished before it was stopped"
+    done = sorted(int(c.stem[5:]) for c in ck.glob("step_*.json"))
+    assert done and done[-1] < 30
+    if kill: assert p.returncode == -signal.SIGKILL
+    else:
+        assert p.returncode == 128 + getattr(signal, sig), err
+        assert len(done) == 1 and done[0] >= 2                            # the step it was on when the signal came
+        assert err.splitlines() == [f"heptapod-train: stopped by {sig} at step {done[0]} of 30; checkpoint "
+                                    f"{ck / f'step_{done[0]:08d}.pt'}: the same command with --resume continues exactly"]
+        verify_checkpoint(ck / f"step_{done[0]:08d}.pt")
     assert main(run + ["--resume"]) == 0
-    assert main(args(tokens, tmp_path / "whole", "steps=30", "ckpt_every=3", "keep=2")) == 0
     for f in ("model.safetensors", "ema.safetensors"):
-        assert max_diff(weights(tmp_path / "killed" / f), weights(tmp_path / "whole" / f)) == 0.0
-    la, lb = read_metrics(tmp_path / "killed"), read_metrics(tmp_path / "whole")
+        assert max_diff(weights(tmp_path / "stopped" / f), weights(whole / f)) == 0.0
+    la, lb = read_metrics(tmp_path / "stopped"), read_metrics(whole)
     assert [(x["step"], x["loss"]) for x in la] == [(x["step"], x["loss"]) for x in lb]
-    assert len(list_checkpoints(ck)) == 2 and not list(ck.glob(".*.tmp"))
+    assert len(list_checkpoints(ck)) == 2 and not list(ck.glob(".*.tmp"))       # TERM/INT: the signal's and step 30
 
 
 def test_damaged_checkpoint_is_refused_and_previous_used(tokens, tmp_path, capsys):
@@ -160,7 +180,7 @@ def test_damaged_checkpoint_is_refused_and_previous_used(tokens, tmp_path, capsy
     with pytest.raises(CheckpointError, match="truncated"): load_checkpoint(last)
     last.write_bytes(data[:1000] + bytes([data[1000] ^ 0xFF]) + data[1001:])   # one flipped byte
     with pytest.raises(CheckpointError, match="SHA-256 does not match"): verify_checkpoint(last)
-    assert main(run + [f"--resume={last}"]) == 1                         # asked for explicitly: refused, clear error
+    assert main(run + [f"--resume={last}"]) == 2                         # asked for explicitly: refused, clear error
     assert "is corrupt" in capsys.readouterr().err
     (tmp_path / "r" / "model.safetensors").unlink()
     assert main(run + ["--resume"]) == 0                                 # auto: falls back to step 4, redoes 5..8
@@ -170,7 +190,7 @@ def test_damaged_checkpoint_is_refused_and_previous_used(tokens, tmp_path, capsy
     verify_checkpoint(last)                                             # rewritten, good again
     (ck / "step_00000008.json").unlink()                                # a write that never finished its sidecar
     with pytest.raises(CheckpointError, match="never finished"): verify_checkpoint(last)
-    assert main(run) == 1 and "already holds checkpoints" in capsys.readouterr().err   # a fresh run never clobbers one
+    assert main(run) == 2 and "already holds checkpoints" in capsys.readouterr().err   # a fresh run never clobbers one
 
 
 class NaNAfter(torch.nn.Module):
@@ -233,3 +253,57 @@ def test_images_encoded_on_the_fly_and_kl_tokens(tmp_path):
     m = load_model(tmp_path / "klrun" / "model.safetensors")
     assert (m.config.token_kind, m.config.token_channels, m.config.grid) == ("kl", 4, (2, 2))
     assert len(read_metrics(tmp_path / "klrun")) == 1
+
+
+def test_resume_names_what_it_expects(tokens, tmp_path, capsys):
+    "--resume given sampling weights or a folder without checkpoints says what it takes; a run folder resumes."
+    run = args(tokens, tmp_path / "r", "steps=4", "ckpt_every=2")
+    assert main(run) == 0
+    for bad in ("model.safetensors", "ema.safetensors"):
+        assert main(run + ["steps=6", f"--resume={tmp_path / 'r' / bad}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is model weights (for sampling), not a training checkpoint" in err
+        assert "RUN/checkpoints/step_XXXXXXXX.pt" in err and "truncated" not in err
+    assert main(run + ["steps=6", f"--resume={tmp_path}"]) == 2
+    assert "holds no training checkpoint" in capsys.readouterr().err
+    assert main(run + ["steps=6", f"--resume={tmp_path / 'r'}"]) == 0               # the run folder: its newest checkpoint
+    assert "resumed from" in capsys.readouterr().out and read_metrics(tmp_path / "r")[-1]["step"] == 6
+
+
+def test_user_errors_are_one_line_exit_2(tokens, tmp_path, capsys):
+    "Bad device, --out under a file or read-only, mismatched image channels, unreadable images: exit 2, one line."
+    from PIL import Image
+    from heptapod_nb.tokenizer import build_tokenizer, save_tokenizer
+    def fails(argv, *needles):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("heptapod-train: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        for s in needles: assert s in err, err
+    if not torch.cuda.is_available():
+        fails(args(tokens, tmp_path / "c", "steps=1", "--device", "cuda"), "CUDA is not available")
+    (tmp_path / "file").write_text("x")
+    fails(args(tokens, tmp_path / "file" / "run", "steps=1"), str(tmp_path / "file"))
+    if os.geteuid() != 0:                                               # root writes anywhere
+        (tmp_path / "ro").mkdir(); (tmp_path / "ro").chmod(0o500)
+        try: fails(args(tokens, tmp_path / "ro" / "run", "steps=1"), "Permission denied")
+        finally: (tmp_path / "ro").chmod(0o700)
+    # an image folder: 4 RGB PNGs in 2 classes, one of them damaged (read by a DataLoader worker, not first)
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(2): Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(tmp_path / "img" / c / f"{i}.png")
+    torch.manual_seed(0)
+    save_tokenizer(build_tokenizer("tiny-vq"), tmp_path / "tok1.safetensors")                 # MNIST: in_channels=1
+    from heptapod_nb.tokenizer import TOKENIZER_PRESETS
+    save_tokenizer(build_tokenizer(TOKENIZER_PRESETS["tiny-vq"].replace(in_channels=3)), tmp_path / "tok3.safetensors")
+    img = ["--data", str(tmp_path / "img"), "--no-progress", "batch_size=2", "steps=2", "num_workers=0", *MODEL]
+    fails(["--tokenizer", str(tmp_path / "tok1.safetensors"), "--out", str(tmp_path / "i1"), *img],
+          "gives 3-channel images but tokenizer", "1-channel")
+    assert main(["--tokenizer", str(tmp_path / "tok3.safetensors"), "--out", str(tmp_path / "i3"), *img]) == 0
+    bad = tmp_path / "img" / "b" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])             # the header reads, the pixels do not: found when a worker loads it
+    # a subprocess: it must also exit (its DataLoader worker ignores SIGTERM, and was left waiting at exit once)
+    r = subprocess.run([PY, "-m", "heptapod_nb.train", "--tokenizer", str(tmp_path / "tok3.safetensors"), "--out",
+                        str(tmp_path / "i4"), *img[:-len(MODEL) - 1], "num_workers=1", *MODEL],
+                       env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("heptapod-train: error: cannot read image") and r.stderr.count("\n") == 1, r.stderr
+    assert "1.png" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,106 @@
+"""Every console script of settings.ini, run as the installed program: `--help` exits 0; a missing or bad input
+file exits 2 with exactly one line `prog: error: ...` on stderr; `--debug` puts the traceback before that line.
+The scripts run as subprocesses of `.venv/bin/heptapod-*` (another folder with HEPTAPOD_BIN, e.g. a wheel's venv)."""
+import configparser, os, socket, subprocess, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(os.environ.get("HEPTAPOD_BIN") or Path(sys.executable).parent)
+
+
+def settings_scripts() -> dict:
+    "console_scripts of settings.ini: {name: 'module:function'}."
+    cp = configparser.ConfigParser(); cp.read(ROOT / "settings.ini")
+    lines = [l.strip() for l in cp["DEFAULT"]["console_scripts"].splitlines() if l.strip()]
+    return dict(l.split("=", 1) for l in lines)
+
+
+SCRIPTS = settings_scripts()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def bad_input(name: str, tmp: Path) -> tuple[list[str], str]:
+    "Arguments that name a missing (or, for heptapod-demo, wrong-kind) input file, and the path the error must name."
+    miss = tmp / "missing"
+    table = {
+        "heptapod-train-tokenizer": (["--data", str(miss / "images"), "--out", str(tmp / "tok")], miss / "images"),
+        "heptapod-extract": (["--tokenizer", str(miss / "tok.safetensors"), "--out", str(tmp / "tokens")], miss / "tok.safetensors"),
+        "heptapod-train": (["--data", "mnist5k", "--tokenizer", str(miss / "tok.safetensors"), "--out", str(tmp / "run"),
+                            "--no-progress"], miss / "tok.safetensors"),
+        "heptapod-sample": (["--model", str(miss / "model.safetensors"), "--tokenizer", str(miss / "tok.safetensors"),
+                             "--out_dir", str(tmp / "samples")], miss / "model.safetensors"),
+        "heptapod-eval": (["--samples", str(miss / "samples.npz")], miss / "samples.npz"),
+        "heptapod-app": (["--weights", str(miss / "weights"), "--port", str(free_port())], miss / "weights"),
+        # a missing demo folder means "make the weights" (30 minutes): a file where the folder should be is the bad input
+        "heptapod-demo": (["--weights", str(tmp / "a_file"), "--no-launch", "--no-browser"], tmp / "a_file"),
+    }
+    assert set(table) == set(SCRIPTS), f"settings.ini has scripts this test does not know: {set(SCRIPTS) ^ set(table)}"
+    args, path = table[name]
+    return args, str(path)
+
+
+def run(cmd, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HEPTAPOD_FAST="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GRADIO_SERVER_PORT"): env.pop(k, None)
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return r, time.time() - t0
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """All 21 runs (7 scripts x help / bad input / bad input --debug), 3 at a time: each is mostly the ~2 s import
+    of torch, so running them side by side keeps this module at ~15 s on 2 cores instead of ~50 s."""
+    jobs = {}
+    for name in SCRIPTS:
+        tmp = tmp_path_factory.mktemp(name)
+        (tmp / "a_file").write_text("not a folder")
+        args, path = bad_input(name, tmp)
+        exe = str(BIN / name)
+        jobs[name, "help"] = ([exe, "--help"], tmp, None)
+        jobs[name, "bad"] = ([exe, *args], tmp, path)
+        jobs[name, "debug"] = ([exe, *args, "--debug"], tmp, path)
+    with ThreadPoolExecutor(3) as ex:
+        futs = {k: ex.submit(run, cmd, cwd) for k, (cmd, cwd, _) in jobs.items()}
+        return {k: (*f.result(), jobs[k][2]) for k, f in futs.items()}
+
+
+def test_installed_scripts_match_settings():
+    "The installed entry points are the ones settings.ini names (else: `pip install -e .` is due)."
+    from importlib.metadata import entry_points
+    installed = {e.name: e.value for e in entry_points(group="console_scripts") if e.name in SCRIPTS}
+    assert installed == SCRIPTS, "installed console scripts differ from settings.ini: reinstall with `pip install -e .`"
+    for name in SCRIPTS: assert (BIN / name).is_file(), f"{BIN / name} is not installed"
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_help_exits_0(results, name):
+    r, secs, _ = results[name, "help"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: {name}") and "--debug" in r.stdout, r.stdout[:300]
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_bad_input_is_one_line_exit_2(results, name):
+    r, secs, path = results[name, "bad"]
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith(f"{name}: error: ") and path in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_debug_adds_the_traceback(results, name):
+    r, secs, path = results[name, "debug"]
+    plain = results[name, "bad"][0].stderr.splitlines()
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and len(lines) > 3, r.stderr[-2000:]
+    assert lines[-1] == plain[0]                                          # the same one-line message, last
