@@ -247,6 +247,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
         check_image_channels(train_ds, tcfg.in_channels if set_in else loaded.config.in_channels,
                              who=f"the tokenizer ({'-o in_channels' if set_in else ckpt})")
     if not set_in: tcfg = tcfg.replace(in_channels=data_channels(train_ds))
+    if len(train_ds) // world < cfg.batch_size:      # the batch loop would never yield a batch
+        raise ConfigError(f"{cfg.data} has {len(train_ds)} training images ({len(train_ds) // world} per process), fewer than "
+                          f"one batch of --batch_size {cfg.batch_size}: lower --batch_size or add images")
     if cfg.data == "mnist5k" and size != 32:
         raise ConfigError(f"mnist5k images are 1x32x32 but the tokenizer expects {tcfg.in_channels}x{size}x{size}")
     tcfg = tcfg.replace(image_size=size)

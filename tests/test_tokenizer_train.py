@@ -220,6 +220,7 @@ def test_train_cli_user_errors_are_one_line_and_exit_2(vq_run, tmp_path, capsys)
         (["--data", str(bad), "--image_size", "16", *out], "corrupt.png"),
         (["--data", str(rgb), "--image_size", "16", "-o", "in_channels=1", *out], "pass --channels 1"),
         (["--data", str(rgb), "--channels", "3", "-o", "in_channels=1", *out], "disagree"),
+        (["--data", str(rgb), "--image_size", "16", "--batch_size", "64", *out], "fewer than one batch"),   # used to loop forever
         (["--channels", "3", *out], "mnist5k is grayscale"),
         (["-o", "nosuchfield=1", *out], "nosuchfield"),
         (["--out", str(damaged), "--resume", *SMALL], "train_state.pt"),
