@@ -29,7 +29,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     wdir = Path(a.weights) if a.weights else demo_dir()
-    bundle, clf = load_bundle(wdir, "cpu"), mnist_classifier("cpu", verbose=False)
+    bundle, clf = load_bundle(wdir, "cpu"), mnist_classifier("cpu")
     root = ablation_tokens(a.tokens, wdir / DEMO_FILES["tokenizer"], progress=True)
     vx, vy = val_grids(root)
     temps, rows, t0 = [float(t) for t in a.temperatures.split(",")], [], time.time()

@@ -161,7 +161,7 @@ def main(argv=None):
         if a.out: write_json(a.out, dict(command=cmd, torch=torch.__version__, threads=a.threads, cpus=os.cpu_count(), tps_batch_sweep=sw), indent=1, default=str)
         return
     tr = train_speed(a)
-    bundle, clf = load_bundle(), mnist_classifier(verbose=False)
+    bundle, clf = load_bundle(), mnist_classifier()
     sa = sample_speed(a, bundle, clf)
     sw = tps_batch_sweep(a, bundle.model, bundle.meta["recipe"]["temperature"])
     default_m = get_preset(PRESETS, "tiny").targets_per_step

@@ -125,7 +125,7 @@ def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_s
         model = Heptapod(mcfg).eval()
         secs = _train_seconds(read_metrics(tmp / "metrics.jsonl"), batch_size * mcfg.n_positions)
         vx, vy = val_grids(tokens_root, mcfg.token_kind)
-        tok, clf = load_tokenizer(tokenizer or demo_dir() / DEMO_FILES["tokenizer"]).eval(), mnist_classifier("cpu", verbose=False)
+        tok, clf = load_tokenizer(tokenizer or demo_dir() / DEMO_FILES["tokenizer"]).eval(), mnist_classifier("cpu")
         curve = []
         for ck in list_checkpoints(tmp / "checkpoints"):
             st = load_checkpoint(ck)

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from .config import Config, ConfigError, FAST, check_state_dict, get_device, load_weights, save_weights
 
 # %% auto #0
-__all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'feature_stats', 'frechet_distance', 'ConvBN', 'InceptionA', 'InceptionB',
-           'InceptionC', 'InceptionD', 'InceptionE', 'InceptionV3', 'load_inception', 'images_to_float',
+__all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'CLASSIFIER_COMMAND', 'feature_stats', 'frechet_distance', 'ConvBN', 'InceptionA',
+           'InceptionB', 'InceptionC', 'InceptionD', 'InceptionE', 'InceptionV3', 'load_inception', 'images_to_float',
            'inception_outputs', 'inception_score', 'to_uint8', 'save_npz', 'load_npz_images', 'save_ref_stats',
            'load_ref_stats', 'inception_metrics', 'fid_from_npz', 'MNISTClassifierConfig', 'MNISTClassifier',
-           'class_accuracy', 'train_mnist_classifier', 'default_classifier_path', 'mnist_classifier', 'mnist_features',
-           'mnist_fid']
+           'class_accuracy', 'train_mnist_classifier', 'default_classifier_path', 'mnist_classifier',
+           'mnist_predictions', 'mnist_features', 'mnist_fid', 'classifier_record', 'save_mnist_classifier']
 
 # %% ../nbs/10_metrics.ipynb #409e467d
 def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
@@ -168,10 +168,10 @@ class InceptionV3(nn.Module):
         self.fc = nn.Linear(2048, num_classes)
 
     def features(self, x_B3HW: torch.Tensor) -> torch.Tensor:
-        "2048-d pool features of images in [-1, 1] (resized bilinearly to 299 x 299 first)."
+        "2048-d pool features of images in [-1, 1] (resized bilinearly to 299 x 299 first), in the network's dtype."
         if x_B3HW.ndim != 4 or x_B3HW.shape[1] != 3:
             raise ValueError(f"InceptionV3 expects images (B, 3, H, W), got shape {tuple(x_B3HW.shape)}")
-        x = F.interpolate(x_B3HW.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        x = F.interpolate(x_B3HW.to(self.fc.weight.dtype), size=(299, 299), mode="bilinear", align_corners=False)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
         x = F.max_pool2d(x, 3, stride=2)
@@ -402,35 +402,44 @@ def train_mnist_classifier(cfg: MNISTClassifierConfig | None = None, device="cpu
     return clf, acc, secs
 
 # %% ../nbs/10_metrics.ipynb #dafae605
+CLASSIFIER_COMMAND = ("OMP_NUM_THREADS=1 .venv/bin/python bench/classifier.py --seeds 0 1 2 3 4 5 6 7 8 9 "
+                      "--out bench/results/classifier.json --save heptapod_nb/assets/mnist_classifier.safetensors --overwrite")
+
 def default_classifier_path() -> Path:
-    "Where the bundled MNIST classifier is cached."
-    if os.environ.get("HEPTAPOD_CACHE"): return Path(os.environ["HEPTAPOD_CACHE"]) / "mnist_classifier.safetensors"
-    repo = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
-    if (repo / "settings.ini").exists() and os.access(repo, os.W_OK): return repo / "runs" / "mnist_classifier.safetensors"
-    return Path.home() / ".cache" / "heptapod_nb" / "mnist_classifier.safetensors"
+    "The bundled MNIST classifier, `heptapod_nb/assets/mnist_classifier.safetensors` (shipped with the package)."
+    from importlib.resources import files
+    return Path(str(files("heptapod_nb"))) / "assets" / "mnist_classifier.safetensors"
 
 _CLASSIFIERS: dict = {}
 
-def mnist_classifier(device="cpu", path=None, verbose: bool = True) -> MNISTClassifier:
-    "The bundled MNIST classifier in eval mode: loaded from `path` (default `default_classifier_path()`) or trained once and saved."
+def mnist_classifier(device="cpu", path=None) -> MNISTClassifier:
+    """The MNIST classifier in eval mode, from `path` (default: the bundled file), with its record in `.record`.
+    It never trains: a missing or unreadable file is an error that says how to make it."""
     path = Path(path) if path is not None else default_classifier_path()
     device = get_device(device)
     key = (str(path.resolve()), str(device))
     if key in _CLASSIFIERS: return _CLASSIFIERS[key]
-    if path.exists():
+    remake = (f"the bundled classifier is made by `{CLASSIFIER_COMMAND}` in a checkout "
+              "(or reinstall heptapod_nb); another file must come from save_mnist_classifier")
+    if not path.is_file(): raise FileNotFoundError(f"MNIST classifier not found: {path}; {remake}")
+    try:
         sd, meta = load_weights(path, kind="mnist_classifier")
-        cfg = MNISTClassifierConfig.from_dict(meta.get("config", {}))
-        clf = MNISTClassifier(cfg)
+        if not isinstance(meta.get("config"), dict): raise ConfigError(f"MNIST classifier {path} has no config in its metadata")
+        clf = MNISTClassifier(MNISTClassifierConfig.from_dict(meta["config"]))
         check_state_dict(clf, sd, what=f"MNIST classifier {path}")
         clf.load_state_dict(sd)
-    else:
-        clf, acc, secs = train_mnist_classifier(device="cpu", verbose=verbose)
-        save_weights(path, clf, {"config": clf.cfg.to_dict(), "val_accuracy": acc, "train_seconds": round(secs, 2)},
-                     kind="mnist_classifier")
-        if verbose: print(f"saved {path}")
+    except ConfigError as e:
+        raise ConfigError(f"{e}; {remake}") from e
     clf = clf.eval().requires_grad_(False).to(device)
+    clf.record = meta
     _CLASSIFIERS[key] = clf
     return clf
+
+@torch.no_grad()
+def mnist_predictions(clf: MNISTClassifier, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    "Predicted classes (N,) (CPU, long) of images (N, 1, 32, 32) in [-1, 1]."
+    dev = next(clf.parameters()).device
+    return torch.cat([clf(images[i: i + batch_size].float().to(dev)).argmax(1).cpu() for i in range(0, len(images), batch_size)])
 
 @torch.no_grad()
 def mnist_features(clf: MNISTClassifier, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
@@ -447,3 +456,21 @@ def mnist_fid(images: torch.Tensor, ref="val", clf: MNISTClassifier | None = Non
         if ref not in ("val", "train"): raise ValueError(f"ref must be 'val', 'train' or a tensor of images, got {ref!r}")
         ref = load_mnist5k(ref).images
     return frechet_distance(*feature_stats(mnist_features(clf, images)), *feature_stats(mnist_features(clf, ref)))
+
+def classifier_record(clf: MNISTClassifier) -> dict:
+    "What a classifier file records: val accuracy / mistakes / predictions (500 digits), MNIST-FID of train[::9] vs val."
+    from heptapod_nb.data import load_mnist5k
+    va, tr = load_mnist5k("val"), load_mnist5k("train")
+    pred = mnist_predictions(clf, va.images)
+    return dict(val_accuracy=(pred == va.labels).float().mean().item(), val_mistakes=int((pred != va.labels).sum()),
+                val_predictions="".join(map(str, pred.tolist())), mnist_fid_train500=mnist_fid(tr.images[::9], clf=clf))
+
+def save_mnist_classifier(path, clf: MNISTClassifier, overwrite: bool = False, **extra) -> Path:
+    "Write `clf` with its config, `classifier_record(clf)` and `extra` (.safetensors, and a .json beside); never over a file unless `overwrite`."
+    path = Path(path)
+    if path.suffix != ".safetensors": raise ValueError(f"an MNIST classifier file must end in .safetensors, got {path}")
+    if path.exists() and not overwrite: raise FileExistsError(f"{path} exists: pass overwrite=True (--overwrite) to replace it")
+    meta = {"config": clf.cfg.to_dict(), **classifier_record(clf), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), **extra}
+    for k in [k for k in _CLASSIFIERS if k[0] == str(path.resolve())]: del _CLASSIFIERS[k]   # a stale copy
+    return save_weights(path, clf, meta, kind="mnist_classifier")

@@ -16,13 +16,13 @@ __all__ = ['RMSNorm', 'swiglu_hidden', 'SwiGLU', 'KVCache', 'CausalSelfAttention
 
 # %% ../nbs/05_transformer.ipynb #acb7edc1
 class RMSNorm(nn.Module):
-    "Root-mean-square norm with a learned gain (computed in float32)."
+    "Root-mean-square norm with a learned gain (computed in float32, or float64 for float64 input)."
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
+        xf = x.float() if x.itemsize < 4 else x                    # half/bfloat16 -> float32; float32/64 as they are
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:

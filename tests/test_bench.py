@@ -1,5 +1,6 @@
-"Benchmark scripts: bench/window_ablation.py resumes from its JSON and refuses to mix settings (no training here)."
-import importlib.util, json
+"""Benchmark scripts: every bench/*.py imports and answers --help; bench/window_ablation.py and bench/tokens.py resume
+from their JSON and refuse to mix settings; bench/classifier.py refuses to overwrite (no training here)."""
+import importlib.util, json, os, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,32 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load(name):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); return m
+
+
+def test_every_bench_script_answers_help():
+    "A bench script that does not parse, import or start fails here (each in its own process, all at once)."
+    scripts = sorted((ROOT / "bench").glob("*.py"))
+    assert len(scripts) >= 10 and ROOT / "bench" / "classifier.py" in scripts
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = {s.name: subprocess.Popen([sys.executable, str(s), "--help"], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for s in scripts}
+    failed = []
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=600)                           # a hang guard, not a speed check
+        if p.returncode != 0 or "usage:" not in out: failed.append(f"{name}: exit {p.returncode}\n{err[-2000:]}")
+    assert not failed, "\n".join(failed)
+
+
+def test_classifier_bench_refuses_overwrite_and_odd_settings(tmp_path, capsys):
+    cb = _load("classifier")
+    out = tmp_path / "c.json"; out.write_text("{}")
+    assert cb.main(["--seeds", "0", "--out", str(out)]) == 2              # an existing result: not overwritten
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == "{}"
+    assert cb.main(["--seeds", "1", "--save", str(tmp_path / "c.safetensors")]) == 2   # the asset is seed 0
+    assert "seed 0" in capsys.readouterr().err
+    assert cb.main(["--seeds", "0", "--epochs", "4", "--save", str(tmp_path / "c.safetensors")]) == 2
+    assert cb.main(["--seeds", "0", "0"]) == 2 and "repeats" in capsys.readouterr().err
+    assert not (tmp_path / "c.safetensors").exists()
 
 
 def _run(name, seed, acc):
