@@ -267,7 +267,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True, help="ADM .npz (arr_0 uint8 N x H x W x 3, optional arr_1 labels) "
                    "or a heptapod-sample --out_dir")
     p.add_argument("--dataset", choices=["mnist", "imagenet"], default="mnist")
-    p.add_argument("--classifier", default=None, help="mnist: classifier cache (default: trained once, cached)")
+    p.add_argument("--classifier", default=None, help="mnist: MNIST classifier weights (default: the bundled heptapod_nb/assets/mnist_classifier.safetensors)")
     p.add_argument("--inception", default=None, help="imagenet: pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--ref", default=None, help="imagenet: reference .npz (ADM VIRTUAL_imagenet256_labeled.npz or "
                    "{mu, sigma}); mnist: 'val' (default) or 'train'")
