@@ -449,6 +449,9 @@ def _parser(prog: str, retrain: bool = False) -> argparse.ArgumentParser:
                        "use 1 on a machine shared with other jobs)")
         p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
         p.add_argument("--no-launch", action="store_true", help="only (re)train, do not start the app")
+        p.add_argument("--eval-samples", type=int, default=None, dest="eval_samples",
+                       help="samples per model and temperature for the class-accuracy check that ends a retrain "
+                            "(default: the recipe's 200; 0 skips it)")
     return add_debug_arg(p)
 
 def _serve_args(args) -> tuple[torch.device, int]:
@@ -613,6 +616,8 @@ def demo(argv: list[str]) -> None:
     device, port = _serve_args(args) if not args.no_launch else (_device(args.device), None)   # fail before retraining
     if args.minutes is not None and not args.minutes > 0: raise ValueError(f"--minutes must be > 0, got {args.minutes}")
     if args.threads is not None and args.threads < 1: raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.eval_samples is not None and args.eval_samples < 0:
+        raise ValueError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     if args.retrain or missing_demo_files(d):
         if not args.retrain: print(f"demo weights missing in {d}: making them now (about 30 minutes on 2 CPU cores)", flush=True)
         recipe = DemoRecipe()
@@ -621,6 +626,7 @@ def demo(argv: list[str]) -> None:
             recipe = recipe.replace(tokenizer_minutes=recipe.tokenizer_minutes * f, model_minutes=recipe.model_minutes * f,
                                     baseline_minutes=recipe.baseline_minutes * f)
         if args.threads: recipe = recipe.replace(threads=args.threads)
+        if args.eval_samples is not None: recipe = recipe.replace(eval_samples=args.eval_samples)
         retrain_demo(d, recipe, device)
     if args.no_launch: return
     bundle = load_bundle(d, device)

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from .transformer import SwiGLU
 
 # %% auto #0
-__all__ = ['ORDERS', 'make_order', 'window_size', 'num_slots', 'Targets', 'select_targets', 'commit_supported',
-           'sampling_targets', 'modulate', 'HeadBlock', 'Head2D', 'cosine_alpha_bar', 'timestep_embedding',
-           'ResBlockAdaLN', 'DiffusionMLP']
+__all__ = ['ORDERS', 'HEAD_CONTEXTS', 'HEAD_QUERIES', 'make_order', 'window_size', 'num_slots', 'Targets', 'select_targets',
+           'commit_supported', 'sampling_targets', 'modulate', 'check_head_variant', 'HeadBlock', 'Head2D',
+           'cosine_alpha_bar', 'timestep_embedding', 'ResBlockAdaLN', 'DiffusionMLP']
 
 # %% ../nbs/06_head.ipynb #fee62557
 ORDERS = ("raster", "random")
@@ -127,55 +127,75 @@ def sampling_targets(order_BN, window, targets_per_step, step: int, k: int = 1,
 # %% ../nbs/06_head.ipynb #6b471ca5
 def modulate(x, shift, scale): return x * (1 + scale) + shift
 
+HEAD_CONTEXTS = ("prefix", "last")
+HEAD_QUERIES = ("joint", "independent")
+
+def check_head_variant(context: str, queries: str = "joint"):
+    "Refuse a `head_context` / `head_queries` the head does not implement, naming the allowed values."
+    if context not in HEAD_CONTEXTS: raise ValueError(f"head_context must be one of {HEAD_CONTEXTS}, got {context!r}")
+    if queries not in HEAD_QUERIES: raise ValueError(f"head_queries must be one of {HEAD_QUERIES}, got {queries!r}")
+
 class HeadBlock(nn.Module):
-    "adaLN-Zero block: cross-attention to h_0..h_t, optional self-attention among a step's queries, SwiGLU MLP."
-    def __init__(self, cond_dim: int, width: int, n_heads: int, hidden: int, self_attn: bool):
+    """adaLN-Zero block: cross-attention to h_0..h_t (`context="prefix"`) or to h_t alone (`"last"`), optional
+    self-attention among a step's queries, SwiGLU MLP."""
+    def __init__(self, cond_dim: int, width: int, n_heads: int, hidden: int, self_attn: bool, context: str = "prefix"):
         super().__init__()
+        check_head_variant(context)
         if width % n_heads: raise ValueError(f"head width {width} is not divisible by head heads {n_heads}")
-        self.n_heads, self.self_attn = n_heads, self_attn
-        self.norm_c = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.cq = nn.Linear(width, width, bias=False)
-        self.ckv = nn.Linear(cond_dim, 2 * width, bias=False)
-        self.co = nn.Linear(width, width, bias=False)
+        self.n_heads, self.self_attn, self.context = n_heads, self_attn, context
+        if context == "prefix":
+            self.norm_c = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+            self.cq = nn.Linear(width, width, bias=False)
+            self.ckv = nn.Linear(cond_dim, 2 * width, bias=False)
+            self.co = nn.Linear(width, width, bias=False)
+        else:   # attention over the single key h_t has weight 1: its output is a linear map of h_t, no query needed
+            self.cv = nn.Linear(cond_dim, width, bias=False)
         if self_attn:
             self.norm_s = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
             self.sqkv = nn.Linear(width, 3 * width, bias=False)
             self.so = nn.Linear(width, width, bias=False)
         self.norm_m = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = SwiGLU(width, hidden)
-        self.n_mod = 9 if self_attn else 6
+        self.n_cross = 3 if context == "prefix" else 1              # modulations: shift, scale, gate / gate only
+        self.n_mod = self.n_cross + (3 if self_attn else 0) + 3
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, self.n_mod * width))
 
     def _heads(self, x):  # (..., L, D) -> (..., H, L, hd)
         return x.unflatten(-1, (self.n_heads, -1)).transpose(-3, -2)
 
-    def forward(self, x_BSMD, hk_BTD, mod_BS_D, xmask_QT, smask):
+    def forward(self, x_BSMD, hk_BTD, cond_BSD, mod_BS_D, xmask_QT, smask):
         B, S, M, D = x_BSMD.shape
         mods = [m[:, :, None] for m in mod_BS_D.chunk(self.n_mod, -1)]   # each (B, S, 1, D)
-        # cross-attention: all S*M queries at once, step-causal mask over the keys h_0..h_{T-1}
-        q = self._heads(self.cq(modulate(self.norm_c(x_BSMD), mods[0], mods[1]).reshape(B, S * M, D)))
-        k, v = self._heads(self.ckv(hk_BTD)).chunk(2, -1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=xmask_QT)
-        x_BSMD = x_BSMD + mods[2] * self.co(y.transpose(1, 2).reshape(B, S, M, D))
-        i = 3
+        if self.context == "prefix":
+            # cross-attention: all S*M queries at once, step-causal mask over the keys h_0..h_{T-1}
+            q = self._heads(self.cq(modulate(self.norm_c(x_BSMD), mods[0], mods[1]).reshape(B, S * M, D)))
+            k, v = self._heads(self.ckv(hk_BTD)).chunk(2, -1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=xmask_QT)
+            x_BSMD = x_BSMD + mods[2] * self.co(y.transpose(1, 2).reshape(B, S, M, D))
+        else:   # "last": the step's own state only, the same vector for each of its M queries
+            x_BSMD = x_BSMD + mods[0] * self.cv(cond_BSD)[:, :, None]
+        i = self.n_cross
         if self.self_attn:  # bidirectional among each step's M queries: (B*S, M, D)
-            qkv = self.sqkv(modulate(self.norm_s(x_BSMD), mods[3], mods[4])).reshape(B * S, M, 3 * D)
+            qkv = self.sqkv(modulate(self.norm_s(x_BSMD), mods[i], mods[i + 1])).reshape(B * S, M, 3 * D)
             q, k, v = self._heads(qkv).chunk(3, -1)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=smask)
-            x_BSMD = x_BSMD + mods[5] * self.so(y.transpose(1, 2).reshape(B, S, M, D))
-            i = 6
+            x_BSMD = x_BSMD + mods[i + 2] * self.so(y.transpose(1, 2).reshape(B, S, M, D))
+            i += 3
         return x_BSMD + mods[i + 2] * self.mlp(modulate(self.norm_m(x_BSMD), mods[i], mods[i + 1]))
 
 class Head2D(nn.Module):
-    "The 2D prediction head: queries `mask_emb + pos2d(p)` through adaLN-Zero blocks modulated by h_t."
+    """The 2D prediction head: queries `mask_emb + pos2d(p)` through adaLN-Zero blocks modulated by h_t;
+    `context="prefix"` cross-attends to h_0..h_t, `"last"` sees h_t only."""
     def __init__(self, cond_dim: int, width: int, depth: int, n_heads: int, n_positions: int, out_dim: int,
-                 self_attn: bool = True, mlp_ratio: float = 4.0, zero_out: bool = True):
+                 self_attn: bool = True, mlp_ratio: float = 4.0, zero_out: bool = True, context: str = "prefix"):
         super().__init__()
+        check_head_variant(context)
         self.width, self.n_positions, self.self_attn, self.out_dim = width, n_positions, self_attn, out_dim
+        self.context = context
         self.mask_emb = nn.Parameter(torch.zeros(width))
         self.pos_emb = nn.Parameter(torch.zeros(n_positions, width))
         hidden = 64 * math.ceil(int(2 * mlp_ratio * width / 3) / 64)
-        self.blocks = nn.ModuleList(HeadBlock(cond_dim, width, n_heads, hidden, self_attn) for _ in range(depth))
+        self.blocks = nn.ModuleList(HeadBlock(cond_dim, width, n_heads, hidden, self_attn, context) for _ in range(depth))
         self.norm_f = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada_f = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
         self.out = nn.Linear(width, out_dim)
@@ -194,15 +214,17 @@ class Head2D(nn.Module):
         if self.zero_out: nn.init.zeros_(self.out.weight)
 
     def forward(self, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM):
-        "Outputs (B, S, M, out_dim) for target positions `pos_BSM`; group s sees keys 0..steps_S[s]."
+        """Outputs (B, S, M, out_dim) for target positions `pos_BSM`; group s is conditioned on `cond_BSD[:, s]` and
+        (context "prefix") cross-attends to keys 0..steps_S[s] of `hk_BTD` (context "last" reads no keys)."""
         B, S, M = pos_BSM.shape
-        T = hk_BTD.shape[1]
         x = self.mask_emb + self.pos_emb[pos_BSM]                          # (B, S, M, D)
-        keys_T = torch.arange(T, device=hk_BTD.device)
-        xmask_QT = (keys_T[None, :] <= steps_S[:, None]).repeat_interleave(M, 0)   # (S*M, T)
+        xmask_QT = None
+        if self.context == "prefix":
+            keys_T = torch.arange(hk_BTD.shape[1], device=hk_BTD.device)
+            xmask_QT = (keys_T[None, :] <= steps_S[:, None]).repeat_interleave(M, 0)   # (S*M, T)
         smask = valid_BSM.reshape(B * S, 1, 1, M) if self.self_attn else None
         for b in self.blocks:
-            x = b(x, hk_BTD, b.ada(cond_BSD), xmask_QT, smask)
+            x = b(x, hk_BTD, cond_BSD, b.ada(cond_BSD), xmask_QT, smask)
         shift, scale = self.ada_f(cond_BSD)[:, :, None].chunk(2, -1)
         return self.out(modulate(self.norm_f(x), shift, scale))
 

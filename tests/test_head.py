@@ -3,7 +3,7 @@ import pytest
 import torch
 
 torch.set_num_threads(1)   # on the shared 2-core box, 2 spinning OpenMP threads are many times slower (BENCHMARKS.md)
-from heptapod_nb.head import (DiffusionMLP, Head2D, commit_supported, cosine_alpha_bar, make_order, num_slots,
+from heptapod_nb.head import (HEAD_CONTEXTS, DiffusionMLP, Head2D, check_head_variant, commit_supported, cosine_alpha_bar, make_order, num_slots,
                               sampling_targets, select_targets, timestep_embedding, window_size)
 
 N = 16
@@ -120,17 +120,18 @@ def test_sampling_targets_end_of_sequence_and_errors():
     with pytest.raises(ValueError, match="step"): sampling_targets(order, "global", 2, N, 1)
 
 
-@pytest.mark.parametrize("self_attn,M", [(True, 4), (False, 1)])
-def test_batched_head_equals_per_step_loop(self_attn, M):
+@pytest.mark.parametrize("self_attn,M,context", [(True, 4, "prefix"), (False, 1, "prefix"), (True, 4, "last"),
+                                                 (False, 3, "last")])
+def test_batched_head_equals_per_step_loop(self_attn, M, context):
     # float64: in float32 the two summation orders differ by up to 1.9e-5 absolute (rel 5e-7) on AVX-512 in the
     # adaLN weight gradient; in float64 they agree to ~7e-14, so 1e-10 (relative) has a wide margin on any CPU
     torch.manual_seed(0)
     B, D = 2, 16
-    head = Head2D(D, 16, 2, 2, N, 5, self_attn=self_attn).double()
+    head = Head2D(D, 16, 2, 2, N, 5, self_attn=self_attn, context=context).double()
     with torch.no_grad():
         for p in head.parameters(): p.normal_(0, 0.2)
     h = torch.randn(B, N, D, dtype=torch.float64, requires_grad=True)
-    tg = select_targets(make_order("random", B, N), "global" if self_attn else 1, M)
+    tg = select_targets(make_order("random", B, N), "global" if self_attn or M > 1 else 1, M)
     vm = tg.valid_BSM[..., None].double()
     out = head(h, h, tg.steps_S, tg.pos_BSM, tg.valid_BSM)
     ref = torch.stack([head(h[:, :t + 1], h[:, t:t + 1], torch.tensor([t]), tg.pos_BSM[:, t:t + 1],
@@ -142,11 +143,80 @@ def test_batched_head_equals_per_step_loop(self_attn, M):
     for a, b in zip(g1, g2): assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_adaln_zero_init_outputs_zero_logits():
-    head = Head2D(16, 16, 2, 2, N, 5)
+@pytest.mark.parametrize("context", HEAD_CONTEXTS)
+def test_adaln_zero_init_outputs_zero_logits(context):
+    head = Head2D(16, 16, 2, 2, N, 5, context=context)
     tg = select_targets(make_order("raster", 1, N), "global", 3)
     h = torch.randn(1, N, 16)
     assert head(h, h, tg.steps_S, tg.pos_BSM, tg.valid_BSM).abs().max() == 0
+
+
+def _open(head):
+    with torch.no_grad():
+        for p in head.parameters(): p.normal_(0, 0.2)
+    return head
+
+
+@pytest.mark.parametrize("self_attn", [True, False])
+def test_last_context_is_the_prefix_head_given_only_key_h_t(self_attn):
+    """`context="last"` is by definition the prefix head whose cross-attention sees the step's own state h_t alone
+    (how issue 16 measured it: a mask). Copy the prefix head's weights into the cheaper implementation (value rows of
+    `ckv` through `co` -> `cv`; the adaLN rows of the query's shift/scale dropped) and compare in float64."""
+    torch.manual_seed(0)
+    B, D, W, H = 2, 12, 16, 2
+    pre = _open(Head2D(D, W, 2, H, N, 5, self_attn=self_attn)).double()
+    last = Head2D(D, W, 2, H, N, 5, self_attn=self_attn, context="last").double()
+    sd = {k: v for k, v in pre.state_dict().items() if ".cq." not in k and ".ckv." not in k and ".co." not in k}
+    for i, b in enumerate(pre.blocks):
+        wv = b.ckv.weight.view(H, 2, W // H, D)[:, 1].reshape(W, D)        # per head: [k | v] rows, take v
+        sd[f"blocks.{i}.cv.weight"] = b.co.weight @ wv
+        sd[f"blocks.{i}.ada.1.weight"] = b.ada[1].weight[2 * W:]          # chunks: shift_c, scale_c, gate_c, ...
+        sd[f"blocks.{i}.ada.1.bias"] = b.ada[1].bias[2 * W:]
+    last.load_state_dict(sd)
+    h = torch.randn(B, N, D, dtype=torch.float64)
+    tg = select_targets(make_order("random", B, N), "global", 4 if self_attn else 1)
+    got = last(h, h, tg.steps_S, tg.pos_BSM, tg.valid_BSM)
+    ref = torch.stack([pre(h[:, t:t + 1], h[:, t:t + 1], torch.tensor([0]), tg.pos_BSM[:, t:t + 1],
+                           tg.valid_BSM[:, t:t + 1])[:, 0] for t in range(N)], 1)
+    vm = tg.valid_BSM[..., None]
+    assert torch.allclose(got * vm, ref * vm, rtol=1e-10, atol=1e-12)   # float64: measured max diff ~1e-16
+    full = pre(h, h, tg.steps_S, tg.pos_BSM, tg.valid_BSM)             # the prefix head proper is different
+    assert ((full - ref).abs() * vm)[:, 1:].max() > 1e-3
+
+
+@pytest.mark.parametrize("context", HEAD_CONTEXTS)
+def test_earlier_states_reach_only_the_prefix_head(context):
+    "Perturbing h_0..h_{t-1} (h_t kept) changes step t's outputs for the prefix head, and not at all for 'last'."
+    torch.manual_seed(1)
+    D = 16
+    head = _open(Head2D(D, 16, 2, 2, N, 5, context=context)).double()
+    h = torch.randn(2, N, D, dtype=torch.float64)
+    tg = select_targets(make_order("random", 2, N), "global", 3)
+    t = 9
+    h2 = h.clone(); h2[:, :t] += torch.randn(2, t, D, dtype=torch.float64)
+    outs = [head(hh, hh[:, t:t + 1], tg.steps_S[t:t + 1], tg.pos_BSM[:, t:t + 1], tg.valid_BSM[:, t:t + 1])
+            for hh in (h, h2)]
+    diff = (outs[0] - outs[1]).abs().max()
+    if context == "last": assert diff == 0
+    else: assert diff > 1e-3                                            # measured ~0.5
+
+
+def test_independent_queries_do_not_see_each_other():
+    "Without self-attention a position's output does not depend on which other positions share its query set."
+    torch.manual_seed(2)
+    for self_attn in (True, False):
+        head = _open(Head2D(16, 16, 2, 2, N, 5, self_attn=self_attn, context="last")).double()
+        h = torch.randn(1, N, 16, dtype=torch.float64)
+        a = head(h, h[:, 3:4], torch.tensor([3]), torch.tensor([[[3, 7, 9]]]), torch.ones(1, 1, 3, dtype=torch.bool))
+        b = head(h, h[:, 3:4], torch.tensor([3]), torch.tensor([[[3, 12, 15]]]), torch.ones(1, 1, 3, dtype=torch.bool))
+        d = (a[0, 0, 0] - b[0, 0, 0]).abs().max()
+        assert d == 0 if not self_attn else d > 1e-3
+
+
+def test_head_variant_errors():
+    with pytest.raises(ValueError, match="head_context must be one of"): Head2D(16, 16, 1, 2, N, 5, context="all")
+    with pytest.raises(ValueError, match="head_queries must be one of"): check_head_variant("last", "alone")
+    check_head_variant("last", "independent")
 
 
 def test_diffusion_schedule_and_loss():

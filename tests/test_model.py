@@ -48,9 +48,14 @@ def _per_step_loss(m, x, y, order, tg):
     return num / den
 
 
-@pytest.mark.parametrize("window,M,order", [("global", 3, "raster"), (3, "all", "random"), (1, 1, "random")])
-def test_batched_pass_equals_per_step_loop(window, M, order):
-    m = _f64(_open_gates(_model(window=window, targets_per_step=M, order=order, next_weight=2.0)))
+VARIANTS = [dict(), dict(head_context="last"), dict(head_context="last", head_queries="independent")]
+
+
+@pytest.mark.parametrize("window,M,order,variant", [("global", 3, "raster", {}), (3, "all", "random", {}),
+                                                   (1, 1, "random", {}), ("global", 3, "random", VARIANTS[1]),
+                                                   ("global", "all", "raster", VARIANTS[2])])
+def test_batched_pass_equals_per_step_loop(window, M, order, variant):
+    m = _f64(_open_gates(_model(window=window, targets_per_step=M, order=order, next_weight=2.0, **variant)))
     x, y = _data()
     o = make_order(order, 4, 16, generator=torch.Generator().manual_seed(0))
     tg = select_targets(o, window, M, generator=torch.Generator().manual_seed(0))
@@ -129,9 +134,10 @@ def test_window1_is_plain_next_token_ce():
     assert out["n_targets"] == 4 * 16 and not m.head.self_attn
 
 
-@pytest.mark.parametrize("order", ["raster", "random"])
-def test_no_leak_from_future(order):
-    m = _f64(_open_gates(_model(order=order)))
+@pytest.mark.parametrize("order,variant", [("raster", {}), ("random", {}), ("raster", VARIANTS[1]),
+                                           ("random", VARIANTS[2])])
+def test_no_leak_from_future(order, variant):
+    m = _f64(_open_gates(_model(order=order, **variant)))
     x, y = _data()
     o = make_order(order, 4, 16, generator=torch.Generator().manual_seed(3))
     tg = select_targets(o, "global", "all")
@@ -204,6 +210,34 @@ def test_presets_and_meta():
     assert PRESETS["H"].grid == (16, 16) and PRESETS["H"].vocab_size == 16384
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_head_variant_sees_only_h_t(variant):
+    """The sampler's call `head_out(h, n, ...)`: with head_context="last" the step's outputs do not change when the
+    earlier states h_0..h_{n-1} are perturbed (h_n kept); with the default "prefix" head they do."""
+    m = _f64(_open_gates(_model(targets_per_step=3, **variant))).eval()
+    x, y = _data()
+    o = make_order("raster", 4, 16)
+    h = m.states(m.check_tokens(x), y, o).detach()
+    n = 8
+    h2 = h.clone(); h2[:, :n] += torch.randn(4, n, h.shape[-1], dtype=h.dtype, generator=torch.Generator().manual_seed(0))
+    pos = o[:, n:n + 3]
+    d = (m.head_out(h, n, pos) - m.head_out(h2, n, pos)).abs().max()
+    if variant.get("head_context") == "last": assert d == 0
+    else: assert d > 1e-3                                                # measured ~0.3
+
+
+def test_head_variant_config():
+    "Each variant is a validated config field wired to the head; a bad value names the field and the choices."
+    m = _model(targets_per_step=3, head_context="last", head_queries="independent")
+    assert m.head.context == "last" and not m.head.self_attn and all(b.context == "last" for b in m.head.blocks)
+    assert _model(targets_per_step=3, head_queries="joint").head.self_attn and _model().head.context == "prefix"
+    n_pre, n_last = _model(targets_per_step=3).num_params()["head"], m.num_params()["head"]
+    assert n_last < n_pre
+    with pytest.raises(ConfigError, match="head_context"): HeptapodConfig(head_context="all")
+    with pytest.raises(ConfigError, match="head_queries"): HeptapodConfig(head_queries="alone")
+    with pytest.raises(ConfigError, match="head_context"): PRESETS["tiny"].replace(head_context="h_t")
+
+
 def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     m = _open_gates(_model(token_kind="kl", token_channels=3)).eval()
     p = tmp_path / "m.safetensors"
@@ -218,6 +252,11 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     with pytest.raises(FileNotFoundError): load_model(tmp_path / "missing.safetensors")
     save_weights(tmp_path / "tok.safetensors", m, m.config, kind="vq_tokenizer")
     with pytest.raises(ConfigError, match="heptapod"): load_model(tmp_path / "tok.safetensors")
+    last = _open_gates(_model(head_context="last")).eval()                # a head variant round-trips too
+    save_model(last, tmp_path / "last.safetensors")
+    assert load_model(tmp_path / "last.safetensors").config.head_context == "last"
+    with pytest.raises(ConfigError, match="head_context"):
+        load_model(tmp_path / "last.safetensors", config=last.config.replace(head_context="prefix"))
 
 
 def test_input_checks():

@@ -77,6 +77,19 @@ def test_sampler_draws_from_training_forward(kind, window, M):
         _check_sampled_equals_training_forward(m, toks, tr, torch.tensor([1, 6]), k)
 
 
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+@pytest.mark.parametrize("window,M,variant", [(3, 2, dict(head_context="last")),
+                                              ("global", 2, dict(head_context="last")),
+                                              ("global", "all", dict(head_context="last", head_queries="independent"))])
+def test_sampler_draws_from_training_forward_head_variants(kind, window, M, variant):
+    "The same equivalence for the head variants of issue 16 (head sees h_t only; queries decoded independently)."
+    m = _model(window=window, targets_per_step=M, token_kind=kind, token_channels=3 if kind == "kl" else 0,
+               order="random" if M == 2 else "raster", **variant).double()
+    for k in (1, 3):
+        toks, tr = generate(m, [1, 6], seed=k, tokens_per_step=k, trace=True)
+        _check_sampled_equals_training_forward(m, toks, tr, torch.tensor([1, 6]), k)
+
+
 def test_sampler_draws_from_what_it_records():
     "The recorded head outputs are the ones sampled from: greedy VQ takes their argmax, near-zero-temperature KL their denoised value."
     m = _model(targets_per_step=2).double()
