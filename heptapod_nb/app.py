@@ -285,15 +285,19 @@ def _checked(base, image: str | None = None):
     if (base, image) not in _CHECKED:
         root = base
         while "is_template" in vars(root): root = root.__base__         # gr.Sketchpad is drawn by ImageEditor
-        if image is None:
-            class Checked(base):
-                def preprocess(self, payload): return payload
-        else:
-            class Checked(base):
-                def preprocess(self, payload):
-                    try: return base.preprocess(self, payload)
-                    except Exception as e:      # whatever a user's file makes the decoder raise is the file's fault
-                        raise _refuse(f"the {image} is not an image this app can read (PNG, JPEG, WebP): {type(e).__name__}") from None
+        import gradio.component_meta as cm
+        write_pyi, cm.create_or_modify_pyi = cm.create_or_modify_pyi, lambda *a, **k: None   # Gradio would write
+        try:                                    # a type-stub file app.pyi next to this module for every subclass
+            if image is None:
+                class Checked(base):
+                    def preprocess(self, payload): return payload
+            else:
+                class Checked(base):
+                    def preprocess(self, payload):
+                        try: return base.preprocess(self, payload)
+                        except Exception as e:      # whatever a user's file makes the decoder raise is the file's fault
+                            raise _refuse(f"the {image} is not an image this app can read (PNG, JPEG, WebP): {type(e).__name__}") from None
+        finally: cm.create_or_modify_pyi = write_pyi
         Checked.get_block_name = Checked.get_block_class = lambda self, n=root.__name__.lower(): n
         Checked.__name__ = Checked.__qualname__ = f"Checked{base.__name__}"
         _CHECKED[base, image] = Checked
