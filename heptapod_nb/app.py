@@ -435,7 +435,7 @@ def default_port() -> int:
 def _device(v):
     "--device as a torch.device; an unknown or unavailable device is a ValueError naming it."
     try: return get_device(v)
-    except RuntimeError as e: raise ValueError(f"--device {v!r} is not a device torch knows (cpu, cuda, cuda:1, mps): {e}") from None
+    except ValueError as e: raise ValueError(f"--device: {e}") from None
 
 def _parser(prog: str, retrain: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Heptapod app: watch a causal Transformer predict the next 2D distribution.")

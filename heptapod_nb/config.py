@@ -23,7 +23,7 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     if device is None: return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try: device = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, mps): {e}") from None
+        raise ValueError(f"device {device!r} is not a device torch knows (cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was asked for, but CUDA is not available on this machine (use --device cpu)")
     return device

@@ -131,10 +131,10 @@ def _port_in_use():
 
 
 @pytest.mark.parametrize("cli, argv, msg", [
-    (main, ["--device", "tpu"], "--device 'tpu' is not a device torch knows"),
+    (main, ["--device", "tpu"], "--device: device 'tpu' is not a device torch knows"),
     (main, ["--port", "0"], "argument --port: must be an integer from 1 to 65535, got 0"),
     (main, ["--workers", "0"], "--workers must be >= 1, got 0"),
-    (demo_cli, ["--device", "tpu", "--no-launch"], "--device 'tpu' is not a device torch knows"),
+    (demo_cli, ["--device", "tpu", "--no-launch"], "--device: device 'tpu' is not a device torch knows"),
     (demo_cli, ["--weights", __file__, "--no-launch"], "is a file, not a folder"),
     (demo_cli, ["--minutes", "-1", "--no-launch"], "--minutes must be > 0"),
 ])
