@@ -9,11 +9,12 @@ export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: demo test setup check-sync nbtest pytest export clean-nbs help
+.PHONY: demo test setup check-sync nbtest nbdev-test pytest export clean-nbs help docs
 
 help:
 	@echo "make demo   - set up .venv and open the Heptapod app on MNIST-5k (http://127.0.0.1:7860)"
-	@echo "make test   - set up .venv, check notebooks/modules are in sync, run notebooks, tutorials and pytest"
+	@echo "make test   - set up .venv, check notebooks/modules are in sync, run notebooks and tutorials (building the docs site), pytest"
+	@echo "make docs   - the docs site in _docs/ (open _docs/index.html): every notebook and tutorial executed, API reference"
 
 # The venv is (re)built whenever the package's settings change.
 $(BIN)/.installed: settings.ini setup.py
@@ -33,9 +34,15 @@ demo: setup
 check-sync: setup
 	@bash tools/check_sync.sh
 
-nbtest: setup
+# Every notebook and tutorial is executed once, in fast mode, by the docs build (the same executor and skip flags
+# as nbdev_test): a failing cell fails `make test`, and so does a docs site that no longer builds.
+nbtest: setup $(BIN)/.docs-installed
+	HEPTAPOD_FAST=1 $(BIN)/python tools/build_docs.py --no-cache --strict
+
+# nbdev's own runner, for a quick check of the notebooks alone (no site)
+nbdev-test: setup
 	HEPTAPOD_FAST=1 $(BIN)/nbdev_test --path nbs --n_workers 2 --do_print --timing
-	@if ls tutorials/*.ipynb >/dev/null 2>&1; then HEPTAPOD_FAST=1 $(BIN)/nbdev_test --path tutorials --n_workers 2 --do_print --timing; fi
+	HEPTAPOD_FAST=1 $(BIN)/nbdev_test --path tutorials --n_workers 2 --do_print --timing
 
 pytest: setup
 	HEPTAPOD_FAST=1 $(BIN)/python -m pytest tests -q -ra
@@ -44,3 +51,15 @@ test: check-sync nbtest pytest
 
 export: setup
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean && $(BIN)/nbdev_clean --fname tutorials
+
+# The docs site in _docs/ (open _docs/index.html, no server needed), built offline: every notebook and tutorial
+# executed (cells flagged slow/gpu/eval: false skipped, as nbdev_test does) with its pictures, the README as the
+# landing page, the API reference from docstrings. `HEPTAPOD_FAST=1 make docs` is the quick build CI runs; --strict:
+# a broken link fails the build, so the site cannot rot.
+DOCS_SPEC := mkdocs==1.6.1 mkdocs-material==9.8.2 mkdocs-jupyter==0.26.3 "mkdocstrings[python]==1.0.8" mkdocstrings-python==2.0.11
+$(BIN)/.docs-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install -q $(DOCS_SPEC)
+	@touch $@
+
+docs: setup $(BIN)/.docs-installed
+	$(BIN)/python tools/build_docs.py --strict
