@@ -50,7 +50,7 @@ class TrainConfig(Config):
     grad_clip: float = 1.0               # 0 = off (the norm is still logged)
     ema: float = 0.9999                  # 0 = no EMA
     seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp32", "fp64"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on CPU; fp64: exactness checks
     compile: bool = False
     fsdp: bool = False
     device: str = ""                     # "" = cuda:LOCAL_RANK when available, else cpu
@@ -417,7 +417,8 @@ def _shard_fsdp(wrapper: LossModule, bf16: bool):
     root. A unit must use its parameters only inside its own `forward` (FSDP gathers them in a forward hook): the
     head's blocks are not units because `Head2D.forward` calls their adaLN layers itself."""
     from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    # bf16 compute reduces gradients in float32; otherwise in the parameters' own dtype (float32, or float64)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
     blocks = [m for m in wrapper.model.modules() if type(m).__name__ in FSDP_UNITS]
     for m in blocks: fully_shard(m, mp_policy=mp)
     fully_shard(wrapper, mp_policy=mp)
@@ -491,9 +492,12 @@ def train(cfg: TrainConfig, resume: str | None = None, model: nn.Module | None =
     if cfg.threads: torch.set_num_threads(cfg.threads)
     di = setup_distributed(cfg.device)
     owns_group = di.initialized
+    dtype = torch.get_default_dtype()
+    if cfg.precision == "fp64": torch.set_default_dtype(torch.float64)   # weights, optimizer state and math in float64
     try:
         with StopSignals() as stop: return _train(cfg, resume, model, di, log, stop)
     finally:
+        torch.set_default_dtype(dtype)
         if owns_group and dist.is_initialized(): dist.destroy_process_group()
 
 def _train(cfg: TrainConfig, resume, model, di: DistInfo, log, stop: StopSignals | None = None) -> dict:
