@@ -224,7 +224,9 @@ class LossModule(nn.Module):
     "`forward(tokens, labels)` = `model.loss(tokens, labels)`, so DDP/FSDP/compile see the loss as the forward."
     def __init__(self, model: nn.Module):
         super().__init__(); self.model = model
-    def forward(self, tokens, labels): return self.model.loss(tokens, labels)
+    def forward(self, tokens, labels):
+        if getattr(getattr(self.model, "config", None), "num_classes", None) == 0: labels = None   # unconditional model:
+        return self.model.loss(tokens, labels)                                                   # a dataset's labels unused
 
 # %% ../nbs/09_train.ipynb #5e045ab4
 _NO_DECAY_NAMES = ("emb", "norm", "pos", "mask_token", "start", "cls_token", "bias")

@@ -311,3 +311,10 @@ def test_user_errors_are_one_line_exit_2(tokens, tmp_path, capsys):
                        env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("heptapod-train: error: cannot read image") and r.stderr.count("\n") == 1, r.stderr
     assert "1.png" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unconditional_model_trains_on_a_labelled_token_set(tokens, tmp_path):
+    "model.num_classes=0 on a dataset with labels: the labels are not fed (they used to be refused by check_labels)."
+    assert main(args(tokens, tmp_path / "u", "steps=1", "ckpt_every=1", "model.num_classes=0")) == 0
+    from heptapod_nb.model import load_model
+    assert load_model(tmp_path / "u" / "model.safetensors").config.num_classes == 0

@@ -1,0 +1,200 @@
+"""The semantics probe (heptapod_nb.probe, bench/probe.py): the linear probe reads a label that the features hold and
+not one they do not; the IS analogue and coverage have their textbook values; backbone states are the model's own
+and see no later token; the commitment curves keep the prefix and end at 1; the benchmark resumes and refuses."""
+import importlib.util, json, subprocess, sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from heptapod_nb.sample import generate
+from heptapod_nb.model import Heptapod, HeptapodConfig
+from heptapod_nb.probe import (backbone_states, class_coverage, commitment_curves, mnist_is, probe_accuracy, probe_model,
+                               probe_steps, probe_table, quality_metrics, summarize_probe)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(window="global", M=2, num_classes=0, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = HeptapodConfig(vocab_size=16, grid=(8, 8), num_classes=num_classes, dim=32, depth=2, n_heads=2, head_width=32,
+                         head_depth=1, head_heads=2, window=window, targets_per_step=M, **kw)
+    return Heptapod(cfg).eval()
+
+
+# ---- the probe ------------------------------------------------------------------------------------------------
+def _features(n, d, rng, labels=None):
+    X = rng.normal(size=(n, d))
+    if labels is not None: X[np.arange(n), labels] += 4.0               # the label as a bump on one coordinate
+    return X
+
+def test_probe_reads_a_label_the_features_hold_and_not_noise():
+    rng = np.random.default_rng(0)
+    ytr, yva = rng.integers(0, 10, 600), rng.integers(0, 10, 500)
+    acc = probe_accuracy(_features(600, 32, rng, ytr), ytr, _features(500, 32, rng, yva), yva)
+    # a bump of 4 sd on the label's coordinate: a linear read-out is near perfect (measured 1.000)
+    assert acc > 0.95
+    chance = probe_accuracy(_features(600, 32, rng), ytr, _features(500, 32, rng), yva)
+    # noise: chance is 0.1 and the sd of a val accuracy over 500 digits is sqrt(.1 * .9 / 500) = 0.013; 0.2 is 7 sd
+    assert chance < 0.2
+    with pytest.raises(ValueError, match="labels"): probe_accuracy(np.zeros((5, 2)), [0, 1], np.zeros((3, 2)), [0, 1, 0])
+    with pytest.raises(ValueError, match="same d"): probe_accuracy(np.zeros((5, 2)), [0, 1, 0, 1, 0], np.zeros((3, 4)), [0, 1, 0])
+    with pytest.raises(ValueError, match="NaN"):
+        probe_accuracy(np.full((4, 2), np.nan), [0, 1, 0, 1], np.zeros((2, 2)), [0, 1])
+
+
+def test_is_analogue_and_coverage_have_their_textbook_values():
+    for C in (4, 10):
+        eye = torch.eye(C, dtype=torch.float64)
+        assert mnist_is(eye.repeat(5, 1)) == pytest.approx(C, rel=1e-12)            # confident and balanced: C
+        assert mnist_is(eye[[1] * 7]) == pytest.approx(1.0, rel=1e-12)               # one class: 1
+        assert mnist_is(torch.full((6, C), 1 / C, dtype=torch.float64)) == pytest.approx(1.0, rel=1e-12)
+        assert class_coverage(eye.repeat(3, 1)) == pytest.approx(1.0) and class_coverage(eye[[2] * 4]) == pytest.approx(1 / C)
+    # random rows against a float64 reference written another way: exp(H(mean p) - mean H(p))
+    p = torch.rand(50, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) ** 3
+    p /= p.sum(1, keepdim=True)
+    H = lambda q: -(q * q.log()).sum(-1)
+    assert mnist_is(p) == pytest.approx(float((H(p.mean(0)) - H(p).mean()).exp()), rel=1e-12)
+    # coverage: two classes read 3:1 -> exp(entropy) = exp(-(.75 ln .75 + .25 ln .25)) of 4 classes
+    q = torch.eye(4, dtype=torch.float64)[[0, 0, 0, 1]]
+    assert class_coverage(q) == pytest.approx(float(np.exp(-(.75 * np.log(.75) + .25 * np.log(.25)))) / 4, rel=1e-12)
+    with pytest.raises(ValueError, match="sum to 1"): mnist_is(torch.ones(3, 4))
+
+
+class _ReadOnePosition(nn.Module):
+    "A stand-in classifier: class = the token at flat position `pos` of a (B, 1, 8, 8) 'image' of token ids, mod C."
+    def __init__(self, pos: int, C: int = 4):
+        super().__init__(); self.pos, self.C, self.dummy = pos, C, nn.Parameter(torch.zeros(()))
+    def forward(self, x):
+        return 10.0 * nn.functional.one_hot(x.flatten(1)[:, self.pos].long() % self.C, self.C).float()
+
+class _TokensAsImage:
+    "A stand-in decoder: the token grid itself as a one-channel image."
+    def decode(self, tokens): return tokens[:, None].float()
+
+
+def test_quality_metrics_without_fid_use_the_classifier_readings():
+    imgs = torch.arange(8)[:, None, None, None].expand(8, 1, 8, 8).float()      # token 0..7 everywhere -> classes 0..3 twice
+    q = quality_metrics(_ReadOnePosition(0), imgs, fid=False)
+    assert set(q) == {"mnist_is", "mean_conf", "coverage"}
+    # logits 10 vs 0: p(y|x) is one-hot to 1.4e-4, so the IS is 4 to 0.2% (measured 3.9943)
+    assert q["coverage"] == pytest.approx(1.0) and q["mnist_is"] == pytest.approx(4.0, rel=5e-3)
+    assert 0.99 < q["mean_conf"] <= 1.0
+
+
+# ---- states ---------------------------------------------------------------------------------------------------
+def test_states_are_the_models_own_and_see_no_later_token():
+    m = _model()
+    x = torch.randint(16, (7, 8, 8), generator=torch.Generator().manual_seed(1))
+    st = backbone_states(m, x, steps=[0, 8, 16, 32, 63], batch_size=3)          # batches of 3: the batching is checked too
+    with torch.no_grad():
+        ref = m.states(x.flatten(1), torch.zeros(7, dtype=torch.long), torch.arange(64).expand(7, 64)).double()
+    # float32 states of norm ~1 computed in batches of 3 vs 7: equal to float32 rounding (measured max 0 to 3e-7)
+    for t in (0, 8, 16, 32, 63): np.testing.assert_allclose(st[f"t{t}"], ref[:, t].numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(st["mean"], ref.mean(1).numpy(), atol=1e-5, rtol=0)
+    # h_t has seen the first t tokens: changing token t (raster) leaves h_t as it was and moves h_{t+1}
+    t = 8
+    y = x.clone(); y.view(7, 64)[:, t] = (y.view(7, 64)[:, t] + 1) % 16
+    sy = backbone_states(m, y, steps=[t, t + 1], batch_size=3)
+    np.testing.assert_allclose(sy[f"t{t}"], st[f"t{t}"], atol=1e-5, rtol=0)
+    assert np.abs(sy[f"t{t + 1}"] - backbone_states(m, x, steps=[t + 1])[f"t{t + 1}"]).max() > 1e-3
+    assert probe_steps(64) == [8, 16, 32, 63]
+    with pytest.raises(ValueError, match="unconditional"): backbone_states(_model(num_classes=10), x)
+    with pytest.raises(ValueError, match=r"\[0, 63\]"): backbone_states(m, x, steps=[64])
+
+
+# ---- commitment curves ----------------------------------------------------------------------------------------
+def _random_head(m, seed=5):
+    "Random head weights instead of the zero-initialised output (whose tied logits make argmax meaningless)."
+    g = torch.Generator().manual_seed(seed)
+    for p in m.head.parameters(): p.data.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+def test_commitment_curves_keep_the_prefix_and_end_at_one():
+    dec = _TokensAsImage()
+    # the classifier reads position 0: once the first token is seen, guess and greedy completion both hold it (and
+    # before it, the greedy completion draws the same first token for every sample: agreement below 1)
+    for m in (_random_head(_model("global", 2)), _random_head(_model(1, 1))):
+        cv = commitment_curves(m, dec, _ReadOnePosition(0), n=12, seed=3, steps=[0, 1, 2])
+        assert cv["steps"] == [0, 1, 2, 64] and cv["n"] == 12
+        x = generate(m, batch=12, seed=3).flatten(1)                      # the same samples: the majority share of their readings
+        assert cv["majority"] == pytest.approx(float(torch.bincount(x[:, 0] % 4).max()) / 12, abs=5e-5)   # stored to 4 decimals
+        assert cv["greedy"][1:] == [1.0, 1.0, 1.0] and cv["greedy"][0] < 1
+        if m.config.window == "global": assert cv["guess"][1:] == [1.0, 1.0, 1.0]
+        else: assert cv["guess"] is None                                   # next-token: no whole-image guess
+        assert cv["plain_s"] >= 0 and cv["greedy_s"] >= 0 and (cv["trace_s"] is not None) == (cv["guess"] is not None)
+    # reading the last position, with a head made non-degenerate (random weights instead of its zero-initialised
+    # output): the guess after t tokens is the argmax of the head's prediction there, which `predict_remaining`
+    # computes another way (a full causal pass instead of the sampler's KV cache)
+    from heptapod_nb.sample import predict_remaining
+    m = _random_head(_model("global", 2))
+    cv = commitment_curves(m, dec, _ReadOnePosition(63), n=40, seed=0, steps=[0, 30, 62], greedy=False)
+    x = generate(m, batch=40, seed=0).flatten(1)
+    want = []
+    for t in (0, 30, 62):
+        pred = predict_remaining(m, x.view(40, 8, 8), t)
+        assert (pred.positions[:, -1] == 63).all()
+        want.append(float((pred.logits[:, -1].argmax(-1) % 4 == x[:, 63] % 4).double().mean()))
+    assert 0 < min(want) and max(want) < 1                           # the check can fail both ways
+    assert cv["guess"] == [pytest.approx(w) for w in want] + [1.0] and cv["greedy"] is None
+    with pytest.raises(ValueError, match="steps"): commitment_curves(m, dec, _ReadOnePosition(0), n=2, steps=[64])
+
+
+# ---- registry, tables, benchmark ------------------------------------------------------------------------------
+def test_probe_configs_are_unconditional_and_named_like_the_ablation():
+    assert probe_model("w1") == dict(next_weight=1.0, window=1, targets_per_step=1, num_classes=0)
+    assert probe_model("global_m2_nw8")["next_weight"] == 8.0 and probe_model("global_nw8")["targets_per_step"] == 4
+    with pytest.raises(ValueError, match="unknown probe config"): probe_model("w3")
+    with pytest.raises(ValueError, match="unconditional"): probe_model("x", dict(window=1, num_classes=10))
+
+
+def _run(name, seed, probe):
+    r = dict(name=name, seed=seed, steps=3, train_s=1.0, val_next_ce=3.0, mnist_fid=40.0 + seed, mnist_is=2.0,
+             mean_conf=0.8, coverage=0.9, greedy_mean=0.5)
+    for k in ("t8", "t16", "t32", "t63", "mean"): r[f"probe_{k}"], r[f"floor_probe_{k}"] = probe, 0.5
+    return r
+
+
+def test_summary_and_table():
+    rows = summarize_probe([_run("global", 0, 0.6), _run("w1", 0, 0.7), _run("my_head", 0, 0.6), _run("w1", 1, 0.8)])
+    assert [(r["name"], r["seeds"]) for r in rows] == [("w1", 2), ("global", 1), ("my_head", 1)]    # registry order
+    assert rows[0]["probe_mean"] == pytest.approx(0.75) and rows[0]["probe_mean_std"] == pytest.approx(np.std([0.7, 0.8], ddof=1))
+    assert rows[0]["floor_probe_t8"] == 0.5 and "guess_mean" not in rows[0]
+    t = probe_table(rows)
+    assert "probe t8" in t and "0.750 +- 0.071 (0.50)" in t and t.count("\n") == 4
+    with pytest.raises(ValueError, match="different step counts"): summarize_probe([_run("w1", 0, 0.7), dict(_run("w1", 1, 0.7), steps=4)])
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_probe", ROOT / "bench" / "probe.py")
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); return m
+
+
+def test_bench_help_does_not_import_torch():
+    code = ("import runpy, sys; sys.argv = ['bench/probe.py', '--help']\n"
+            "try: runpy.run_path('bench/probe.py', run_name='__main__')\nexcept SystemExit as e: assert e.code == 0\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage:" in out.stdout and out.stdout.strip().endswith("False"), out.stderr
+
+
+def test_bench_resumes_and_refuses_other_settings(tmp_path, capsys, monkeypatch):
+    import heptapod_nb.ablation as abl
+    monkeypatch.setattr(abl, "ablation_tokens", lambda root, tok, progress=False: Path(root))     # no extraction
+    pb, out = _bench(), tmp_path / "p.json"
+    settings = dict(steps=3, batch=4, lr=2e-3, samples=10, curve_samples=0, probe_n=0, temperature=1.0, tokenizer=None,
+                    classifier=None)
+    out.write_text(json.dumps(dict(settings=settings, runs=[_run(n, s, 0.6) for n in ("w1", "global") for s in (0, 1)])))
+    args = ["--steps", "3", "--batch", "4", "--samples", "10", "--curve_samples", "0", "--configs", "w1,global",
+            "--seeds", "0,1", "--tokens", str(tmp_path / "tok"), "--out", str(out)]
+    assert pb.main(args) == 0                                     # everything is done already: nothing is trained
+    text = capsys.readouterr().out
+    assert "0 runs to do (4 already" in text and "| w1 | 3 | 2 |" in text
+    before = out.read_text()
+    assert pb.main([a if a != "3" else "5" for a in args]) == 2   # other steps: refused in one line, file untouched
+    err = capsys.readouterr().err
+    assert err.startswith("bench/probe.py: error:") and "other settings" in err and err.count("\n") == 1
+    assert out.read_text() == before
+    assert pb.main(args[:-4] + ["--configs", "w3", "--out", str(out)]) == 2 and "unknown config" in capsys.readouterr().err
