@@ -29,6 +29,10 @@ __all__ = ['PROBE', 'PROBE_METRICS', 'probe_model', 'probe_steps', 'backbone_sta
 PROBE: dict[str, dict] = {
     **ABLATION,
     "global_nw8": dict(model=dict(window="global", targets_per_step=4, next_weight=8.0), steps_mult=1.0),
+    # the head variants of issue 16 item 3: the head sees only h_t (head_context="last")
+    "w1_last": dict(model=dict(window=1, targets_per_step=1, head_context="last"), steps_mult=1.0),
+    "global_last": dict(model=dict(window="global", targets_per_step=4, head_context="last"), steps_mult=1.0),
+    "global_m2_nw8_last": dict(model=dict(window="global", targets_per_step=2, next_weight=8.0, head_context="last"), steps_mult=1.0),
 }
 
 def probe_model(name: str, model: dict | None = None) -> dict:
