@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from heptapod_nb.app import (HeptapodApp, InputError, build_blocks, load_bundle, write_untrained_weights, image_to_input,
-                             main, demo_cli, launch, missing_demo_files, _parser)
+                             main, launch, missing_demo_files, _parser)
+from heptapod_nb.demo import demo_cli
 
 ART = Path(__file__).parent / "_artifacts"
 
