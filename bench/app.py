@@ -1,9 +1,12 @@
-"""App benchmark: start time with the bundled weights, one generation with a full trace, scrubbing one step, and
+"""App benchmark: start time with the bundled weights, one generation with a full trace, scrubbing one step, the
+streamed generation (time to the first and to the last yielded step, in-process and through HTTP), and
 20 concurrent generations through the web API (throughput, p50/max latency) served two ways.
 
     flock /tmp/heptapod-bench.lock .venv/bin/python bench/app.py --threads 2 --out bench/results/app.json
 
 Targets (issue 6, 2 CPU cores): start <= 20 s, generation with full trace <= 2 s, scrubbing a step <= 0.2 s.
+Streaming (issue 18): `/generate` computes the whole trace under the model set's lock, then yields its steps
+(`stream_frames` of them, `frame_s` apart: the animation the user watches); the first step must arrive <= 2 s.
 Concurrency (issue 15): `--workers 1` is the app's default (one lock per bundle + one Gradio queue for the endpoints
 that compute: requests run one at a time, in arrival order); `--workers W` serves W at once, each on its own copy of
 the models (its own KV cache); W = the number of calls is a copy per request. Every concurrent result is checked
@@ -58,6 +61,24 @@ def concurrent_generations(bundle, workers: int, n: int = 20) -> dict:
             "alone_p50_s": round(statistics.median(alone_s), 3), "identical_to_alone": sum(same)}
 
 
+def stream_in_process(app, r: int) -> tuple[float, float, int]:
+    "`app.generate_stream` (the /generate callback): seconds to the first and to the last yielded step, frames."
+    t0 = time.perf_counter(); it = app.generate_stream(cls=r % 10, seed=200 + r)
+    next(it); first = time.perf_counter() - t0
+    n = 1 + sum(1 for _ in it)
+    return first, time.perf_counter() - t0, n
+
+
+def stream_via_http(client, r: int) -> tuple[float, float]:
+    "/generate through gradio_client: seconds until the first streamed output arrives, and until the last."
+    t0 = time.perf_counter()
+    job = client.submit(r % 10, 300 + r, 1.0, 0, "raster", 1, "entropy", False, api_name="/generate")
+    while not job.outputs() and not job.done(): time.sleep(0.005)
+    first = time.perf_counter() - t0
+    job.result()
+    return first, time.perf_counter() - t0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weights", default=None, help="weights folder (default: the bundled demo weights)")
@@ -83,14 +104,17 @@ def main(argv=None):
 
     gen, scrub, scrub_api = [], [], []
     for r in range(a.repeats):
-        t0 = time.perf_counter(); view = app.generate(cls=r % 10, seed=r); gen.append(time.perf_counter() - t0)
-        for t in (0, view.T // 3, view.T // 2, view.T - 1, view.T):
-            t0 = time.perf_counter(); app.panels(view, t, "entropy", overlay=True); scrub.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); run = app.generate(cls=r % 10, seed=r); gen.append(time.perf_counter() - t0)
+        for t in (0, run.T // 3, run.T // 2, run.T - 1, run.T):
+            t0 = time.perf_counter(); app.frame(run, t, "entropy", overlay=True); scrub.append(time.perf_counter() - t0)
+    view = run.view
+    stream = [stream_in_process(app, r) for r in range(a.repeats)]
     from gradio_client import Client
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
     client.predict(1, 0, 1.0, 0, "raster", 1, "entropy", False, api_name="/generate")
     for t in (3, 30, 60, 10, 50):
         t0 = time.perf_counter(); client.predict(t, "entropy", False, api_name="/scrub"); scrub_api.append(time.perf_counter() - t0)
+    stream_api = [stream_via_http(client, r) for r in range(a.repeats)]
     blocks.close()
     conc = [concurrent_generations(bundle, int(w), a.concurrent) for w in a.workers.split(",")] if a.concurrent else []
 
@@ -103,6 +127,11 @@ def main(argv=None):
         "scrub_step_s": round(statistics.median(scrub), 5),
         "scrub_step_s_max": round(max(scrub), 5),
         "scrub_step_via_http_s": round(statistics.median(scrub_api), 4),
+        "stream_first_step_s": round(statistics.median(s[0] for s in stream), 3),
+        "stream_last_step_s": round(statistics.median(s[1] for s in stream), 3),
+        "stream_first_step_via_http_s": round(statistics.median(s[0] for s in stream_api), 3),
+        "stream_last_step_via_http_s": round(statistics.median(s[1] for s in stream_api), 3),
+        "stream_frames": stream[0][2], "frame_s": app.frame_s,
         "steps": view.T, "grid": list(bundle.grid), "concurrent": conc,
         "weights": str(wdir), "weights_bytes": sum(f.stat().st_size for f in wdir.glob("*.safetensors")),
         "model_params": sum(p.numel() for p in bundle.model.parameters()),
@@ -110,9 +139,11 @@ def main(argv=None):
         "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
         "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
-    targets = {"app_start_s": 20.0, "generate_full_trace_s": 2.0, "scrub_step_s": 0.2}
+    targets = {"app_start_s": 20.0, "generate_full_trace_s": 2.0, "scrub_step_s": 0.2, "stream_first_step_s": 2.0,
+               "stream_first_step_via_http_s": 2.0}
     print(f"{'measure':28s} {'value':>10s} {'target':>8s}")
-    for k in ("app_start_s", "generate_full_trace_s", "view_decode_s", "scrub_step_s", "scrub_step_s_max", "scrub_step_via_http_s"):
+    for k in ("app_start_s", "generate_full_trace_s", "view_decode_s", "scrub_step_s", "scrub_step_s_max", "scrub_step_via_http_s",
+              "stream_first_step_s", "stream_last_step_s", "stream_first_step_via_http_s", "stream_last_step_via_http_s"):
         tgt = targets.get(k)
         print(f"{k:28s} {res[k]:10.4f} {('<= %g' % tgt) if tgt else '':>8s}" + ("" if tgt is None or res[k] <= tgt else "  MISSED"))
     if conc:

@@ -5,7 +5,7 @@ share of the K codes used on val and their perplexity (VQ), steps, wall and CPU 
     flock /tmp/heptapod-bench.lock .venv/bin/python bench/tokenizer.py --out bench/results/tokenizer.json
 
 The machine is shared: other processes may run at the same time, so the number of steps that fit in the budget
-(and hence the PSNR) varies from run to run; `--max_steps` fixes the work instead of the time.
+(and hence the PSNR) varies from run to run; `--max_steps` (the trainer's `steps`) fixes the work instead of the time.
 """
 import argparse, json, os, platform, sys, tempfile, time
 from pathlib import Path
@@ -41,7 +41,7 @@ def main(argv=None):
     rows = []
     for preset in a.presets.split(","):
         cfg = TokenizerTrainConfig(preset=preset, out=str(root / preset), max_minutes=a.max_minutes,
-                                   max_steps=a.max_steps, seed=a.seed, device="cpu")
+                                   steps=a.max_steps, seed=a.seed, device="cpu")
         t = time.time()
         _, s = train_tokenizer(cfg, a.override, progress=False)
         s["total_seconds"] = time.time() - t

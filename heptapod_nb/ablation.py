@@ -14,7 +14,12 @@ from .config import DEMO_FILES, ConfigError, demo_dir
 from .data import TokenDataset, load_mnist5k
 from .head import make_order, select_targets
 from .model import Heptapod, HeptapodConfig
-from .train import TrainConfig, read_metrics, train
+from .train import TrainConfig, list_checkpoints, load_checkpoint, read_metrics, train
+from .evaluate import score_samples
+from .metrics import mnist_classifier
+from .tokenizer import load_tokenizer
+from .tokenizer_train import extract_tokens
+from .tokens import token_kind
 
 # %% auto #0
 __all__ = ['ABLATION', 'ablation_label', 'ablation_tokens', 'val_grids', 'next_position_ce', 'run_ablation', 'mean_std',
@@ -46,8 +51,6 @@ def ablation_label(name: str) -> str:
 # %% ../nbs/14_ablation.ipynb #39103e46
 def ablation_tokens(root, tokenizer=None, progress: bool = False) -> Path:
     "MNIST-5k train/val encoded by `tokenizer` (a checkpoint path; default the bundled one) into `root/{train,val}`."
-    from heptapod_nb.tokenizer import load_tokenizer
-    from heptapod_nb.tokenizer_train import extract_tokens
     root, tpath = Path(root), Path(tokenizer or demo_dir() / DEMO_FILES["tokenizer"])
     if not tpath.exists(): raise FileNotFoundError(f"tokenizer checkpoint {tpath} does not exist")
     tok = None
@@ -60,16 +63,16 @@ def ablation_tokens(root, tokenizer=None, progress: bool = False) -> Path:
             if meta.get("done") == meta.get("n"): continue
         tok = tok or load_tokenizer(tpath).eval()
         extra = dict(tokenizer=str(tpath.resolve()), data="mnist5k", split=split, sample=False)
-        if tok.kind == "kl": extra["scale_factor"] = tok.scale_factor
+        extra.update(token_kind(tok).tokenizer_meta(tok))                  # KL: the latent scale_factor
         extract_tokens(tok, load_mnist5k(split), root / split, progress=progress, extra=extra)
     return root
 
 # %% ../nbs/14_ablation.ipynb #61711efc
-def val_grids(tokens_root, token_kind: str = "vq") -> tuple[torch.Tensor, torch.Tensor]:
-    "The val split of `ablation_tokens`: token grids (VQ long, KL float; unaugmented) and labels."
+def val_grids(tokens_root, kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    "The val split of `ablation_tokens`: token grids (VQ long, KL float; unaugmented; `kind` default: the data's) and labels."
     val = TokenDataset(Path(tokens_root) / "val", aug="first")
     x = torch.from_numpy(np.array(val.codes[:, 0]))                   # a copy: the memmap is read-only
-    return (x.long() if token_kind == "vq" else x.float()), torch.from_numpy(val.labels[:].astype("int64"))
+    return token_kind(kind or val.kind).cast(x), torch.from_numpy(val.labels[:].astype("int64"))
 
 @torch.no_grad()
 def next_position_ce(model: Heptapod, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int = 100,
@@ -104,10 +107,6 @@ def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_s
     """Train configuration `name` of `ABLATION` with `seed`; -> a result dict (the `window_ablation.json` run schema).
     `model` replaces the configuration's model overrides (for other ablations); `curve_samples` > 0 also scores that
     many samples at every checkpoint (quality against steps). For KL tokens the next-position loss is the diffusion loss."""
-    from heptapod_nb.evaluate import score_samples
-    from heptapod_nb.metrics import mnist_classifier
-    from heptapod_nb.tokenizer import load_tokenizer
-    from heptapod_nb.train import load_checkpoint, list_checkpoints
     if name not in ABLATION and model is None: raise ValueError(f"unknown ablation config {name!r}; known: {', '.join(ABLATION)}")
     if samples % 10 or curve_samples % 10: raise ValueError(f"samples must be multiples of 10 (class-balanced), got {samples}, {curve_samples}")
     spec, tokens_root = (ABLATION[name] if model is None else dict(model=model, steps_mult=1.0)), Path(tokens_root)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_app.ipynb #8bea83f8
 from __future__ import annotations
-import argparse, copy, json, math, os, queue, socket, sys, threading, time
+import argparse, copy, functools, json, math, os, queue, socket, sys, threading, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,16 +14,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-from PIL import Image
+import matplotlib.pyplot as plt
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from types import SimpleNamespace
+from PIL import Image, ImageDraw, ImageFont
 
 from .config import (DEMO_FILES, FAST, Config, ConfigError, demo_dir, write_json, get_device, save_weights,
                                  seed_everything, add_debug_arg, cli_main)
-from .viz import TraceView, view_for_model, trace_summary, is_next_token, _up
+from .viz import TraceView, view_for_model, trace_summary, is_next_token, filmstrip, images_to_uint8, _up
+from .sample import generate, predict_remaining
+from .tokenizer import TOKENIZER_PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
+from .model import PRESETS, Heptapod, load_model
+from .tokens import token_kind
 
 # %% auto #0
-__all__ = ['MAX_UPLOAD_SIDE', 'ORDERS', 'HEATMAPS', 'Bundle', 'missing_demo_files', 'load_bundle', 'write_untrained_weights',
+__all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_NAMES', 'INK', 'PAPER', 'MUTED', 'TITLE_H',
+           'PTITLE_H', 'CAPTION_H', 'MARGIN', 'GAP', 'BAR_W', 'COLOURS', 'ORDERS', 'HEATMAPS', 'CAPTION',
+           'CAPTION_BASE', 'TRACE_FIELDS', 'Bundle', 'missing_demo_files', 'load_bundle', 'write_untrained_weights',
            'InputError', 'image_to_input', 'check_int', 'check_class', 'check_temperature', 'check_choice',
-           'check_bool', 'HeptapodApp', 'build_blocks', 'check_port', 'launch', 'default_port', 'serve', 'main']
+           'check_bool', 'Layout', 'layout', 'render_figure', 'titled', 'curve_plot', 'entropy_curves', 'heatmaps_for',
+           'stream_steps', 'Run', 'run_from_trace', 'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure',
+           'compare_figure', 'filmstrip_image', 'build_blocks', 'check_port', 'launch', 'default_port', 'serve', 'main']
 
 # %% ../nbs/13_app.ipynb #1bb36eb5
 MAX_UPLOAD_SIDE = 1024
@@ -52,8 +64,6 @@ def missing_demo_files(weights=None) -> list[str]:
 
 def load_bundle(weights=None, device=None, need_baseline: bool = True) -> Bundle:
     "Load tokenizer, Heptapod and baseline from `weights` (a folder; default: the bundled demo weights)."
-    from heptapod_nb.tokenizer import load_tokenizer
-    from heptapod_nb.model import load_model
     d, device = Path(weights) if weights is not None else demo_dir(), get_device(device)
     missing = missing_demo_files(d)
     if not need_baseline and missing == [DEMO_FILES["baseline"]]: missing = []
@@ -70,16 +80,16 @@ def load_bundle(weights=None, device=None, need_baseline: bool = True) -> Bundle
     return Bundle(tok, model, base, device, meta)
 
 # %% ../nbs/13_app.ipynb #86065704
-def write_untrained_weights(folder, model_overrides: dict | None = None, seed: int = 0) -> Path:
-    "Randomly initialised demo files (tiny-vq tokenizer, Heptapod, baseline) in `folder`: for tests and smoke runs."
-    from heptapod_nb.tokenizer import TOKENIZER_PRESETS, build_tokenizer, save_tokenizer
-    from heptapod_nb.model import PRESETS, Heptapod
+def write_untrained_weights(folder, model_overrides: dict | None = None, seed: int = 0, tokenizer: str = "tiny-vq") -> Path:
+    "Randomly initialised demo files (a `tokenizer` preset, Heptapod, baseline) in `folder`: for tests and smoke runs."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tok = build_tokenizer(TOKENIZER_PRESETS["tiny-vq"], "cpu").eval()
+    tok = build_tokenizer(TOKENIZER_PRESETS[tokenizer], "cpu").eval()
     save_tokenizer(tok, folder / DEMO_FILES["tokenizer"])
     ov = dict(dim=64, depth=2, n_heads=2, head_width=64, head_depth=1, head_heads=2, **(model_overrides or {}))
-    cfg = PRESETS["tiny"].replace(vocab_size=int(tok.vocab_size), grid=tuple(tok.grid), **ov)
+    kind = (dict(vocab_size=int(tok.vocab_size)) if tok.kind == "vq" else
+            dict(token_kind="kl", token_channels=int(tok.channels), diff_width=64, diff_depth=1, diff_steps=4))
+    cfg = PRESETS["tiny"].replace(grid=tuple(tok.grid), **kind, **ov)
     for f, c in ((DEMO_FILES["model"], cfg), (DEMO_FILES["baseline"], cfg.replace(window=1, targets_per_step=1))):
         save_weights(folder / f, Heptapod(c), c, kind="heptapod")
     return folder
@@ -156,18 +166,191 @@ def check_bool(v, name: str) -> bool:
     if not isinstance(v, (bool, np.bool_)): raise InputError(f"{name} must be true or false, got {_shown(v)}")
     return bool(v)
 
+# %% ../nbs/13_app.ipynb #e4a47a93
+HEAT_TITLES = {"entropy": "entropy (nats)", "final_prob": "p(final token)", "maxprob": "max prob"}
+HEAT_INFO = {
+    "entropy": "**entropy**: how unsure the model is at each unseen position, in nats (bright: unsure; dark: sure; "
+               "the colour bar ends at log K, a uniform guess over the K codes).",
+    "final_prob": "**p(final token)**: the probability this step gave to the token finally drawn there "
+                  "(bright: the model already knew it).",
+    "maxprob": "**max prob**: the probability of the single most likely token there (bright: one token dominates).",
+}
+HEAT_LABELS = {"entropy": "entropy", "final_prob": "p(final token)", "maxprob": "max prob"}
+PANEL_NAMES = {"seen": "seen tokens", "guess": "holistic guess", **HEAT_TITLES}
+INK, PAPER, MUTED = (20, 20, 20), (255, 255, 255), (80, 80, 80)
+TITLE_H, PTITLE_H, CAPTION_H, MARGIN, GAP, BAR_W = 38, 28, 30, 12, 20, 62
+
+@functools.lru_cache(maxsize=None)
+def _font(size: int): return ImageFont.load_default(size=size)
+
+def _num(v: float) -> str: return f"{v:.2g}" if v else "0"
+
+@dataclass(frozen=True)
+class Layout:
+    "Where a figure's panels lie, in pixels of the figure, so that a click maps back to a grid cell."
+    names: tuple
+    boxes: tuple          # (x0, y0, w, h) per panel
+    size: tuple           # the figure's (W, H)
+
+    def cell_at(self, x, y, grid) -> tuple[str, int, int] | None:
+        "(panel name, row, column) of the grid cell under pixel (x, y), or None outside every panel."
+        for name, (x0, y0, w, h) in zip(self.names, self.boxes):
+            if x0 <= x < x0 + w and y0 <= y < y0 + h:
+                return name, int((y - y0) * grid[0] // h), int((x - x0) * grid[1] // w)
+        return None
+
+def layout(which, panel_hw) -> Layout:
+    "The panels `which` side by side, each `panel_hw` pixels, a colour bar after each heatmap."
+    h, w = panel_hw
+    x, boxes = MARGIN, []
+    for name in which:
+        boxes.append((x, TITLE_H + PTITLE_H, w, h))
+        x += w + (BAR_W if name in HEAT_TITLES else 0) + GAP
+    return Layout(tuple(which), tuple(boxes), (x - GAP + MARGIN, TITLE_H + PTITLE_H + h + CAPTION_H))
+
+# %% ../nbs/13_app.ipynb #774f0d89
+def _colourbar(canvas, d, x, y, h, lut, vmax):
+    "A vertical colour bar (top: `vmax`) with three ticks, at (x, y), `h` pixels tall."
+    bar = lut[np.linspace(255, 0, h).round().astype(np.int64)]                  # (h, 3), top = vmax
+    canvas.paste(Image.fromarray(np.ascontiguousarray(np.repeat(bar[:, None], 14, 1))), (x, y))
+    d.rectangle([x, y, x + 13, y + h - 1], outline=INK)
+    for v, yy in ((vmax, y), (vmax / 2, y + h // 2), (0.0, y + h - 1)):
+        d.line([x + 14, yy, x + 18, yy], fill=INK)
+        d.text((x + 21, yy), _num(v), fill=INK, font=_font(14), anchor="lm")
+
+def _panel_title(view: TraceView, t: int, name: str) -> str:
+    if name == "seen": return f"seen tokens ({view.n_seen(t)} of {view.seen[0].size})"
+    if name not in HEAT_TITLES or t >= view.T: return PANEL_NAMES[name]
+    a = view.heat(t, name)
+    return f"{HEAT_TITLES[name]}, mean {np.nanmean(a):.2f}" if np.isfinite(a).any() else HEAT_TITLES[name]
+
+def render_figure(view: TraceView, t: int, which, overlay: bool = False, title: str = "", caption: str = "") -> np.ndarray:
+    "The panels `which` of step `t`, each titled, heatmaps with colour bars, under `title`: one uint8 (H, W, 3) array."
+    ps = view.panels(t, which, overlay)
+    lay = layout(which, next(iter(ps.values())).shape[:2])
+    canvas = Image.new("RGB", lay.size, PAPER)
+    d = ImageDraw.Draw(canvas)
+    d.text((MARGIN, TITLE_H // 2 + 2), title, fill=INK, font=_font(21), anchor="lm")
+    for name, (x, y, w, h) in zip(lay.names, lay.boxes):
+        canvas.paste(Image.fromarray(ps[name]), (x, y))
+        d.text((x, y - 7), _panel_title(view, t, name), fill=INK, font=_font(17), anchor="ls")
+        if name in HEAT_TITLES:
+            _colourbar(canvas, d, x + w + 6, y, h, view.lut, view.entropy_max if name == "entropy" else 1.0)
+    if caption: d.text((MARGIN, lay.size[1] - CAPTION_H // 2), caption, fill=MUTED, font=_font(15), anchor="lm")
+    return np.asarray(canvas)
+
+def titled(img: np.ndarray, title: str, size: int = 256) -> np.ndarray:
+    "`img` scaled (nearest) to `size` px wide under a one-line `title`."
+    f = max(1, size // img.shape[1])
+    body = Image.fromarray(np.ascontiguousarray(_up(img, f)))
+    canvas = Image.new("RGB", (body.width + 2 * MARGIN, body.height + TITLE_H + MARGIN), PAPER)
+    canvas.paste(body, (MARGIN, TITLE_H))
+    ImageDraw.Draw(canvas).text((MARGIN, TITLE_H // 2 + 2), title, fill=INK, font=_font(19), anchor="lm")
+    return np.asarray(canvas)
+
+# %% ../nbs/13_app.ipynb #75e348a4
+COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40))
+
+def _ticks(hi: float, n: int = 4) -> list[float]:
+    "Round tick values from 0 to `hi` (> 0), about `n` of them."
+    e = 10 ** math.floor(math.log10(hi / n))
+    step = next(m * e for m in (1, 2, 5, 10) if m * e >= hi / n)
+    return [i * step for i in range(int(hi / step + 1e-9) + 1)]
+
+def curve_plot(series, marker: float | None = None, xlabel: str = "step", title: str = "",
+               size: tuple = (640, 270)) -> np.ndarray:
+    """Line plot of `series`, a list of (label, xs, ys) (NaN: a gap), with a vertical line at x = `marker`:
+    one uint8 (H, W, 3) array. Drawn with PIL (a few ms), so it can follow the step slider."""
+    W, H = size
+    L, R, T, B = 58, 16, 34 + 20 * ((len(series) + 1) // 2), 46
+    xs_all = np.concatenate([np.asarray(s[1], float) for s in series])
+    ys_all = np.concatenate([np.asarray(s[2], float) for s in series])
+    ys_all = ys_all[np.isfinite(ys_all)]
+    xhi = max(float(xs_all.max()) if xs_all.size else 1.0, 1.0)
+    yhi = max(float(ys_all.max()) * 1.08 if ys_all.size else 1.0, 1e-3)
+    px = lambda x: L + (W - L - R) * x / xhi
+    py = lambda y: H - B - (H - T - B) * y / yhi
+    canvas = Image.new("RGB", (W, H), PAPER)
+    d = ImageDraw.Draw(canvas)
+    d.text((MARGIN, 16), title, fill=INK, font=_font(18), anchor="lm")
+    for y in _ticks(yhi):
+        d.line([L, py(y), W - R, py(y)], fill=(225, 225, 225))
+        d.text((L - 6, py(y)), _num(y) if y < 10 else f"{y:.0f}", fill=INK, font=_font(13), anchor="rm")
+    for x in _ticks(xhi, 6):
+        d.line([px(x), H - B, px(x), H - B + 4], fill=INK)
+        d.text((px(x), H - B + 6), f"{x:g}", fill=INK, font=_font(13), anchor="mt")
+    d.rectangle([L, T, W - R, H - B], outline=INK)
+    d.text(((L + W - R) / 2, H - 4), xlabel, fill=INK, font=_font(14), anchor="md")
+    if marker is not None and 0 <= marker <= xhi:
+        d.line([px(marker), T, px(marker), H - B], fill=(200, 0, 0), width=2)
+    for i, (label, xs, ys) in enumerate(series):
+        c = COLOURS[i % len(COLOURS)]
+        pts = [(px(x), py(y)) if np.isfinite(y) else None for x, y in zip(xs, ys)]
+        for p, q in zip(pts, pts[1:]):
+            if p and q: d.line([p, q], fill=c, width=3)
+        for p in pts:
+            if p and sum(q is not None for q in pts) == 1: d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=c)
+        xl, yl = L + (W - L - R) // 2 * (i % 2), 40 + 20 * (i // 2)        # the legend: two columns above the plot
+        d.line([xl, yl, xl + 22, yl], fill=c, width=3)
+        d.text((xl + 28, yl), label, fill=INK, font=_font(14), anchor="lm")
+    return np.asarray(canvas)
+
+def entropy_curves(view: TraceView) -> tuple[np.ndarray, np.ndarray]:
+    """Per step: the mean entropy over the positions the model predicts (every unseen one; the next-token baseline:
+    its next position), and the mean entropy at the positions drawn at that step. NaN where there is none."""
+    e = view.entropy.reshape(view.T, -1)
+    ok = np.isfinite(e)
+    mean = np.where(ok.any(1), np.where(ok, e, 0).sum(1) / np.maximum(ok.sum(1), 1), np.nan)
+    ch = view.chosen.reshape(view.T, -1) & ok
+    nxt = np.where(ch.any(1), np.where(ch, e, 0).sum(1) / np.maximum(ch.sum(1), 1), np.nan)
+    return mean, nxt
+
+# %% ../nbs/13_app.ipynb #5964ba08
 ORDERS = ("raster", "random")
 HEATMAPS = ["entropy", "final_prob", "maxprob"]
 
+def heatmaps_for(view: TraceView) -> list[str]:
+    "The heatmaps a view has: all three for VQ tokens; continuous (KL) tokens have no probabilities, only entropy."
+    return HEATMAPS if token_kind(view.kind).has_likelihood else ["entropy"]
+
+def stream_steps(n_frames: int, max_frames: int) -> list[int]:
+    "The frames a stream shows: all of them, or `max_frames` evenly spaced ones, always the first and the last."
+    return np.unique(np.linspace(0, n_frames - 1, max(2, min(n_frames, max_frames))).round().astype(int)).tolist()
+
+@dataclass
+class Run:
+    "One generation as a session keeps it: its decoded `TraceView` and what a click on a cell needs."
+    view: TraceView
+    model: str                        # "model" (Heptapod) or "baseline"
+    guess: torch.Tensor               # (T, h, w) long (VQ) / (T, C, h, w) float (KL): seen tokens + the step's guess
+    probs: torch.Tensor | None        # (T, h, w, K) float16: every step's distributions (VQ, trace="full"), else None
+    tokens: torch.Tensor              # the finished grid, batch 1
+    order: torch.Tensor | None        # (1, N): the order used
+    settings: dict                    # class, seed, temperature (a click on a KL cell draws with them)
+    def __len__(self): return len(self.view)
+    @property
+    def T(self) -> int: return self.view.T
+
+def run_from_trace(model, trace, tokenizer, key: str, settings: dict, scale: int) -> Run:
+    "Sample 0 of `trace` as a `Run` (decoded once)."
+    view = view_for_model(model, trace, tokenizer, scale=scale)
+    steps = list(trace.steps)
+    probs = torch.stack([s.probs[0] for s in steps]) if getattr(steps[0], "probs", None) is not None else None
+    order = trace.order[:1] if getattr(trace, "order", None) is not None else None
+    return Run(view, key, torch.stack([s.guess[0] for s in steps]), probs, trace.tokens[:1], order, settings)
+
+# %% ../nbs/13_app.ipynb #8409a367
 class HeptapodApp:
-    "The app's callbacks over a `Bundle`; every method takes and returns plain values (testable without a server)."
-    def __init__(self, bundle: Bundle, scale: int = 4, max_samples: int = 8, temperature: float | None = None,
-                 workers: int = 1):
+    """The app's callbacks over a `Bundle`; every method takes and returns plain values (testable without a server).
+    `stream_frames` / `frame_s`: how many frames a streamed generation shows and the pause between them."""
+    def __init__(self, bundle: Bundle, scale: int = 7, max_samples: int = 8, temperature: float | None = None,
+                 workers: int = 1, stream_frames: int = 17, frame_s: float = 0.05):
         self.b, self.scale, self.max_samples = bundle, scale, max_samples
         self.temperature = temperature or bundle.meta.get("recipe", {}).get("temperature", 1.0)   # the UI's default
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-        self.workers = workers
+        if stream_frames < 2 or frame_s < 0: raise ValueError(f"stream_frames must be >= 2 and frame_s >= 0, got {stream_frames}, {frame_s}")
+        self.workers, self.stream_frames, self.frame_s = workers, stream_frames, frame_s
         # the model sets computations check out: the bundle's own models (under the bundle's lock, which any other
         # user of the bundle takes too), plus workers - 1 private copies (each with its own KV cache)
         self._sets: queue.SimpleQueue = queue.SimpleQueue()
@@ -180,14 +363,13 @@ class HeptapodApp:
         """Check out a set of models (waiting for a free one), and hold its lock while `model` (and the shared,
         stateless tokenizer) compute; yields the copy of `model` to use. The KV cache lives on the model object, so
         two generations on one model object must never overlap. Hold it only while computing: a streaming endpoint
-        computes its trace inside, then yields its frames outside."""
+        computes its trace inside, then yields its frames outside (never across a `yield`)."""
         lock, copies = self._sets.get()
         try:
             with lock: yield copies.get(id(model), model)
         finally: self._sets.put((lock, copies))
 
     def _generate(self, model, cls, seed, temperature, top_k, order, tokens_per_step, prompt=None, prompt_len=0, n=1):
-        from heptapod_nb.sample import generate
         nc, N = self.b.num_classes, self.b.n_positions
         cls, temperature = check_class(cls, nc), check_temperature(temperature)
         seed = check_int(seed, "seed", 0, 2**31 - 1)
@@ -202,62 +384,206 @@ class HeptapodApp:
                             tokens_per_step=tokens_per_step, order=None if order == "raster" else order,
                             trace="full", device=self.b.device, **kw)
 
-    def generate(self, cls=0, seed=0, temperature=1.0, top_k=0, order="raster", tokens_per_step=1,
-                 model: str = "model") -> TraceView:
-        "One generation with a full trace -> its `TraceView` (decoded once)."
-        m = self.b.model if model == "model" else self.b.baseline
+    def _model(self, key: str):
+        m = self.b.model if key == "model" else self.b.baseline
         if m is None: raise InputError("no next-token baseline was loaded (baseline.safetensors is missing)")
+        return m
+
+    def generate(self, cls=0, seed=0, temperature=1.0, top_k=0, order="raster", tokens_per_step=1,
+                 model: str = "model") -> Run:
+        "One generation with a full trace -> its `Run` (decoded once), computed under `using`."
+        m = self._model(model)
         if is_next_token(m): tokens_per_step = 1                     # a window-1 model commits one token per step
         with self.using(m) as m:
             _, trace = self._generate(m, cls, seed, temperature, top_k, order, tokens_per_step)
-            return view_for_model(m, trace, self.b.tokenizer, scale=self.scale)
+            settings = dict(cls=int(cls), seed=int(seed), temperature=float(temperature))
+            return run_from_trace(m, trace, self.b.tokenizer, model, settings, self.scale)
 
-    def panels(self, view: TraceView | None, step=0, heatmap="entropy", overlay=False, all_panels=True) -> np.ndarray:
-        "The composed panels of `view` at `step` (clamped to the view's length). Only composes: no model, no lock."
-        if view is None: raise InputError("generate an image first")
-        heatmap = check_choice(heatmap, "heatmap", HEATMAPS)
-        which = ("seen", "guess", heatmap) + (("final_prob",) if all_panels and heatmap != "final_prob" else ())
-        t = min(check_int(0 if step is None else step, "step", 0, 2**31 - 1), len(view) - 1)
-        return view.strip(t, which, check_bool(overlay, "overlay"))
+    def _step(self, run, step) -> int:
+        if run is None: raise InputError("generate an image first")
+        return min(check_int(0 if step is None else step, "step", 0, 2**31 - 1), len(run) - 1)
 
-    def final_image(self, view: TraceView) -> np.ndarray:
-        return np.ascontiguousarray(_up(view.final_img, 2 * self.scale))
+# %% ../nbs/13_app.ipynb #7e8be1fa
+def _which(view: TraceView, heatmap: str, n: int = 4) -> tuple:
+    "seen, guess, the chosen heatmap and (n = 4) a second one: always `n` panels, whatever the options."
+    kinds = heatmaps_for(view)
+    heatmap = check_choice(heatmap, "heatmap", kinds)
+    second = "final_prob" if heatmap != "final_prob" else "entropy"
+    return ("seen", "guess", heatmap) + ((second,) if n == 4 and second in kinds else ())
 
-    def complete(self, image, cls=0, n_seen=32, n_samples=4, seed=0, temperature=1.0):
-        "Drawing/upload -> (what the model sees, its 2D prediction panels, completions as a list of images)."
-        from types import SimpleNamespace
-        N = self.b.n_positions
-        n_seen = check_int(n_seen, "tokens seen", 0, N - 1)
-        n_samples = check_int(n_samples, "number of completions", 1, self.max_samples)
-        x = image_to_input(image, self.b.tokenizer.config.image_size if hasattr(self.b.tokenizer, "config") else 32)
-        with self.using(self.b.model) as m:
-            with torch.no_grad(): tokens = self.b.tokenizer.encode(x.to(self.b.device))       # (1, h, w)
-            prompt = tokens.expand(n_samples, *tokens.shape[1:]).contiguous()
-            out, trace = self._generate(m, cls, seed, temperature, 0, "raster", 1,
-                                        prompt=prompt, prompt_len=n_seen, n=n_samples)
-            first = SimpleNamespace(steps=[trace[0]], tokens=trace.tokens if hasattr(trace, "tokens") else out,
-                                    kind=getattr(trace, "kind", "vq"))
-            view = TraceView(first, self.b.tokenizer, scale=self.scale, label="prediction")
-            with torch.no_grad(): imgs = self.b.tokenizer.decode(out).float().cpu()
-        from heptapod_nb.viz import images_to_uint8
-        gallery = [np.ascontiguousarray(_up(a, 2 * self.scale)) for a in images_to_uint8(imgs)]
-        return view.panels(0, ("seen",))["seen"], view.strip(0, ("seen", "guess", "entropy", "maxprob")), gallery
+def step_title(view: TraceView, t: int, short: bool = False) -> str:
+    "What a step is, in words: who, which step, how much is known, what is predicted (`short`: for a 3-panel figure)."
+    N, who = view.seen[0].size, "Next-token baseline" if view.only_next else "Heptapod"
+    if t >= view.T: return f"{who}: finished, all {N} tokens drawn"
+    n = view.n_seen(t)
+    seen = f"{n} token{'s' if n != 1 else ''} seen"
+    if short: return f"{who}, step {t}: {n} seen, predicts " + ("the next only" if view.only_next else f"all {N - n} unseen")
+    return (f"{who}, step {t} of {view.T}: {seen}, predicting "
+            + ("its next position only" if view.only_next else f"all {N - n} unseen positions at once"))
 
-    def compare_panels(self, views, step=0, heatmap="entropy") -> tuple[np.ndarray, np.ndarray]:
-        "Both views at Heptapod's `step`; the baseline at its frame with as many known tokens."
-        if views is None: raise InputError("press Compare first")
-        a, b = views
-        t = min(max(int(step or 0), 0), len(a) - 1)
-        tb = b.step_at(a.n_seen(t)) if t < a.T else b.T
-        return self.panels(a, t, heatmap, all_panels=False), self.panels(b, tb, heatmap, all_panels=False)
+CAPTION = "Grey in 'seen': not drawn yet. Grey in a heatmap: already seen, nothing to predict. Cyan: drawn at this step."
+CAPTION_BASE = "Grey: not predicted (a next-token model predicts its next position only, cyan)."
 
-    def compare(self, cls=0, seed=0, temperature=1.0, tokens_per_step=1) -> tuple[TraceView, TraceView]:
-        "Heptapod and the next-token baseline, same class, seed and settings."
-        if self.b.baseline is None: raise InputError("no next-token baseline was loaded (baseline.safetensors is missing)")
-        return (self.generate(cls, seed, temperature, 0, "raster", tokens_per_step, "model"),
-                self.generate(cls, seed, temperature, 0, "raster", tokens_per_step, "baseline"))
+def step_figure(run: Run, t: int, heatmap: str = "entropy", overlay: bool = False, n_panels: int = 4) -> np.ndarray:
+    v = run.view
+    cap = CAPTION_BASE if v.only_next else CAPTION if n_panels == 4 else "Grey: seen (heatmap) / not drawn yet (seen). Cyan: drawn now."
+    return render_figure(v, t, _which(v, heatmap, n_panels), overlay, step_title(v, t, n_panels < 4), cap)
 
-# %% ../nbs/13_app.ipynb #ef70113c
+def entropy_figure(run: Run, t: int) -> np.ndarray:
+    "The run's entropy over the steps, step `t` marked."
+    v = run.view
+    mean, nxt = entropy_curves(v)
+    xs = np.arange(v.T)
+    series = ([("at its next position", xs, nxt)] if v.only_next else
+              [("mean over the unseen positions", xs, mean), ("at the token(s) drawn at the step", xs, nxt)])
+    return curve_plot(series, t if t < v.T else None, "step", "Entropy over the steps (nats); red: this step")
+
+def compare_figure(runs, t: int) -> np.ndarray:
+    "Both models' entropy over the tokens seen, Heptapod's step `t` marked."
+    a, b = (r.view for r in runs)
+    (ma, na), (_, nb) = entropy_curves(a), entropy_curves(b)
+    xa, xb = [a.n_seen(i) for i in range(a.T)], [b.n_seen(i) for i in range(b.T)]
+    series = [("Heptapod: mean over the unseen", xa, ma), ("Heptapod: at the next position", xa, na),
+              ("baseline: at the next position", xb, nb)]
+    return curve_plot(series, a.n_seen(t) if t < a.T else None, "tokens seen",
+                      "Entropy of both models (nats); red: this step", size=(760, 280))
+
+# %% ../nbs/13_app.ipynb #5a966e3d
+def _frame(self, run: Run, step=0, heatmap="entropy", overlay=False):
+    "Step `step` of `run`: (panels figure, entropy plot). Only composes: no model, no lock."
+    t = self._step(run, step)
+    return step_figure(run, t, heatmap, check_bool(overlay, "overlay")), entropy_figure(run, t)
+
+def _generate_stream(self, cls=0, seed=0, temperature=1.0, top_k=0, order="raster", tokens_per_step=1,
+                     heatmap="entropy", overlay=False):
+    """Generate, then yield (run, t, panels, entropy plot) for the stream's steps. The generation computes under
+    `using` (inside `generate`); every yield is outside the lock."""
+    check_choice(heatmap, "heatmap", HEATMAPS); check_bool(overlay, "overlay")
+    run = self.generate(cls, seed, temperature, top_k, order, tokens_per_step)
+    yield from self.play(run, heatmap, overlay)
+
+def _play(self, run: Run, heatmap="entropy", overlay=False):
+    "Replay a cached run's steps (no model): yields (run, t, panels, entropy plot), `frame_s` apart."
+    if run is None: raise InputError("generate an image first")
+    for i, t in enumerate(stream_steps(len(run), self.stream_frames)):
+        if i and self.frame_s: time.sleep(self.frame_s)
+        yield (run, t, *self.frame(run, t, heatmap, overlay))
+
+def _final_image(self, run: Run) -> np.ndarray:
+    s = run.settings
+    return titled(run.view.final_img, f"generated: class {s['cls']}, seed {s['seed']}", 256)
+
+# methods added cell by cell, so that each part is taught where it is defined (fastcore's @patch is a dev tool here)
+HeptapodApp.frame, HeptapodApp.generate_stream, HeptapodApp.play = _frame, _generate_stream, _play
+HeptapodApp.final_image = _final_image
+
+# %% ../nbs/13_app.ipynb #0a144070
+def _outlined(img: np.ndarray, r: int, c: int, cell: int, f: int = 4) -> np.ndarray:
+    "`img` upscaled `f` times with grid cell (r, c) (`cell` px) outlined in cyan."
+    out = np.ascontiguousarray(_up(img, f))
+    y, x, s = r * cell * f, c * cell * f, cell * f
+    for k in range(2):
+        out[y + k, x:x + s] = out[y + s - 1 - k, x:x + s] = (0, 200, 255)
+        out[y:y + s, x + k] = out[y:y + s, x + s - 1 - k] = (0, 200, 255)
+    return out
+
+def _candidates(self, run: Run, t: int, r: int, c: int, k: int):
+    "VQ: the top-k codes at (r, c) with their probabilities; KL: k draws of the diffusion head. -> (grids, captions)."
+    v = run.view
+    if run.probs is not None:
+        p = run.probs[t, r, c].float()
+        top = p.topk(min(k, p.numel()))
+        grids = run.guess[t].expand(len(top.indices), -1, -1).clone()
+        grids[:, r, c] = top.indices
+        return grids, [f"code {int(i)}: p = {float(q):.3f}" for q, i in zip(top.values, top.indices)]
+    s, (h, w) = run.settings, v.grid
+    with self.using(self._model(run.model)) as m:
+        pred = predict_remaining(m, run.tokens.to(self.b.device), v.n_seen(t), torch.tensor([s["cls"]], device=self.b.device),
+                                 run.order.to(self.b.device), draws=k, seed=s["seed"], temperature=s["temperature"])
+    j = int((pred.positions[0] == r * w + c).nonzero()[0, 0])
+    d_SC = pred.draws[0, j].cpu()
+    grids = run.guess[t].expand(len(d_SC), -1, -1, -1).clone()
+    grids[:, :, r, c] = d_SC.to(grids.dtype)
+    return grids, [f"diffusion draw {i + 1}" for i in range(len(d_SC))]
+
+def _cell_topk(self, run: Run, step, x, y, heatmap="entropy", overlay=False, k: int = 5):
+    """A click at pixel (x, y) of the step figure -> (a sentence, [(picture, caption)]): what the model considered
+    for that grid cell at that step, each drawn in place in the step's holistic guess."""
+    t, v = self._step(run, step), run.view
+    P = (v.image_size[0] * v.scale, v.image_size[1] * v.scale)
+    hit = layout(_which(v, heatmap), P).cell_at(_finite(x, "x must be a number"), _finite(y, "y must be a number"), v.grid)
+    if hit is None: return "Click a grid cell inside one of the panels.", []
+    _, r, c = hit
+    where = f"step {t}, cell (row {r}, column {c})"
+    if t >= v.T: return f"Step {t} is the finished image: move the slider to an earlier step, then click a cell.", []
+    if v.seen[t, r, c]: return f"At {where} the token is already seen: nothing is predicted there.", []
+    if v.only_next and not v.chosen[t, r, c]:
+        return f"At {where}: the next-token baseline predicts only its next position (cyan).", []
+    grids, caps = self._candidates(run, t, r, c, k)
+    with self.using(self._model(run.model)), torch.no_grad():
+        imgs = images_to_uint8(self.b.tokenizer.decode(grids.to(self.b.device)).float().cpu())
+    pics = [(_outlined(a, r, c, v.cell), cap) for a, cap in zip(imgs, caps)]
+    if run.probs is not None:
+        mass = float(run.probs[t, r, c].float().topk(len(pics)).values.sum())
+        return (f"At {where} the model's {len(pics)} most likely codes (together p = {mass:.2f}), each drawn in "
+                "place in that step's holistic guess (cyan square):"), pics
+    return f"At {where}: {len(pics)} draws of the diffusion head, each drawn in place (cyan square):", pics
+
+HeptapodApp._candidates, HeptapodApp.cell_topk = _candidates, _cell_topk
+
+# %% ../nbs/13_app.ipynb #f1949621
+def _complete(self, image, cls=0, n_seen=32, n_samples=4, seed=0, temperature=1.0):
+    "Drawing/upload -> (the model's 2D prediction of the rest as a titled figure, completions as a list of images)."
+    N, (h, w) = self.b.n_positions, self.b.grid
+    n_seen = check_int(n_seen, "tokens seen", 0, N - 1)
+    n_samples = check_int(n_samples, "number of completions", 1, self.max_samples)
+    x = image_to_input(image, self.b.tokenizer.config.image_size if hasattr(self.b.tokenizer, "config") else 32)
+    with self.using(self.b.model) as m:
+        with torch.no_grad(): tokens = self.b.tokenizer.encode(x.to(self.b.device))       # (1, h, w)
+        prompt = tokens.expand(n_samples, *tokens.shape[1:]).contiguous()
+        out, trace = self._generate(m, cls, seed, temperature, 0, "raster", 1,
+                                    prompt=prompt, prompt_len=n_seen, n=n_samples)
+        first = SimpleNamespace(steps=[trace[0]], tokens=trace.tokens if hasattr(trace, "tokens") else out,
+                                kind=token_kind(trace).name)
+        view = TraceView(first, self.b.tokenizer, scale=self.scale, label="prediction")
+        with torch.no_grad(): imgs = self.b.tokenizer.decode(out).float().cpu()
+    rows = f"{n_seen // w} token row{'s' if n_seen // w != 1 else ''}" + (f" + {n_seen % w}" if n_seen % w else "")
+    title = f"Seeing the first {n_seen} of {N} tokens ({rows}), the model guesses the whole digit"
+    which = ("seen", "guess") + tuple(n for n in ("entropy", "maxprob") if n in heatmaps_for(view))
+    fig = render_figure(view, 0, which, title=title, caption="Grey in 'seen': hidden from the model. Heatmaps: how "
+                        "sure it is of each hidden position. Cyan: the next position.")
+    gallery = [(np.ascontiguousarray(_up(a, 4)), f"completion {i + 1}") for i, a in enumerate(images_to_uint8(imgs))]
+    return fig, gallery
+
+HeptapodApp.complete = _complete
+
+# %% ../nbs/13_app.ipynb #80747599
+def _compare(self, cls=0, seed=0, temperature=1.0, tokens_per_step=1) -> tuple[Run, Run]:
+    "Heptapod and the next-token baseline, same class, seed and settings (each computed under `using`)."
+    self._model("baseline")
+    return (self.generate(cls, seed, temperature, 0, "raster", tokens_per_step, "model"),
+            self.generate(cls, seed, temperature, 0, "raster", tokens_per_step, "baseline"))
+
+def _compare_frame(self, runs, step=0, heatmap="entropy"):
+    """Both runs at Heptapod's `step` (the baseline at its frame with as many tokens known): (Heptapod figure,
+    baseline figure, both entropy curves). Only composes."""
+    if runs is None: raise InputError("press Compare first")
+    a, b = runs
+    t = self._step(a, step)
+    tb = b.view.step_at(a.view.n_seen(t)) if t < a.T else b.T
+    return step_figure(a, t, heatmap, n_panels=3), step_figure(b, tb, heatmap, n_panels=3), compare_figure(runs, t)
+
+def _compare_stream(self, cls=0, seed=0, temperature=1.0, tokens_per_step=1, heatmap="entropy"):
+    "Compare, then yield (runs, t, Heptapod figure, baseline figure, curves) in step; every yield outside the lock."
+    check_choice(heatmap, "heatmap", HEATMAPS)
+    runs = self.compare(cls, seed, temperature, tokens_per_step)
+    for i, t in enumerate(stream_steps(len(runs[0]), self.stream_frames)):
+        if i and self.frame_s: time.sleep(self.frame_s)
+        yield (runs, t, *self.compare_frame(runs, t, heatmap))
+
+HeptapodApp.compare, HeptapodApp.compare_frame, HeptapodApp.compare_stream = _compare, _compare_frame, _compare_stream
+
+# %% ../nbs/13_app.ipynb #a0f63b03
 def _refuse(msg: str):
     "A refused input: one line on the server's log, and a `gr.Error` for the page (no traceback anywhere)."
     import gradio as gr
@@ -265,14 +591,43 @@ def _refuse(msg: str):
     return gr.Error(msg, print_exception=False)
 
 def _guard(fn):
-    "Run a callback; an `InputError` becomes a `gr.Error` with the same message and a one-line log."
-    import functools
+    "Run a callback (a function or a generator); an `InputError` becomes a `gr.Error` with the same message and a one-line log."
+    import functools, inspect
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def wrapped_gen(*args):
+            try: yield from fn(*args)
+            except InputError as e: raise _refuse(str(e)) from None
+        return wrapped_gen
     @functools.wraps(fn)
     def wrapped(*args):
         try: return fn(*args)
         except InputError as e: raise _refuse(str(e)) from None
     return wrapped
 
+TRACE_FIELDS = """What each field of the trace means (one entry per prediction step):
+- `steps`: how many prediction steps the generation took; `grid`: the token grid (rows, columns); `kind`: `vq`
+  (discrete codes) or `kl` (continuous tokens); `label`: which model drew it.
+- `seen`: how many tokens were known before each step.
+- `mean_entropy`: each step's mean entropy (nats) over the positions the model predicts: how unsure it still is.
+- `mean_final_prob`: each step's mean probability for the tokens that were finally drawn: how right it already was.
+- `decode_s`: seconds spent decoding every step's holistic guess into an image (once per generation)."""
+
+def filmstrip_image(run: Run, n: int = 8) -> np.ndarray:
+    "`viz.filmstrip` of the run (`n` steps from the first to the finished image) as an RGB array."
+    fig = filmstrip(run.view, n=n, which=("seen", "guess", "entropy"))
+    fig.suptitle("Filmstrip: what it has seen (top), its holistic guess (middle), where it is unsure (bottom)", fontsize=10)
+    fig.tight_layout()
+    fig.subplots_adjust(right=0.93)                          # room for the entropy row's colour bar
+    box = fig.axes[-1].get_position()
+    fig.colorbar(ScalarMappable(Normalize(0, run.view.entropy_max), "magma"), label="nats",
+                 cax=fig.add_axes([box.x1 + 0.01, box.y0, 0.01, box.height]))
+    fig.canvas.draw()
+    a = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return a
+
+# %% ../nbs/13_app.ipynb #b6c0fd15
 _CHECKED: dict = {}
 
 def _checked(base, image: str | None = None):
@@ -302,70 +657,107 @@ def _checked(base, image: str | None = None):
         _CHECKED[base, image] = Checked
     return _CHECKED[base, image]
 
+# %% ../nbs/13_app.ipynb #943c1af7
 def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: int | None = None):
     """The Gradio `Blocks` of the app (tabs Generate, Complete my drawing, Compare); opens on a first generated image.
     `model_concurrency`: how many of `/generate`, `/complete`, `/compare` run at once (their shared group's limit;
     default `app.workers`, the number of model sets: more would only wait for one)."""
+    # Only Gradio wiring: longer than the ~80-line rule on purpose (one place to read the whole page).
     import gradio as gr
     nc, N = app.b.num_classes, app.b.n_positions
-    w = app.b.grid[1]
+    h, w = app.b.grid
+    heats = HEATMAPS if token_kind(app.b.model.config).has_likelihood else ["entropy"]     # KL: no probabilities
+    radio = [(HEAT_LABELS[k], k) for k in heats]                                            # (shown, sent)
 
     def gen(cls, seed, temp, top_k, order, tps, heat, overlay):
-        v = app.generate(cls, seed, temp, top_k, order, tps)
-        return (app.final_image(v), app.panels(v, 0, heat, overlay), gr.Slider(maximum=len(v) - 1, value=0),
-                trace_summary(v), v)
+        for run, t, fig, plot in app.generate_stream(cls, seed, temp, top_k, order, tps, heat, overlay):
+            last = t == len(run) - 1
+            yield (fig, plot, gr.Slider(maximum=len(run) - 1, value=t), run,
+                   app.final_image(run) if last else None if t == 0 else gr.skip(),
+                   filmstrip_image(run) if last else gr.skip(), trace_summary(run.view) if last else gr.skip())
 
-    def scrub(v, step, heat, overlay): return app.panels(v, step, heat, overlay)
+    def play(run, heat, overlay):
+        for _, t, fig, plot in app.play(run, heat, overlay): yield fig, plot, t
+
+    def scrub(run, step, heat, overlay): return app.frame(run, step, heat, overlay)
+
+    def redraw(run, step, heat, overlay):            # a heatmap / overlay change: nothing to redraw before a generation
+        return (gr.skip(), gr.skip()) if run is None else app.frame(run, step, heat, overlay)
+
+    def click(run, step, heat, overlay, evt):
+        text, pics = app.cell_topk(run, step, *evt.index[:2], heat, overlay)
+        return text, pics
+    click.__annotations__["evt"] = gr.SelectData      # Gradio passes the click's pixel coordinates
 
     def complete(sketch, upload, cls, n_seen, n_samples, seed, temp):
-        seen, pred, gallery = app.complete(upload if upload is not None else sketch, cls, n_seen, n_samples, seed, temp)
-        return seen, pred, gallery
+        return app.complete(upload if upload is not None else sketch, cls, n_seen, n_samples, seed, temp)
 
     def compare(cls, seed, temp, tps, heat):
-        a, b = app.compare(cls, seed, temp, tps)
-        return (app.panels(a, 0, heat, all_panels=False), app.panels(b, 0, heat, all_panels=False),
-                gr.Slider(maximum=len(a) - 1, value=0), (a, b))
+        for runs, t, fa, fb, plot in app.compare_stream(cls, seed, temp, tps, heat):
+            yield fa, fb, plot, gr.Slider(maximum=len(runs[0]) - 1, value=t), runs
 
-    def compare_scrub(views, step, heat): return app.compare_panels(views, step, heat)
+    def compare_scrub(runs, step, heat): return app.compare_frame(runs, step, heat)
 
-    img = dict(type="numpy", format="png", interactive=False)
+    def compare_redraw(runs, step, heat): return (gr.skip(),) * 3 if runs is None else app.compare_frame(runs, step, heat)
+
+    pic = dict(type="numpy", format="png", interactive=False, show_label=False, show_download_button=False,
+               show_fullscreen_button=False, container=False)
     group = dict(concurrency_id="model", concurrency_limit=model_concurrency or app.workers)   # the endpoints that compute
-    num = lambda value, label: _checked(gr.Number)(value, label=label, step=1)
+    num = lambda value, label: _checked(gr.Number)(value, label=label, step=1, min_width=100)
     T0 = app.temperature
     first = app.generate(0, 0, T0) if first_image else None      # the page opens on a generated image, ready to scrub
+    t0 = len(first) // 4 if first is not None else 0
+    fig0, plot0 = app.frame(first, t0) if first is not None else (None, None)
     with gr.Blocks(title="Heptapod: next 2D distribution prediction", analytics_enabled=False) as blocks:
         gr.Markdown("## Heptapod: a causal Transformer that predicts the next **2D distribution**\n"
-                    "At every step the model predicts a distribution over *every* position it has not seen yet. "
-                    "Scrub the step slider to watch its holistic guess of the whole image sharpen.")
+                    "At every step the model predicts a distribution over *every* position it has not seen yet: its "
+                    "**holistic guess** of the whole image sharpens as it draws.")
         with gr.Tab("Generate"):
+            gr.Markdown("Draw a digit of the class you pick and watch, step by step, what the model has seen, its "
+                        "guess of the whole image and where it is unsure; then scrub back with the step slider, or "
+                        "click a cell to see the codes it considered there.")
             with gr.Row():
-                cls = num(0, f"class (0-{nc - 1})")
-                seed = num(0, "seed")
-                temp = _checked(gr.Number)(T0, label="temperature (> 0)")
+                cls, seed = num(0, f"class (0-{nc - 1})"), num(0, "seed")
+                temp = _checked(gr.Number)(T0, label="temperature (> 0)", min_width=100)
                 top_k = num(0, "top-k (0 = off)")
-                order = _checked(gr.Dropdown)(list(ORDERS), value="raster", label="order")
+                order = _checked(gr.Dropdown)(list(ORDERS), value="raster", label="order", min_width=100)
                 tps = num(1, "tokens per step")
-            btn = gr.Button("Generate", variant="primary")
             with gr.Row():
-                final = gr.Image(app.final_image(first) if first is not None else None, label="generated image", elem_id="final-image", **img)
-                pan = gr.Image(app.panels(first, 0) if first is not None else None, label="step t: seen | holistic guess | heatmap | p(final token)",
-                               elem_id="panels", **img)
-            step = _checked(gr.Slider)(0, len(first) - 1 if first is not None else N, value=0, step=1, label="step")
+                btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=2)
+                play_btn = gr.Button("▶ Play again", elem_id="play-btn", scale=1)
+                heat = _checked(gr.Radio)(radio, value="entropy", label="heatmap", elem_id="heat", scale=2)
+                overlay = _checked(gr.Checkbox)(False, label="overlay it on the holistic guess", scale=1)
+            pan = gr.Image(fig0, elem_id="panels", **pic)
+            step = _checked(gr.Slider)(0, len(first) - 1 if first is not None else N, value=t0, step=1,
+                                       label="step (drag to scrub back and forth)", elem_id="step")
+            gr.Markdown("  \n".join(HEAT_INFO[k] for k in heats))
             with gr.Row():
-                heat = _checked(gr.Radio)(HEATMAPS, value="entropy", label="heatmap")
-                overlay = _checked(gr.Checkbox)(False, label="overlay heatmap on the image")
-            summary = gr.JSON(trace_summary(first) if first is not None else None, label="trace (per step)")
+                final = gr.Image(app.final_image(first) if first is not None else None, elem_id="final-image",
+                                 scale=1, **pic)
+                plot = gr.Image(plot0, elem_id="entropy-plot", scale=2, **pic)
+            topk_md = gr.Markdown("**Click a cell** of the panels above: the model's most likely codes there at "
+                                  "this step, each drawn in place.", elem_id="topk-text")
+            topk = gr.Gallery(show_label=False, columns=5, height="auto", format="png", elem_id="topk", allow_preview=False)
+            with gr.Accordion("Filmstrip of the whole generation", open=True):
+                strip = gr.Image(filmstrip_image(first) if first is not None else None, elem_id="filmstrip", **pic)
+            with gr.Accordion("Trace data (JSON), for those who want the numbers", open=False):
+                gr.Markdown(TRACE_FIELDS)
+                summary = gr.JSON(trace_summary(first.view) if first is not None else None, open=False, show_label=False)
             state = gr.State(first)
-            btn.click(_guard(gen), [cls, seed, temp, top_k, order, tps, heat, overlay], [final, pan, step, summary, state],
-                      api_name="generate", **group)
-            step.change(_guard(scrub), [state, step, heat, overlay], pan, api_name="scrub")
-            for c in (heat, overlay): c.change(_guard(scrub), [state, step, heat, overlay], pan, show_api=False)
+            btn.click(_guard(gen), [cls, seed, temp, top_k, order, tps, heat, overlay],
+                      [pan, plot, step, state, final, strip, summary], api_name="generate", **group)
+            play_btn.click(_guard(play), [state, heat, overlay], [pan, plot, step], api_name="play")
+            # a drag sends many values: each waits for the one before, and the last value is always drawn
+            step.input(_guard(scrub), [state, step, heat, overlay], [pan, plot], api_name="scrub", trigger_mode="always_last")
+            for c in (heat, overlay): c.change(_guard(redraw), [state, step, heat, overlay], [pan, plot], show_api=False)
+            pan.select(_guard(click), [state, step, heat, overlay], [topk_md, topk], show_api=False)
         with gr.Tab("Complete my drawing"):
-            gr.Markdown(f"Draw a digit (white background is fine) or upload an image. The model sees the first *n* "
-                        f"tokens in raster order ({w} tokens = one token row = the top {32 // app.b.grid[0]} pixel rows).")
+            gr.Markdown(f"Draw a digit (or upload one); the model sees only its first *n* tokens in raster order "
+                        f"({w} tokens = one token row = the top {32 // h} pixel rows) and guesses the rest.")
             with gr.Row():
                 sketch = _checked(gr.Sketchpad, "drawing")(label="draw", type="numpy", image_mode="RGBA", canvas_size=(280, 280),
-                                      brush=gr.Brush(colors=["#000000"], default_size=18, color_mode="fixed"))
+                                      brush=gr.Brush(colors=["#000000"], default_size=18, color_mode="fixed"), elem_id="sketch",
+                                      layers=False, transforms=(), placeholder="Pick the brush (left), then draw a digit")
                 upload = _checked(gr.Image, "upload")(label="... or upload", type="numpy", sources=["upload", "clipboard"],
                                                       image_mode="RGBA")
             with gr.Row():
@@ -374,32 +766,36 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
                 nsamp = _checked(gr.Slider)(1, app.max_samples, value=4, step=1, label="completions")
                 cseed = num(0, "seed")
                 ctemp = _checked(gr.Number)(T0, label="temperature (> 0)")
-            cbtn = gr.Button("Complete", variant="primary")
-            with gr.Row():
-                seen_img = gr.Image(label="what the model sees", **img)
-                pred_img = gr.Image(label="2D prediction of the rest", **img)
-            gallery = gr.Gallery(label="completions", columns=4, height="auto", format="png")
-            cbtn.click(_guard(complete), [sketch, upload, ccls, nseen, nsamp, cseed, ctemp], [seen_img, pred_img, gallery],
+            cbtn = gr.Button("Complete", variant="primary", elem_id="complete-btn")
+            pred_img = gr.Image(elem_id="prediction", **pic)
+            gr.Markdown("Completions sampled from that prediction:")
+            gallery = gr.Gallery(show_label=False, columns=8, height="auto", format="png", elem_id="completions")
+            cbtn.click(_guard(complete), [sketch, upload, ccls, nseen, nsamp, cseed, ctemp], [pred_img, gallery],
                        api_name="complete", **group)
         with gr.Tab("Compare"):
-            gr.Markdown("Same class, seed and step. The next-token baseline knows only its next position; "
-                        "Heptapod holds a distribution over the whole remaining grid.")
+            gr.Markdown("Heptapod and a next-token model side by side, same class, seed and step: the baseline knows "
+                        "only its next position; Heptapod holds a distribution over the whole remaining grid.")
             with gr.Row():
-                kcls = num(0, f"class (0-{nc - 1})")
-                kseed = num(0, "seed")
+                kcls, kseed = num(0, f"class (0-{nc - 1})"), num(0, "seed")
                 ktemp = _checked(gr.Number)(T0, label="temperature (> 0)")
-                ktps = num(1, "tokens per step")
-                kheat = _checked(gr.Radio)(HEATMAPS, value="entropy", label="heatmap")
-            kbtn = gr.Button("Compare", variant="primary")
-            kstep = _checked(gr.Slider)(0, N, value=0, step=1, label="step")
+                ktps = num(1, "tokens per step (Heptapod)")
+                kheat = _checked(gr.Radio)(radio, value="entropy", label="heatmap")
+            kbtn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
             with gr.Row():
-                ka = gr.Image(label="Heptapod (global head)", **img)
-                kb = gr.Image(label="next-token baseline", **img)
+                ka = gr.Image(elem_id="compare-heptapod", **pic)
+                kb = gr.Image(elem_id="compare-baseline", **pic)
+            kstep = _checked(gr.Slider)(0, N, value=0, step=1, label="step (Heptapod's; the baseline at as many tokens seen)",
+                                        elem_id="kstep")
+            kplot = gr.Image(elem_id="compare-plot", **pic)
             kstate = gr.State(None)
-            kbtn.click(_guard(compare), [kcls, kseed, ktemp, ktps, kheat], [ka, kb, kstep, kstate], api_name="compare", **group)
-            kstep.change(_guard(compare_scrub), [kstate, kstep, kheat], [ka, kb], api_name="compare_scrub")
+            kbtn.click(_guard(compare), [kcls, kseed, ktemp, ktps, kheat], [ka, kb, kplot, kstep, kstate],
+                       api_name="compare", **group)
+            kstep.input(_guard(compare_scrub), [kstate, kstep, kheat], [ka, kb, kplot], api_name="compare_scrub",
+                        trigger_mode="always_last")
+            kheat.change(_guard(compare_redraw), [kstate, kstep, kheat], [ka, kb, kplot], show_api=False)
     return blocks
 
+# %% ../nbs/13_app.ipynb #460fdd7f
 def check_port(host: str, port: int) -> None:
     "Refuse (OSError) a port that another program already holds on `host`, before any slow loading."
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -417,6 +813,7 @@ def launch(bundle: Bundle, host: str = "127.0.0.1", port: int | None = None, inb
                   max_file_size="5mb", show_error=False, quiet=not block)
     return blocks
 
+# %% ../nbs/13_app.ipynb #c5a7e909
 def _port(v: str) -> int:
     "argparse type of --port: an integer from 1 to 65535."
     try: p = int(v)

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['FAST', 'DEMO_FILES', 'USER_ERRORS', 'get_device', 'seed_everything', 'demo_dir', 'ConfigError', 'Config',
-           'atomic_write_bytes', 'write_json', 'parse_value', 'apply_overrides', 'get_preset', 'check_state_dict',
-           'save_weights', 'load_weights', 'add_debug_arg', 'one_line', 'cli_main']
+__all__ = ['FAST', 'DEMO_FILES', 'USER_ERRORS', 'get_device', 'seed_everything', 'demo_dir', 'ConfigError', 'deprecated',
+           'Config', 'atomic_save', 'atomic_write_bytes', 'write_json', 'to_uint8', 'parse_value', 'apply_overrides',
+           'get_preset', 'check_state_dict', 'save_weights', 'load_weights', 'add_debug_arg', 'cli_convention',
+           'one_line', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #8fe41d5e
 FAST: bool = os.environ.get("HEPTAPOD_FAST", "0") not in ("", "0", "false", "False")
@@ -57,8 +58,15 @@ def _type_ok(value, hint) -> bool:
     if origin is dict: return isinstance(value, dict)
     return isinstance(value, hint) if isinstance(hint, type) else True
 
+def deprecated(msg: str, prog: str = "heptapod_nb") -> None:
+    "Tell the user, in one line on stderr, that a spelling they used is deprecated (it still works for one release)."
+    print(f"{prog}: deprecated: {msg}", file=sys.stderr, flush=True)
+
 class Config:
-    "Mixin for `@dataclass` configs: strict `from_dict`, type checks, JSON round trips."
+    """Mixin for `@dataclass` configs: strict `from_dict`, type checks, JSON round trips. `RENAMED` maps a
+    deprecated key to its new name, or to `(new name, fn(old value, the whole dict) -> new value)`: old config
+    files, checkpoints and `key=value` overrides keep loading, with a one-line deprecation message."""
+    RENAMED: typing.ClassVar[dict] = {}
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -76,10 +84,24 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict):
+        d = cls._translate_renamed(d)
         unknown = sorted(set(d) - set(cls.field_names()))
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} keys {unknown}; valid keys: {cls.field_names()}")
         return cls(**d)
+
+    @classmethod
+    def _translate_renamed(cls, d: dict) -> dict:
+        "`d` with the deprecated keys of `RENAMED` under their new names (over the new key's value: `replace(old=...)` means it)."
+        old = [k for k in d if k in cls.RENAMED]
+        if not old: return d
+        d = dict(d)
+        for k in old:
+            new, fn = cls.RENAMED[k] if isinstance(cls.RENAMED[k], tuple) else (cls.RENAMED[k], None)
+            v = d.pop(k)
+            deprecated(f"{cls.__name__} key {k!r} is now {new!r}" + (" (converted)" if fn else ""))
+            d[new] = fn(v, d) if fn else v
+        return d
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -99,20 +121,29 @@ class Config:
         return cls.from_dict(d)
 
 # %% ../nbs/00_config.ipynb #0241e1c9
-def atomic_write_bytes(path, data: bytes) -> Path:
-    "Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."
+def atomic_save(path, write_fn) -> Path:
+    """Write `path` atomically: `write_fn(f)` writes to a binary file `f` (a temp file in the same folder), which is
+    then fsynced and renamed over `path`; on any error the temp file is removed and `path` is left as it was."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
+        with os.fdopen(fd, "wb") as f: write_fn(f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
     return path
 
+def atomic_write_bytes(path, data: bytes) -> Path:
+    "Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."
+    return atomic_save(path, lambda f: f.write(data))
+
 def write_json(path, obj, indent: int | None = 2, default=None) -> Path:
     "Write `obj` as JSON to `path` atomically (parent folders made); `default` as in `json.dumps`."
     return atomic_write_bytes(path, json.dumps(obj, indent=indent, default=default).encode())
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    "Float images in [-1, 1] (any shape, any device) -> uint8 in [0, 255]: clamped, then rounded to the nearest level."
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 # %% ../nbs/00_config.ipynb #8b935e79
 def parse_value(s: str):
@@ -203,9 +234,52 @@ def load_weights(path, kind: str | None = None, device="cpu", verify: bool = Tru
 # ConfigError is a ValueError; OSError covers missing, unreadable and unwritable files; FloatingPointError a NaN loss
 USER_ERRORS: tuple = (ValueError, OSError, FloatingPointError, ImportError, torch.OutOfMemoryError)
 
-def add_debug_arg(parser):
-    "Add `--debug` (show tracebacks of user errors) to an argparse parser; returns the parser."
+def add_debug_arg(parser, renamed: dict | None = None):
+    """Add `--debug` (show tracebacks of user errors) to an argparse parser and put it under the CLI convention
+    (`cli_convention`, with `renamed` options); returns the parser."""
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return cli_convention(parser, renamed)
+
+def _dash_options(parser) -> dict:
+    """Respell every `--long_option` of `parser` as `--long-option` (dest unchanged); -> {underscore spelling: dashed}
+    for every long option with a dash (declared either way)."""
+    old = {}
+    for action in parser._actions:
+        new = [o.replace("_", "-") if o.startswith("--") else o for o in action.option_strings]
+        for o, n in zip(action.option_strings, new):
+            if o == n: continue
+            if n in parser._option_string_actions and parser._option_string_actions[n] is not action:
+                raise ValueError(f"{parser.prog}: options {o} and {n} are two different options; rename one")
+            del parser._option_string_actions[o]; parser._option_string_actions[n] = action
+        action.option_strings = list(dict.fromkeys(new))
+        old.update({"--" + n[2:].replace("-", "_"): n for n in action.option_strings if n.startswith("--") and "-" in n[2:]})
+    return old
+
+def _respell(argv, old: dict, prog: str) -> list:
+    "`argv` with deprecated option spellings replaced (also in `--opt=value`), one stderr line for each one used."
+    out, told = [], set()
+    for a in argv:
+        flag, eq, val = a.partition("=") if isinstance(a, str) and a.startswith("--") else (a, "", "")
+        if flag in old:
+            if flag not in told: deprecated(f"{flag} is now spelled {old[flag]} (the old spelling goes away in the next release)", prog)
+            told.add(flag); a = old[flag] + eq + val
+        out.append(a)
+    return out
+
+def cli_convention(parser, renamed: dict | None = None):
+    """The one CLI convention of the console scripts: long options are spelled with dashes (`--batch-size`,
+    `--no-progress`; argparse's dest is `batch_size`). Options a parser declares with underscores are respelled when
+    it first parses (so options added later count too) and the old spellings keep working, with a one-line
+    deprecation message on stderr; so do the options of `renamed` ({old: new}, e.g. {"--max-steps": "--steps"},
+    in either spelling). Returns the parser."""
+    parse = parser.parse_known_args
+    old = {}
+    for o, n in (renamed or {}).items(): old[o] = old[o.replace("-", "_").replace("__", "--", 1)] = n
+    def parse_known_args(args=None, namespace=None):
+        parser._deprecated_spellings = {**getattr(parser, "_deprecated_spellings", {}), **_dash_options(parser), **old}
+        args = list(sys.argv[1:] if args is None else args)
+        return parse(_respell(args, parser._deprecated_spellings, parser.prog), namespace)
+    parser.parse_known_args = parse_known_args
     return parser
 
 def one_line(e: BaseException) -> str:

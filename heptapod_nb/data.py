@@ -12,7 +12,8 @@ import torch
 import matplotlib.pyplot as plt
 from torch.utils.data import Dataset
 
-from .config import ConfigError, write_json
+from .config import ConfigError, to_uint8, write_json
+from .tokens import TOKEN_KINDS, token_kind   # only the kind table (06a imports config and head, not data)
 
 # %% auto #0
 __all__ = ['MNIST_VAL_PER_CLASS', 'IMG_EXTENSIONS', 'GRAY_MODES', 'ArrayDataset', 'stratified_split', 'load_mnist5k',
@@ -71,7 +72,7 @@ def load_digits8(split: str = "train") -> ArrayDataset:
 # %% ../nbs/01_data.ipynb #b88cdcb9
 def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> np.ndarray:
     "Images (B, C, H, W) in [-1, 1] tiled into one uint8 array (H', W', 3), `nrow` images per row."
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = to_uint8(images.cpu())
     if x.shape[1] == 1: x = x.expand(-1, 3, -1, -1)
     B, C, H, W = x.shape; ncol = min(nrow, B); nr = -(-B // ncol)
     out = torch.full((3, nr * (H + pad) + pad, ncol * (W + pad) + pad), 255, dtype=torch.uint8)
@@ -233,8 +234,8 @@ class TokenDataset(Dataset):
         meta_path = self.root / "meta.json"
         if not meta_path.exists(): raise FileNotFoundError(f"not a token dataset (no meta.json): {self.root}")
         self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("kind") not in ("vq", "kl"):
-            raise ValueError(f"{meta_path}: kind must be 'vq' or 'kl', got {self.meta.get('kind')!r}")
+        if self.meta.get("kind") not in TOKEN_KINDS:
+            raise ValueError(f"{meta_path}: kind must be one of {sorted(TOKEN_KINDS)}, got {self.meta.get('kind')!r}")
         n, done = self.meta["n"], self.meta.get("done", 0)
         if done < n and not allow_partial:
             raise ValueError(f"token dataset {self.root} is incomplete ({done}/{n} written): finish or resume the extraction")
@@ -249,6 +250,7 @@ class TokenDataset(Dataset):
         self.n, self.aug, self.seed, self.epoch = done if allow_partial else n, aug, seed, 0
         self.kind, self.grid, self.num_classes = self.meta["kind"], tuple(self.meta["grid"]), self.meta["num_classes"]
         self.vocab_size, self.channels = self.meta.get("vocab_size"), self.meta.get("channels")
+        self.token_kind = token_kind(self.kind)          # VQTokens / KLTokens: casts the stored arrays
 
     def set_epoch(self, epoch: int): self.epoch = epoch
     def __len__(self): return self.n
@@ -257,7 +259,7 @@ class TokenDataset(Dataset):
         A = self.codes.shape[1]
         a = 0 if self.aug == "first" or A == 1 else int(np.random.default_rng((self.seed, self.epoch, i)).integers(A))
         x = torch.from_numpy(np.array(self.codes[i, a]))
-        return (x.long() if self.kind == "vq" else x.float()), int(self.labels[i])
+        return self.token_kind.cast(x), int(self.labels[i])
 
     @staticmethod
     def create(root, n: int, kind: str, grid: tuple[int, int], num_classes: int, augs: int = 1,
@@ -265,13 +267,8 @@ class TokenDataset(Dataset):
         "Allocate `codes.npy`/`labels.npy` and write `meta.json` with `done=0`; returns the meta dict."
         root = Path(root); root.mkdir(parents=True, exist_ok=True)
         h, w = grid
-        if kind == "vq":
-            if not vocab_size: raise ValueError("a VQ token dataset needs vocab_size")
-            dtype, shape = (np.int16 if vocab_size <= 2**15 else np.int32), (n, augs, h, w)
-        elif kind == "kl":
-            if not channels: raise ValueError("a KL token dataset needs channels")
-            dtype, shape = np.float32, (n, augs, channels, h, w)
-        else: raise ValueError(f"kind must be 'vq' or 'kl', got {kind!r}")
+        if kind not in TOKEN_KINDS: raise ValueError(f"kind must be one of {sorted(TOKEN_KINDS)}, got {kind!r}")
+        dtype, shape = token_kind(kind).storage(n, augs, (h, w), vocab_size, channels)
         np.lib.format.open_memmap(root / "codes.npy", mode="w+", dtype=dtype, shape=shape).flush()
         np.lib.format.open_memmap(root / "labels.npy", mode="w+", dtype=np.int64, shape=(n,)).flush()
         meta = dict(kind=kind, grid=[h, w], num_classes=num_classes, n=n, done=0, augs=augs,

@@ -4,18 +4,26 @@
 
 # %% ../nbs/16_demo.ipynb #98e0b1a8
 from __future__ import annotations
-import time
+import tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from .config import (DEMO_FILES, Config, ConfigError, demo_dir, write_json, get_device, save_weights,
-                                 seed_everything, cli_main)
+from .config import DEMO_FILES, Config, ConfigError, demo_dir, write_json, get_device, save_weights, cli_main
+from .data import TokenDataset, load_mnist5k
+from .tokenizer import save_tokenizer
+from .tokenizer_train import TokenizerTrainConfig, train_tokenizer
+from .model import load_model
+from .train import TrainConfig, train
+from .metrics import mnist_classifier
+from .evaluate import score_samples
 from .app import _parser, _serve_args, _device, load_bundle, check_port, launch, missing_demo_files
 
 # %% auto #0
-__all__ = ['DemoRecipe', 'encode_mnist', 'train_demo_model', 'class_accuracy_of', 'retrain_demo', 'demo', 'demo_cli']
+__all__ = ['DemoRecipe', 'encode_mnist', 'token_folder', 'demo_train_config', 'train_demo_model', 'class_accuracy_of',
+           'retrain_demo', 'demo', 'demo_cli']
 
 # %% ../nbs/16_demo.ipynb #5dfa0b42
 @dataclass
@@ -26,12 +34,12 @@ class DemoRecipe(Config):
     tokenizer_minutes: float = 6.0
     model: dict = field(default_factory=lambda: dict(dim=128, depth=4, n_heads=4, head_width=128, head_depth=2,
                                                      head_heads=4, targets_per_step=4, next_weight=1.0))
-    model_steps: int = 600               # Heptapod and the baseline alike
+    steps: int = 600                     # of Heptapod and of the baseline alike
     model_minutes: float = 17.0          # caps (2 CPU cores: ~14 and ~5.5 minutes for 600 steps)
     baseline_minutes: float = 8.0
     batch_size: int = 64
     lr: float = 2e-3
-    min_lr_ratio: float = 0.05
+    min_lr: float = 1e-4                 # cosine floor (0.05 x lr)
     warmup: int = 100
     weight_decay: float = 0.05
     ema: float = 0.995
@@ -41,11 +49,14 @@ class DemoRecipe(Config):
     eval_samples: int = 200              # samples per model and temperature for the class-accuracy check (0: skip)
     seed: int = 0
     threads: int = 2
+    # the names before the package's one vocabulary, still accepted for one release
+    RENAMED = {"model_steps": "steps", "min_lr_ratio": ("min_lr", lambda v, d: v * d.get("lr", DemoRecipe.lr))}
 
     def validate(self):
-        for k in ("tokenizer_steps", "model_steps", "batch_size", "threads"):
+        for k in ("tokenizer_steps", "steps", "batch_size", "threads"):
             if getattr(self, k) < 1: raise ConfigError(f"DemoRecipe.{k} must be >= 1, got {getattr(self, k)}")
         if not self.temperature > 0: raise ConfigError(f"DemoRecipe.temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.min_lr <= self.lr: raise ConfigError(f"DemoRecipe.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
 
 def _shift(x_B1HW, dy: int, dx: int):
     "Shift images by (dy, dx) pixels, filling with background (-1)."
@@ -53,7 +64,6 @@ def _shift(x_B1HW, dy: int, dx: int):
 
 def encode_mnist(tok, recipe: DemoRecipe, device) -> tuple[torch.Tensor, torch.Tensor]:
     "MNIST-5k train set encoded once, plus `recipe.shifts` copies shifted by one pixel: (tokens (A*N, h, w), labels)."
-    from heptapod_nb.data import load_mnist5k
     ds = load_mnist5k("train")
     g = torch.Generator().manual_seed(recipe.seed)
     moves = [(0, 0)] + [tuple(int(v) for v in torch.randint(-1, 2, (2,), generator=g)) for _ in range(recipe.shifts)]
@@ -64,89 +74,84 @@ def encode_mnist(tok, recipe: DemoRecipe, device) -> tuple[torch.Tensor, torch.T
             toks.append(torch.cat([tok.encode(x[i:i + 500].to(device)).cpu() for i in range(0, len(x), 500)]))
     return torch.cat(toks), ds.labels.repeat(len(moves))
 
-def train_demo_model(config, tokens, labels, minutes: float, recipe: DemoRecipe, device, desc: str = "train"):
-    "`recipe.model_steps` of AdamW (warmup + cosine to the last step, or to the time cap if that comes first) with an EMA; returns the EMA model."
-    import copy, math
-    from tqdm.auto import tqdm
-    from heptapod_nb.model import Heptapod
-    seed_everything(recipe.seed)
-    model = Heptapod(config).to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=recipe.lr, betas=(0.9, 0.95))
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(recipe.seed)
-    budget, t0, step = minutes * 60, time.time(), 0
-    bar = tqdm(total=recipe.model_steps, desc=desc, dynamic_ncols=True)
-    while step < recipe.model_steps and time.time() - t0 < budget:
-        p = max(step / recipe.model_steps, (time.time() - t0) / budget)
-        lr = recipe.lr * min(1.0, (step + 1) / recipe.warmup) * (recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-        for gr_ in opt.param_groups: gr_["lr"] = lr
-        idx = torch.randint(len(tokens), (recipe.batch_size,), generator=g)
-        loss = model.loss(tokens[idx].to(device), labels[idx].to(device))
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); step += 1
-        d = min(recipe.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()): pe.lerp_(pm, 1 - d)
-        bar.update(1)
-        if step % 10 == 0: bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
-    bar.close()
-    if step < recipe.model_steps:
-        print(f"{desc}: time cap of {minutes} min reached after {step} of {recipe.model_steps} steps", flush=True)
-    return ema, {"steps": step, "seconds": round(time.time() - t0, 1), "last_loss": round(float(loss.item()), 4)}
+def token_folder(root, tok, tokens: torch.Tensor, labels: torch.Tensor) -> Path:
+    "Tokens (N, h, w) of `tok` and their labels as a `TokenDataset` folder at `root`, the data `train.train` reads."
+    root = Path(root)
+    meta = TokenDataset.create(root, len(tokens), tok.kind, tuple(tok.grid), int(labels.max()) + 1,
+                               vocab_size=getattr(tok, "vocab_size", None), channels=getattr(tok, "channels", None))
+    codes = np.load(root / "codes.npy", mmap_mode="r+"); codes[:, 0] = tokens.numpy(); codes.flush()
+    lab = np.load(root / "labels.npy", mmap_mode="r+"); lab[:] = labels.numpy(); lab.flush()
+    TokenDataset.write_meta(root, {**meta, "done": len(tokens)})
+    return root
+
+def demo_train_config(recipe: DemoRecipe, data, out, model: dict, minutes: float, device) -> TrainConfig:
+    "The `TrainConfig` of one demo model: the tiny preset with `model` overrides, the recipe's optimiser, its time cap."
+    return TrainConfig(preset="tiny", model=dict(model), data=str(data), out=str(out), steps=recipe.steps, max_minutes=minutes,
+                       batch_size=recipe.batch_size, lr=recipe.lr, min_lr=recipe.min_lr, warmup=recipe.warmup,
+                       weight_decay=recipe.weight_decay, grad_clip=1.0, ema=recipe.ema, seed=recipe.seed, threads=recipe.threads,
+                       ckpt_every=recipe.steps, keep=1, log_every=10, num_workers=0, aug="first", device=str(device))
+
+def train_demo_model(data, model: dict, minutes: float, recipe: DemoRecipe, device, work, desc: str = "train"):
+    """Train one demo model with `train.train` (the package's one training loop) on the token folder `data`, in the
+    scratch folder `work`; -> (its EMA weights as a `Heptapod` on `device`, a summary dict)."""
+    t0 = time.time()
+    r = train(demo_train_config(recipe, data, Path(work) / desc, model, minutes, device), log=lambda m: print(f"{desc}: {m}", flush=True))
+    ema = load_model(r["ema"], device).eval()
+    return ema, {"steps": r["step"], "seconds": round(time.time() - t0, 1), "last_loss": round(float(r["loss"]), 4)}
 
 def class_accuracy_of(model, tok, n: int, temperature: float, device, seed: int = 1234) -> float:
     "Sample `n` images (n/10 per class, no CFG) and score them with the project's MNIST classifier."
-    from heptapod_nb.evaluate import score_samples
-    from heptapod_nb.metrics import mnist_classifier
     return score_samples(model, tok, mnist_classifier(device), n, seed, batch_size=50, fid=False, temperature=temperature)["class_acc"]
 
-def retrain_demo(out=None, recipe: DemoRecipe | None = None, device=None) -> dict:
-    "Make the demo weights (tokenizer, Heptapod, baseline) into `out` (default: the bundled folder); returns the meta dict."
-    import tempfile
-    from heptapod_nb.tokenizer_train import TokenizerTrainConfig, train_tokenizer
-    from heptapod_nb.tokenizer import save_tokenizer
-    from heptapod_nb.model import PRESETS
-    recipe, device = recipe or DemoRecipe(), get_device(device)
-    out = Path(out) if out is not None else demo_dir(); out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(recipe.threads)
-    t0, meta = time.time(), {"recipe": recipe.to_dict()}
-    with tempfile.TemporaryDirectory() as work:
-        print(f"[1/4] tokenizer ({recipe.tokenizer_preset}, <= {recipe.tokenizer_minutes} min)", flush=True)
-        tcfg = TokenizerTrainConfig(preset=recipe.tokenizer_preset, data="mnist5k", out=str(Path(work) / "tok"),
-                                    max_steps=recipe.tokenizer_steps, max_minutes=recipe.tokenizer_minutes,
-                                    num_workers=0, seed=recipe.seed, device=str(device))
-        tok, tsum = train_tokenizer(tcfg, progress=True)
-    tok = tok.to(device).eval()
-    meta["tokenizer"] = {k: tsum.get(k) for k in ("steps", "train_seconds", "val")}
-    print("[2/4] encoding MNIST-5k", flush=True)
-    tokens, labels = encode_mnist(tok, recipe, device)
-    cfg = PRESETS["tiny"].replace(vocab_size=int(tok.vocab_size), grid=tuple(tok.grid), num_classes=10, **recipe.model)
-    models = {}
-    for i, (name, c, minutes) in enumerate([("heptapod", cfg, recipe.model_minutes),
-                                            ("baseline", cfg.replace(window=1, targets_per_step=1), recipe.baseline_minutes)]):
-        print(f"[3/4] {name} (window={c.window}, {recipe.model_steps} steps, capped at {minutes} min)", flush=True)
-        models[name], meta[name] = train_demo_model(c, tokens, labels, minutes, recipe, device, desc=name)
-    meta["train_seconds"] = round(time.time() - t0, 1)
-    save_tokenizer(tok.cpu(), out / DEMO_FILES["tokenizer"]); tok = tok.to(device)
+def _demo_tokenizer(recipe: DemoRecipe, device, work: Path):
+    "[1/4]: the tokenizer, trained by `tokenizer_train.train_tokenizer`; -> (tokenizer on `device`, its summary)."
+    print(f"[1/4] tokenizer ({recipe.tokenizer_preset}, <= {recipe.tokenizer_minutes} min)", flush=True)
+    tcfg = TokenizerTrainConfig(preset=recipe.tokenizer_preset, data="mnist5k", out=str(work / "tok"),
+                                steps=recipe.tokenizer_steps, max_minutes=recipe.tokenizer_minutes,
+                                num_workers=0, seed=recipe.seed, device=str(device))
+    tok, tsum = train_tokenizer(tcfg, progress=True)
+    return tok.to(device).eval(), {k: tsum.get(k) for k in ("steps", "train_seconds", "val")}
+
+def _save_demo(out: Path, tok, models: dict, meta: dict, device):
+    "The three weights files (models in float16) and `demo_meta.json`."
+    save_tokenizer(tok.cpu(), out / DEMO_FILES["tokenizer"]); tok.to(device)
     for name, f in (("heptapod", DEMO_FILES["model"]), ("baseline", DEMO_FILES["baseline"])):
         m = models[name]
         save_weights(out / f, {k: v.half() if v.is_floating_point() else v for k, v in m.state_dict().items()},
                      m.config, kind="heptapod")
     meta["bytes"] = sum((out / f).stat().st_size for f in DEMO_FILES.values())
     write_json(out / "demo_meta.json", meta)
-    if recipe.eval_samples:
-        print(f"[4/4] class accuracy, {recipe.eval_samples} samples per model and temperature (no CFG)", flush=True)
-        best = None
-        for T in recipe.eval_temperatures:
-            for name, m in models.items():
-                acc = class_accuracy_of(m, tok, recipe.eval_samples, T, device)
-                meta[name].setdefault("class_accuracy", {})[str(T)] = round(acc, 4)
-                print(f"      T={T} {name}: {acc:.1%}", flush=True)
-                if name == "heptapod" and (best is None or acc > best[1]): best = (T, acc)
-        meta["recipe"]["temperature"] = best[0]          # the app starts at the best temperature for Heptapod
+
+def _score_demo(tok, models: dict, recipe: DemoRecipe, meta: dict, device):
+    "[4/4]: class accuracy of each model at each temperature; the app's default becomes Heptapod's best temperature."
+    print(f"[4/4] class accuracy, {recipe.eval_samples} samples per model and temperature (no CFG)", flush=True)
+    best = None
+    for T in recipe.eval_temperatures:
+        for name, m in models.items():
+            acc = class_accuracy_of(m, tok, recipe.eval_samples, T, device)
+            meta[name].setdefault("class_accuracy", {})[str(T)] = round(acc, 4)
+            print(f"      T={T} {name}: {acc:.1%}", flush=True)
+            if name == "heptapod" and (best is None or acc > best[1]): best = (T, acc)
+    meta["recipe"]["temperature"] = best[0]
+
+def retrain_demo(out=None, recipe: DemoRecipe | None = None, device=None) -> dict:
+    "Make the demo weights (tokenizer, Heptapod, baseline) into `out` (default: the bundled folder); returns the meta dict."
+    recipe, device = recipe or DemoRecipe(), get_device(device)
+    out = Path(out) if out is not None else demo_dir(); out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(recipe.threads)
+    t0, meta, models = time.time(), {"recipe": recipe.to_dict()}, {}
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        tok, meta["tokenizer"] = _demo_tokenizer(recipe, device, work)
+        print("[2/4] encoding MNIST-5k", flush=True)
+        data = token_folder(work / "tokens", tok, *encode_mnist(tok, recipe, device))
+        for name, model, minutes in [("heptapod", recipe.model, recipe.model_minutes),
+                                     ("baseline", {**recipe.model, "window": 1, "targets_per_step": 1}, recipe.baseline_minutes)]:
+            print(f"[3/4] {name} (window={model.get('window', 'the preset')}, {recipe.steps} steps, capped at {minutes} min)", flush=True)
+            models[name], meta[name] = train_demo_model(data, model, minutes, recipe, device, work, desc=name)
+    meta["train_seconds"] = round(time.time() - t0, 1)
+    _save_demo(out, tok, models, meta, device)
+    if recipe.eval_samples: _score_demo(tok, models, recipe, meta, device)
     meta["total_seconds"] = round(time.time() - t0, 1)
     write_json(out / "demo_meta.json", meta)
     print(f"demo weights written to {out} ({meta['bytes'] / 1e6:.1f} MB) in {meta['total_seconds'] / 60:.1f} min", flush=True)

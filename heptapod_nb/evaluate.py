@@ -11,6 +11,11 @@ import numpy as np
 import torch
 
 from .config import ConfigError, add_debug_arg, atomic_write_bytes, cli_main, write_json, get_device
+from .model import load_model
+from .optim import dist_env
+from .pretrained import TOKENIZER_FORMATS, load_tokenizer_as
+from .sample import generate
+from .tokens import token_kind
 from .metrics import (class_accuracy, inception_metrics, load_npz_images, mnist_classifier, mnist_fid,
                                  save_npz, to_uint8)
 
@@ -37,19 +42,11 @@ def rank_blocks(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[
 
 # %% ../nbs/11_evaluate.ipynb #a49f223b
 def load_decoder(path, fmt: str = "heptapod", device="cpu"):
-    "A tokenizer with `.decode`: `fmt` is 'heptapod' (ours), 'llamagen' (VQ-16) or 'mar' (KL-16)."
+    "A tokenizer with `.decode`: `fmt` is a key of `pretrained.TOKENIZER_FORMATS` ('heptapod', 'llamagen', 'mar')."
+    if fmt not in TOKENIZER_FORMATS:
+        raise ValueError(f"tokenizer format must be one of {sorted(TOKENIZER_FORMATS)}, got {fmt!r}")
     if path is None or not Path(path).is_file(): raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
-    if fmt == "heptapod":
-        from heptapod_nb.tokenizer import load_tokenizer
-        tok = load_tokenizer(path, device=device)
-    elif fmt == "llamagen":
-        from heptapod_nb.pretrained import load_llamagen_vq
-        tok = load_llamagen_vq(path, device=device)
-    elif fmt == "mar":
-        from heptapod_nb.pretrained import load_mar_kl
-        tok = load_mar_kl(path, device=device)
-    else: raise ValueError(f"tokenizer format must be 'heptapod', 'llamagen' or 'mar', got {fmt!r}")
-    return tok.eval()
+    return load_tokenizer_as(path, fmt, device=device)
 
 def check_compatible(model, tok, model_name="the model", tok_name="the tokenizer") -> None:
     """Raise `ConfigError` listing every way `tok` cannot decode `model`'s tokens: token kind, vocabulary (VQ),
@@ -60,10 +57,7 @@ def check_compatible(model, tok, model_name="the model", tok_name="the tokenizer
     problems = []
     if tok_kind != mc.token_kind:
         problems.append(f"token kind: {model_name} makes {mc.token_kind!r} tokens, {tok_name} is a {tok_kind!r} tokenizer")
-    elif mc.token_kind == "vq" and getattr(tok, "vocab_size", None) != mc.vocab_size:
-        problems.append(f"vocabulary: {model_name} has {mc.vocab_size} codes, {tok_name} {getattr(tok, 'vocab_size', None)}")
-    elif mc.token_kind == "kl" and getattr(tok, "channels", None) != mc.token_channels:
-        problems.append(f"channels: {model_name} makes {mc.token_channels}-channel tokens, {tok_name} {getattr(tok, 'channels', None)}")
+    else: problems += token_kind(mc).tokenizer_problems(tok, mc, model_name, tok_name)   # vocabulary / channels
     if tuple(getattr(tok, "grid", ())) != tuple(mc.grid):
         problems.append(f"grid: {model_name} makes {tuple(mc.grid)} token grids, {tok_name} decodes {tuple(getattr(tok, 'grid', ()))}")
     if problems:
@@ -74,7 +68,6 @@ def check_compatible(model, tok, model_name="the model", tok_name="the tokenizer
 @torch.no_grad()
 def sample_block(model, decoder, labels, seed: int, **gen_kwargs) -> np.ndarray:
     "Images uint8 (B, H, W, 3) for `labels`: one seeded `generate` call, decoded."
-    from heptapod_nb.sample import generate
     tokens = generate(model, labels, seed=seed, **gen_kwargs)
     return to_uint8(decoder.decode(tokens).float().cpu())
 
@@ -119,7 +112,7 @@ def gather_parts(out_dir, n: int, batch_size: int, png: bool = True) -> Path:
         with np.load(_part_path(out_dir, b)) as z: images.append(z["images"]); labels.append(z["labels"])
     images, labels = np.concatenate(images), np.concatenate(labels)
     if len(images) != n: raise ValueError(f"parts in {out_dir} hold {len(images)} images, expected {n}: "
-                                          "was the run started with another --batch_size or size?")
+                                          "was the run started with another --batch-size or size?")
     if png:
         from PIL import Image
         (out_dir / "png").mkdir(parents=True, exist_ok=True)
@@ -128,30 +121,26 @@ def gather_parts(out_dir, n: int, batch_size: int, png: bool = True) -> Path:
     return save_npz(images, out_dir / "samples.npz", arr_1=labels)
 
 # %% ../nbs/11_evaluate.ipynb #82c29b60
-def _dist_env():
-    "`(rank, world, local_rank)` from torchrun's environment (single process: 0, 1, 0)."
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
 def sample_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="heptapod-sample", description="Class-balanced sampling to PNGs and an ADM .npz "
                                 "(torchrun for several GPUs; rerun the same command to resume).")
     p.add_argument("--model", required=True, help="Heptapod checkpoint (.safetensors from save_model / heptapod-train)")
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint used to decode the tokens")
-    p.add_argument("--tokenizer_format", default="heptapod", choices=["heptapod", "llamagen", "mar"])
-    p.add_argument("--out_dir", required=True)
-    p.add_argument("--per_class", type=int, default=50, help="samples per class (50 x 1000 = ImageNet's 50k)")
-    p.add_argument("--num_classes", type=int, default=None, help="default: the model's num_classes")
-    p.add_argument("--batch_size", type=int, default=32, help="images per generate call (= one seeded block)")
+    p.add_argument("--tokenizer-format", default="heptapod", choices=sorted(TOKENIZER_FORMATS))
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--per-class", type=int, default=50, help="samples per class (50 x 1000 = ImageNet's 50k)")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the model's num_classes")
+    p.add_argument("--batch-size", type=int, default=32, help="images per generate call (= one seeded block)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--tokens_per_step", type=int, default=1)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--tokens-per-step", type=int, default=1)
     p.add_argument("--order", default=None, choices=["raster", "random", "confidence"],
                    help="default: the model's order (confidence needs a model trained on random orders)")
-    p.add_argument("--no_png", action="store_true", help="write only the .npz")
+    p.add_argument("--no-png", action="store_true", help="write only the .npz")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
     return add_debug_arg(p)
 
 def _check_out_dir(out_dir: Path, settings: dict) -> None:
@@ -162,20 +151,20 @@ def _check_out_dir(out_dir: Path, settings: dict) -> None:
     if not prev.exists():
         if blocks or (out_dir / "samples.npz").exists():
             raise ConfigError(f"{out_dir} holds samples that heptapod-sample did not record (no sample_args.json): "
-                              "use a new --out_dir")
+                              "use a new --out-dir")
         return
     try: old = json.loads(prev.read_text())
     except json.JSONDecodeError as e: old = {"unreadable sample_args.json": str(e)}
     if old != settings and blocks:
         diff = {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)}
         raise ConfigError(f"{out_dir} holds {len(blocks)} blocks from a run with other settings (old, new): {diff}; "
-                          "use a new --out_dir, or rerun with the old settings to finish that run")
+                          "use a new --out-dir, or rerun with the old settings to finish that run")
 
 def sample_cli(argv=None) -> dict:
     """`heptapod-sample` as a function: returns the summary it writes to `out_dir/sample_summary.json`
     (errors are raised; the console script is `sample_main`)."""
     args = sample_parser().parse_args(argv)
-    rank, world, local_rank = _dist_env()
+    rank, world, local_rank = dist_env()
     if args.device is None: args.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = get_device(args.device)
     if device.type == "cuda": torch.cuda.set_device(device)
@@ -184,14 +173,13 @@ def sample_cli(argv=None) -> dict:
         import torch.distributed as dist
         if not dist.is_initialized(): dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        from heptapod_nb.model import load_model
         model = load_model(args.model, device=device)
         decoder = load_decoder(args.tokenizer, args.tokenizer_format, device=device)
         check_compatible(model, decoder, f"model {args.model}", f"tokenizer {args.tokenizer}")
         nc = args.num_classes if args.num_classes is not None else model.config.num_classes
-        if nc < 1: raise ConfigError("the model is unconditional (num_classes=0): pass --num_classes N to make N * per_class samples")
+        if nc < 1: raise ConfigError("the model is unconditional (num_classes=0): pass --num-classes N to make N * per_class samples")
         if model.config.num_classes and nc > model.config.num_classes:
-            raise ConfigError(f"--num_classes {nc} exceeds the model's {model.config.num_classes} classes")
+            raise ConfigError(f"--num-classes {nc} exceeds the model's {model.config.num_classes} classes")
         labels = balanced_labels(nc, args.per_class)
         out_dir = Path(args.out_dir)
         settings = {k: v for k, v in vars(args).items() if k not in ("device", "no_progress", "no_png", "out_dir", "debug")}
@@ -246,7 +234,6 @@ def score_samples(model, decoder, clf, n: int, seed: int = 0, batch_size: int = 
                   **gen_kwargs) -> dict:
     """`n` class-balanced samples of `model` (no CFG; block b of `batch_size` seeded by `block_seed(seed, b)`, as
     `heptapod-sample` does) scored by the MNIST classifier `clf`: dict(images, class_acc, mnist_fid or None)."""
-    from heptapod_nb.sample import generate
     C = model.config.num_classes
     if C < 1 or n < 1 or n % C: raise ValueError(f"n={n} must be a positive multiple of the {C} classes (class-balanced)")
     labels, dev = balanced_labels(C, n // C), next(model.parameters()).device
@@ -258,20 +245,20 @@ def score_samples(model, decoder, clf, n: int, seed: int = 0, batch_size: int = 
 def _samples_path(p) -> Path:
     p = Path(p)
     if p.is_dir(): p = p / "samples.npz"
-    if not p.is_file(): raise FileNotFoundError(f"samples not found: {p} (an ADM .npz or a heptapod-sample --out_dir)")
+    if not p.is_file(): raise FileNotFoundError(f"samples not found: {p} (an ADM .npz or a heptapod-sample --out-dir)")
     return p
 
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="heptapod-eval", description="Score samples: MNIST-FID + class accuracy (bundled) "
                                 "or ImageNet FID + IS (local Inception weights and reference statistics).")
     p.add_argument("--samples", required=True, help="ADM .npz (arr_0 uint8 N x H x W x 3, optional arr_1 labels) "
-                   "or a heptapod-sample --out_dir")
+                   "or a heptapod-sample --out-dir")
     p.add_argument("--dataset", choices=["mnist", "imagenet"], default="mnist")
     p.add_argument("--classifier", default=None, help="mnist: MNIST classifier weights (default: the bundled heptapod_nb/assets/mnist_classifier.safetensors)")
     p.add_argument("--inception", default=None, help="imagenet: pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--ref", default=None, help="imagenet: reference .npz (ADM VIRTUAL_imagenet256_labeled.npz or "
                    "{mu, sigma}); mnist: 'val' (default) or 'train'")
-    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

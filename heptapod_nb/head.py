@@ -11,12 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import ConfigError
 from .transformer import SwiGLU
 
 # %% auto #0
-__all__ = ['ORDERS', 'HEAD_CONTEXTS', 'HEAD_QUERIES', 'make_order', 'window_size', 'num_slots', 'Targets', 'select_targets',
-           'commit_supported', 'sampling_targets', 'modulate', 'check_head_variant', 'HeadBlock', 'Head2D',
-           'cosine_alpha_bar', 'timestep_embedding', 'ResBlockAdaLN', 'DiffusionMLP']
+__all__ = ['ORDERS', 'HEAD_CONTEXTS', 'HEAD_QUERIES', 'HEADS', 'make_order', 'window_size', 'num_slots', 'Targets',
+           'select_targets', 'commit_supported', 'sampling_targets', 'modulate', 'head_hidden', 'check_head_variant',
+           'HeadBlock', 'Head2D', 'MLPHeadBlock', 'MLPHead', 'cosine_alpha_bar', 'timestep_embedding', 'ResBlockAdaLN',
+           'DiffusionMLP']
 
 # %% ../nbs/06_head.ipynb #fee62557
 ORDERS = ("raster", "random")
@@ -127,6 +129,10 @@ def sampling_targets(order_BN, window, targets_per_step, step: int, k: int = 1,
 # %% ../nbs/06_head.ipynb #6b471ca5
 def modulate(x, shift, scale): return x * (1 + scale) + shift
 
+def head_hidden(width: int, mlp_ratio: float) -> int:
+    "SwiGLU hidden size of a head block: 2/3 of `mlp_ratio * width` (same parameters as a GELU MLP), rounded up to 64."
+    return 64 * math.ceil(int(2 * mlp_ratio * width / 3) / 64)
+
 HEAD_CONTEXTS = ("prefix", "last")
 HEAD_QUERIES = ("joint", "independent")
 
@@ -194,13 +200,25 @@ class Head2D(nn.Module):
         self.context = context
         self.mask_emb = nn.Parameter(torch.zeros(width))
         self.pos_emb = nn.Parameter(torch.zeros(n_positions, width))
-        hidden = 64 * math.ceil(int(2 * mlp_ratio * width / 3) / 64)
+        hidden = head_hidden(width, mlp_ratio)
         self.blocks = nn.ModuleList(HeadBlock(cond_dim, width, n_heads, hidden, self_attn, context) for _ in range(depth))
         self.norm_f = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada_f = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
         self.out = nn.Linear(width, out_dim)
         self.zero_out = zero_out
         self.reset_parameters()
+
+    @classmethod
+    def check_config(cls, c):
+        "Nothing to refuse: every `head_context` x `head_queries` is a transformer head (the values are checked by type)."
+
+    @classmethod
+    def from_config(cls, c, out_dim: int, zero_out: bool) -> "Head2D":
+        "The head a `HeptapodConfig` describes (`head_type='transformer'`); self-attention only where a step has > 1 query."
+        N = c.n_positions
+        return cls(c.dim, c.head_width, c.head_depth, c.head_heads, N, out_dim,
+                   self_attn=num_slots(c.window, c.targets_per_step, N) > 1 and c.head_queries == "joint",
+                   mlp_ratio=c.head_mlp_ratio, zero_out=zero_out, context=c.head_context)
 
     def reset_parameters(self):
         "GPT init for linears, then adaLN-Zero: zero modulation (gates start closed) and, for logits, a zero output layer."
@@ -227,6 +245,79 @@ class Head2D(nn.Module):
             x = b(x, hk_BTD, cond_BSD, b.ada(cond_BSD), xmask_QT, smask)
         shift, scale = self.ada_f(cond_BSD)[:, :, None].chunk(2, -1)
         return self.out(modulate(self.norm_f(x), shift, scale))
+
+# %% ../nbs/06_head.ipynb #0ff58b6f
+class MLPHeadBlock(nn.Module):
+    "DiT-style adaLN-Zero residual block without attention: x + gate * SwiGLU(modulate(norm(x), shift, scale))."
+    def __init__(self, cond_dim: int, width: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = SwiGLU(width, hidden)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 3 * width))
+
+    def forward(self, x_QD, mod_Q3D):
+        "Queries `x_QD` (B, S, M, D) or packed (V, D); their modulation (B, S, 1, 3D) (one per step) or (V, 3D)."
+        shift, scale, gate = mod_Q3D.chunk(3, -1)
+        return x_QD + gate * self.mlp(modulate(self.norm(x_QD), shift, scale))
+
+class MLPHead(nn.Module):
+    """Per-position decoder: query `pos_emb[p]` through adaLN-Zero MLP blocks modulated by h_t; no attention, so it
+    sees h_t only and decodes each target position alone (cost O(M) per step)."""
+    context, self_attn = "last", False          # what it sees, in Head2D's terms
+
+    def __init__(self, cond_dim: int, width: int, depth: int, n_positions: int, out_dim: int,
+                 mlp_ratio: float = 4.0, zero_out: bool = True):
+        super().__init__()
+        self.width, self.n_positions, self.out_dim, self.zero_out = width, n_positions, out_dim, zero_out
+        self.pos_emb = nn.Parameter(torch.zeros(n_positions, width))
+        self.blocks = nn.ModuleList(MLPHeadBlock(cond_dim, width, head_hidden(width, mlp_ratio)) for _ in range(depth))
+        self.norm_f = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada_f = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
+        self.out = nn.Linear(width, out_dim)
+        self.reset_parameters()
+
+    @classmethod
+    def check_config(cls, c):
+        "The MLP head sees h_t only and decodes positions alone: refuse a config that says otherwise."
+        if (c.head_context, c.head_queries) != ("last", "independent"):
+            raise ConfigError(f"head_type='mlp' sees only h_t and decodes each position alone: it needs head_context='last' "
+                              f"and head_queries='independent', got head_context={c.head_context!r}, "
+                              f"head_queries={c.head_queries!r}")
+
+    @classmethod
+    def from_config(cls, c, out_dim: int, zero_out: bool) -> "MLPHead":
+        "The head a `HeptapodConfig` with `head_type='mlp'` describes."
+        return cls(c.dim, c.head_width, c.head_depth, c.n_positions, out_dim, mlp_ratio=c.head_mlp_ratio, zero_out=zero_out)
+
+    def reset_parameters(self):
+        "As `Head2D`: GPT init, zero modulation (every block starts as the identity), zero logits layer for VQ."
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None: nn.init.zeros_(m.bias)
+        nn.init.normal_(self.pos_emb, 0.0, 0.02)
+        for b in self.blocks: nn.init.zeros_(b.ada[1].weight); nn.init.zeros_(b.ada[1].bias)
+        nn.init.zeros_(self.ada_f[1].weight); nn.init.zeros_(self.ada_f[1].bias)
+        if self.zero_out: nn.init.zeros_(self.out.weight)
+
+    def forward(self, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM):
+        """Outputs (B, S, M, out_dim) for target positions `pos_BSM`, group s conditioned on `cond_BSD[:, s]` alone.
+        When a quarter or more of the slots are invalid (M="all" near the end of the sequence: about half of them),
+        only the valid ones are computed, packed, and the invalid slots' outputs are 0 (nothing reads them)."""
+        B, S, M = pos_BSM.shape
+        packed = bool(4 * valid_BSM.sum() <= 3 * valid_BSM.numel())
+        if packed:
+            b_V, s_V, m_V = valid_BSM.nonzero(as_tuple=True)
+            x_QD, per_query = self.pos_emb[pos_BSM[b_V, s_V, m_V]], lambda t_BSL: t_BSL[b_V, s_V]   # (V, D), (V, L)
+        else:
+            x_QD, per_query = self.pos_emb[pos_BSM], lambda t_BSL: t_BSL[:, :, None]              # broadcast over M
+        for b in self.blocks: x_QD = b(x_QD, per_query(b.ada(cond_BSD)))     # modulation computed once per step
+        shift, scale = per_query(self.ada_f(cond_BSD)).chunk(2, -1)
+        y_QO = self.out(modulate(self.norm_f(x_QD), shift, scale))
+        if not packed: return y_QO
+        return y_QO.new_zeros(B, S, M, self.out_dim).index_put((b_V, s_V, m_V), y_QO)
+
+HEADS: dict[str, type[nn.Module]] = {"transformer": Head2D, "mlp": MLPHead}   # config `head_type` -> head class
 
 # %% ../nbs/06_head.ipynb #becee7f8
 def cosine_alpha_bar(T: int = 1000, s: float = 0.008, floor: float = 1e-4, device=None):

@@ -4,17 +4,16 @@
 
 # %% ../nbs/07_model.ipynb #2bb67f79
 from __future__ import annotations
-import math
 from dataclasses import dataclass
 from typing import Literal, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .config import Config, ConfigError, check_state_dict, get_preset, load_weights, save_weights
 from .transformer import CausalTransformer, init_gpt_
-from .head import DiffusionMLP, Head2D, Targets, make_order, num_slots, select_targets
+from .head import HEADS, Targets, cosine_alpha_bar, make_order, select_targets
+from .tokens import TOKEN_KINDS, VQTokens, token_kind
 
 # %% auto #0
 __all__ = ['PRESETS', 'HeptapodConfig', 'Heptapod', 'save_model', 'load_model']
@@ -23,7 +22,7 @@ __all__ = ['PRESETS', 'HeptapodConfig', 'Heptapod', 'save_model', 'load_model']
 @dataclass
 class HeptapodConfig(Config):
     "Everything that defines a Heptapod model (saved beside its weights)."
-    token_kind: Literal["vq", "kl"] = "vq"
+    token_kind: str = VQTokens.name        # a key of tokens.TOKEN_KINDS: vq (codes) or kl (latents)
     vocab_size: int = 512                  # K (VQ)
     token_channels: int = 0                # C (KL)
     grid: tuple[int, int] = (8, 8)         # (h, w) token grid
@@ -35,6 +34,7 @@ class HeptapodConfig(Config):
     head_depth: int = 2
     head_heads: int = 4
     head_mlp_ratio: float = 4.0
+    head_type: str = "transformer"                           # a key of head.HEADS: transformer (Head2D) or mlp (MLPHead)
     head_context: Literal["prefix", "last"] = "prefix"       # head cross-attends to h_0..h_t, or sees h_t only (06_head)
     head_queries: Literal["joint", "independent"] = "joint"  # a step's queries attend to each other, or each is decoded alone
     window: Union[int, Literal["global"]] = "global"
@@ -51,12 +51,14 @@ class HeptapodConfig(Config):
     def n_positions(self) -> int: return self.grid[0] * self.grid[1]
 
     def validate(self):
-        if self.token_kind == "vq" and self.vocab_size < 2: raise ConfigError(f"vocab_size must be >= 2, got {self.vocab_size}")
-        if self.token_kind == "kl" and self.token_channels < 1:
-            raise ConfigError(f"token_kind='kl' needs token_channels >= 1, got {self.token_channels}")
+        if self.token_kind not in TOKEN_KINDS:
+            raise ConfigError(f"token_kind must be one of {sorted(TOKEN_KINDS)}, got {self.token_kind!r}")
+        token_kind(self).check_config(self)
         if len(self.grid) != 2 or min(self.grid) < 1: raise ConfigError(f"grid must be (h, w) >= 1, got {self.grid}")
         if self.num_classes < 0: raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.dim % self.n_heads: raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_type not in HEADS: raise ConfigError(f"head_type must be one of {sorted(HEADS)}, got {self.head_type!r}")
+        HEADS[self.head_type].check_config(self)
         if self.head_width % self.head_heads:
             raise ConfigError(f"head_width {self.head_width} is not divisible by head_heads {self.head_heads}")
         if isinstance(self.window, int) and self.window < 1: raise ConfigError(f"window must be >= 1 or 'global', got {self.window}")
@@ -82,17 +84,14 @@ class Heptapod(nn.Module):
         super().__init__()
         if not isinstance(config, HeptapodConfig): raise ConfigError(f"expected a HeptapodConfig, got {type(config).__name__}")
         self.config = c = config
+        self.kind = kind = token_kind(c)                   # VQTokens / KLTokens: everything kind-specific (06a)
         N, D = c.n_positions, c.dim
         self.cls_emb = nn.Embedding(max(c.num_classes, 1), D)
-        self.tok_emb = nn.Embedding(c.vocab_size, D) if c.token_kind == "vq" else nn.Linear(c.token_channels, D, bias=False)
+        self.tok_emb = kind.make_embedding(D)
         self.pos_emb = nn.Embedding(N, D)
         self.backbone = CausalTransformer(D, c.depth, c.n_heads, max_len=N, grad_checkpoint=c.grad_checkpoint)
-        out_dim = c.vocab_size if c.token_kind == "vq" else c.head_width
-        self.head = Head2D(D, c.head_width, c.head_depth, c.head_heads, N, out_dim,
-                           self_attn=num_slots(c.window, c.targets_per_step, N) > 1 and c.head_queries == "joint",
-                           mlp_ratio=c.head_mlp_ratio, zero_out=c.token_kind == "vq", context=c.head_context)
-        self.diffusion = (DiffusionMLP(c.token_channels, out_dim, c.diff_width, c.diff_depth)
-                          if c.token_kind == "kl" else None)
+        self.head = HEADS[c.head_type].from_config(c, kind.head_out_dim(c), kind.zero_out_head)   # Head2D / MLPHead
+        self.diffusion = kind.make_diffusion(c)            # KL: the per-token diffusion MLP; VQ: None
         for m in (self.cls_emb, self.tok_emb, self.pos_emb): nn.init.normal_(m.weight, 0.0, 0.02)
         init_gpt_(self.backbone, c.depth)
 
@@ -109,21 +108,8 @@ class Heptapod(nn.Module):
 
     def check_tokens(self, tokens) -> torch.Tensor:
         "Validate a token grid (VQ (B, h, w) long in [0, K); KL (B, C, h, w) float); returns it flat, (B, N) / (B, N, C)."
-        c = self.config
         if not isinstance(tokens, torch.Tensor): raise TypeError(f"tokens must be a tensor, got {type(tokens).__name__}")
-        if c.token_kind == "vq":
-            if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-                raise ValueError(f"VQ tokens must be integer codes, got dtype {tokens.dtype}")
-            if tokens.dim() != 3 or tuple(tokens.shape[1:]) != c.grid:
-                raise ValueError(f"VQ tokens must have shape (B, {c.grid[0]}, {c.grid[1]}), got {tuple(tokens.shape)}")
-            if tokens.numel() and (tokens.min() < 0 or tokens.max() >= c.vocab_size):
-                raise ValueError(f"token ids must be in [0, {c.vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]")
-            return tokens.long().flatten(1)
-        if not tokens.dtype.is_floating_point: raise ValueError(f"KL tokens must be float, got dtype {tokens.dtype}")
-        if tokens.dim() != 4 or tuple(tokens.shape[1:]) != (c.token_channels, *c.grid):
-            raise ValueError(f"KL tokens must have shape (B, {c.token_channels}, {c.grid[0]}, {c.grid[1]}), got {tuple(tokens.shape)}")
-        if not torch.isfinite(tokens).all(): raise ValueError("KL tokens contain NaN or inf")
-        return tokens.flatten(2).transpose(1, 2)
+        return self.kind.check_grid(tokens, tuple(self.config.grid))
 
     def check_labels(self, labels, batch: int) -> torch.Tensor:
         "Class ids (B,) long on the model's device; `None` for unconditional models."
@@ -143,8 +129,7 @@ class Heptapod(nn.Module):
     # ---- backbone --------------------------------------------------------------------------------------------
     def embed(self, labels_B, tok_BL, pos_BL, with_class: bool):
         "Input embeddings: [class] + token embeddings + their grid positions' embeddings."
-        if tok_BL.dtype.is_floating_point: tok_BL = tok_BL.to(self.tok_emb.weight.dtype)   # KL tokens follow the weights
-        x = self.tok_emb(tok_BL) + self.pos_emb(pos_BL)
+        x = self.kind.embed(self.tok_emb, tok_BL) + self.pos_emb(pos_BL)
         if with_class: x = torch.cat([self.cls_emb(labels_B)[:, None].to(x.dtype), x], 1)
         return x
 
@@ -153,8 +138,7 @@ class Heptapod(nn.Module):
         N = self.config.n_positions
         n = N if n_inputs is None else n_inputs
         idx = order_BN[:, :n - 1]
-        tok = tok_flat.gather(1, idx) if tok_flat.dim() == 2 else tok_flat.gather(1, idx[..., None].expand(-1, -1, tok_flat.shape[-1]))
-        return self.backbone(self.embed(labels_B, tok, idx, True))
+        return self.backbone(self.embed(labels_B, self.kind.gather(tok_flat, idx), idx, True))
 
     def setup_cache(self, batch: int, device=None, dtype=None):
         "Switch the backbone's static KV cache on for `batch` sequences (used by the sampler)."
@@ -207,13 +191,7 @@ class Heptapod(nn.Module):
         cond = h_BND if steps.shape[0] == N and torch.equal(steps, torch.arange(N, device=steps.device)) else h_BND[:, steps]
         out = self.head(h_BND, cond, steps, pos, valid)                             # (B, S, M, O)
         lt = torch.promote_types(out.dtype, torch.float32)                          # loss dtype: float32, or float64
-        if c.token_kind == "vq":
-            tgt = flat.gather(1, pos.flatten(1)).view_as(pos)
-            per = F.cross_entropy(out.flatten(0, 2).to(lt), tgt.flatten(), reduction="none").view_as(pos)
-        else:
-            x0 = flat.gather(1, pos.flatten(1)[..., None].expand(-1, -1, flat.shape[-1])).view(*pos.shape, -1)
-            per = out.new_zeros(pos.shape, dtype=lt)
-            per[valid] = self.diffusion.loss(x0[valid], out[valid], c.diff_draws).to(lt)
+        per = self.kind.loss(out, flat, pos, valid, lt, self.diffusion)              # (B, S, M): CE, or diffusion MSE
         w = valid.to(lt)
         w[..., 0] *= c.next_weight
         loss = (w * per).sum() / w.sum()
@@ -242,6 +220,5 @@ def load_model(path, device="cpu", config: HeptapodConfig | None = None) -> Hept
     model = model.to_empty(device=device)
     model.load_state_dict(sd)
     if model.diffusion is not None:  # non-persistent buffer: rebuild it on the real device
-        from heptapod_nb.head import cosine_alpha_bar
         model.diffusion.alpha_bar = cosine_alpha_bar(model.diffusion.T, device=device)
     return model.eval()

@@ -10,10 +10,13 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, check_state_dict
-from .tokenizer import TOKENIZER_PRESETS, TokenizerConfig, VQTokenizer, KLTokenizer, build_tokenizer
+from .tokenizer import (TOKENIZER_PRESETS, TokenizerConfig, VQTokenizer, KLTokenizer, build_tokenizer,
+                                   load_tokenizer)
+from .tokens import KLTokens, VQTokens   # kind names only (06a imports config and head, not this module)
 
 # %% auto #0
-__all__ = ['read_checkpoint', 'llamagen_to_ours', 'ours_to_llamagen', 'load_llamagen_vq', 'load_mar_kl']
+__all__ = ['TOKENIZER_FORMATS', 'read_checkpoint', 'llamagen_to_ours', 'ours_to_llamagen', 'load_llamagen_vq', 'load_mar_kl',
+           'load_tokenizer_as']
 
 # %% ../nbs/03_pretrained.ipynb #8497b2f2
 def read_checkpoint(path, key: str = "model", trust_pickle: bool = False) -> dict:
@@ -57,7 +60,7 @@ def load_llamagen_vq(path, device="cpu", config: TokenizerConfig | None = None,
                      trust_pickle: bool = False) -> VQTokenizer:
     "LlamaGen's VQ tokenizer (`vq_ds16_c2i.pt`, weights under 'model') as a `VQTokenizer` (RGB 256x256 -> 16x16)."
     cfg = config or TOKENIZER_PRESETS["llamagen-vq16"]
-    if cfg.kind != "vq": raise ConfigError(f"load_llamagen_vq needs a 'vq' config, got {cfg.kind!r}")
+    if cfg.kind != VQTokens.name: raise ConfigError(f"load_llamagen_vq needs a {VQTokens.name!r} config, got {cfg.kind!r}")
     raw = read_checkpoint(path, "model", trust_pickle)
     L = len(cfg.ch_mult)
     sd = {llamagen_to_ours(k, L): v for k, v in raw.items() if k != "quantize.codebook_used"}
@@ -68,9 +71,18 @@ def load_llamagen_vq(path, device="cpu", config: TokenizerConfig | None = None,
 def load_mar_kl(path, device="cpu", config: TokenizerConfig | None = None, trust_pickle: bool = False) -> KLTokenizer:
     "MAR's KL-16 VAE (`kl16.ckpt`, weights under 'model') as a `KLTokenizer` (RGB 256x256 -> 16x16x16, scale 0.2325)."
     cfg = config or TOKENIZER_PRESETS["mar-kl16"]
-    if cfg.kind != "kl": raise ConfigError(f"load_mar_kl needs a 'kl' config, got {cfg.kind!r}")
+    if cfg.kind != KLTokens.name: raise ConfigError(f"load_mar_kl needs a {KLTokens.name!r} config, got {cfg.kind!r}")
     raw = read_checkpoint(path, "model", trust_pickle)
     sd = {k: v for k, v in raw.items() if not k.startswith("loss.")}
     tok = build_tokenizer(cfg)
     _load_into(tok, sd, path)
     return tok.to(device).eval()
+
+# %% ../nbs/03_pretrained.ipynb #fa7023e4
+TOKENIZER_FORMATS: dict = {"heptapod": load_tokenizer, "llamagen": load_llamagen_vq, "mar": load_mar_kl}
+
+def load_tokenizer_as(path, fmt: str = "heptapod", device="cpu"):
+    "The tokenizer in checkpoint `path` of format `fmt` (a key of `TOKENIZER_FORMATS`), in eval mode."
+    if fmt not in TOKENIZER_FORMATS:
+        raise ValueError(f"tokenizer format must be one of {sorted(TOKENIZER_FORMATS)}, got {fmt!r}")
+    return TOKENIZER_FORMATS[fmt](path, device=device).eval()

@@ -4,86 +4,170 @@
 
 # %% ../nbs/08_sampling.ipynb #f3c669d9
 from __future__ import annotations
-import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .config import get_device
 from .head import commit_supported, make_order, sampling_targets
+from .tokens import DrawSettings, Prediction, VQTokens, check_sampling_args
+from .tokens import filter_logits, sample_logits  # noqa: F401 (re-exported: they used to live here)
 
 # %% auto #0
-__all__ = ['check_sampling_args', 'filter_logits', 'sample_logits', 'Prediction', 'predict_from_states', 'predict_remaining',
-           'TraceStep', 'Trace', 'generate']
-
-# %% ../nbs/08_sampling.ipynb #7d9ae340
-def check_sampling_args(temperature: float, top_k, top_p, vocab_size: int | None = None):
-    "Raise `ValueError` for temperature <= 0, top_k < 1 and top_p outside (0, 1]."
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-
-def filter_logits(logits_VK, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
-    "Logits divided by the temperature, with everything outside the top-k / top-p (nucleus) set to -inf."
-    logits = logits_VK.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, -1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        srt, idx = logits.sort(-1, descending=True)
-        cum = srt.softmax(-1).cumsum(-1)
-        drop = (cum - srt.softmax(-1)) >= top_p                 # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return logits
-
-def sample_logits(logits_VK, temperature=1.0, top_k=None, top_p=None, generator=None):
-    "One token per row of `logits_VK` (..., K)."
-    probs = filter_logits(logits_VK, temperature, top_k, top_p).softmax(-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+__all__ = ['check_generate_args', 'batch_labels', 'resolve_order', 'Canvas', 'start_canvas', 'prefill', 'remaining_positions',
+           'predict_from_states', 'predict_remaining', 'beliefs', 'choose_confident', 'draw', 'commit', 'TraceStep',
+           'Trace', 'trace_step', 'NoTrace', 'TraceRecorder', 'sampling_mode', 'generate']
 
 # %% ../nbs/08_sampling.ipynb #3b875aa8
-@dataclass
-class Prediction:
-    "The head's prediction at one step for `positions` (B, R): VQ `logits` (B, R, K) or KL `draws` (B, R, S, C)."
-    positions: torch.Tensor
-    logits: torch.Tensor | None = None
-    draws: torch.Tensor | None = None
+def check_generate_args(model, device, temperature, top_k, top_p, tokens_per_step, trace, order):
+    "The sampling device; `ValueError` for any argument `generate` cannot honour."
+    c = model.config
+    device = model.device if device is None else get_device(device)
+    if device != model.device and not (device.type == model.device.type and device.index in (None, model.device.index)):
+        raise ValueError(f"model is on {model.device} but device={device} was asked for: move the model first")
+    check_sampling_args(temperature, top_k, top_p)
+    if not isinstance(tokens_per_step, int) or tokens_per_step < 1:
+        raise ValueError(f"tokens_per_step must be an int >= 1, got {tokens_per_step!r}")
+    why = commit_supported(c.window, c.targets_per_step, c.n_positions, tokens_per_step)
+    if why: raise ValueError(f"tokens_per_step={tokens_per_step} {why}; use tokens_per_step=1")
+    if trace not in (False, True, "full", None, 0, 1): raise ValueError(f"trace must be False, True or 'full', got {trace!r}")
+    if _is_confidence(order) and c.order != "random":
+        raise ValueError("order='confidence' needs a model trained on random orders (config.order='random')")
+    return device
 
-def _kl_draws(model, z_BRZ, n_draws: int, temperature: float, steps: int, generator):
-    B, R, Z = z_BRZ.shape
-    x = model.diffusion.sample(z_BRZ.repeat_interleave(n_draws, 1).reshape(-1, Z), steps=steps,
-                               temperature=temperature, generator=generator)
-    return x.view(B, R, n_draws, -1)
+def _is_confidence(order) -> bool: return isinstance(order, str) and order == "confidence"
+
+def batch_labels(model, labels, batch: int | None, prompt) -> tuple[int, torch.Tensor]:
+    "(B, labels_B on the model's device): from the labels, else `batch`, else the prompt's batch, else 1."
+    if labels is None:
+        if model.config.num_classes > 0:
+            raise ValueError(f"this model is class-conditional ({model.config.num_classes} classes): labels are required")
+        B = batch or (prompt.shape[0] if prompt is not None else 1)
+    else:
+        labels = torch.as_tensor(labels)
+        if labels.dim() == 0: labels = labels[None]
+        B = labels.shape[0]
+        if batch is not None and batch != B: raise ValueError(f"batch={batch} but {B} labels were given")
+    return B, model.check_labels(labels, B)
+
+def resolve_order(order, B: int, N: int, device, generator) -> torch.Tensor:
+    "The (B, N) order: 'raster', 'random' (drawn with `generator`) or an explicit permutation ((N,) or (B, N))."
+    if isinstance(order, torch.Tensor):
+        order_BN = order.to(device).long()
+        if order_BN.dim() == 1: order_BN = order_BN.expand(B, -1)
+        if order_BN.shape != (B, N): raise ValueError(f"an explicit order must have shape ({N},) or ({B}, {N}), got {tuple(order.shape)}")
+        if not torch.equal(order_BN.sort(-1).values, torch.arange(N, device=device).expand(B, N)):
+            raise ValueError(f"an explicit order must be a permutation of 0..{N - 1}")
+        return order_BN.contiguous()
+    if order in ("raster", "random"): return make_order(order, B, N, device=device, generator=generator)
+    raise ValueError(f"order must be None, 'raster', 'random', 'confidence' or a permutation tensor, got {order!r}")
+
+_resolve_order = resolve_order   # the old private name
+
+# %% ../nbs/08_sampling.ipynb #e66372dc
+@dataclass
+class Canvas:
+    "The sampler's state: flat tokens, known positions, the order, backbone states h_0..h_n, n known, fed inputs."
+    flat: torch.Tensor             # (B, N) long codes / (B, N, C) latents; zeros where not yet drawn
+    seen_BN: torch.Tensor          # bool: known positions
+    order_BN: torch.Tensor         # the order pi (long)
+    n: int = 0                     # tokens known: pi(0..n-1)
+    fed: int = 0                   # backbone inputs run: [c, x_pi(0), ..., x_pi(fed-2)]
+    h_BTD: torch.Tensor | None = None   # states h_0..h_{fed-1} (allocated for all N by `prefill`)
+
+def start_canvas(model, order_BN, prompt, prompt_len: int) -> Canvas:
+    "An empty canvas, with the first `prompt_len` positions of the order taken from `prompt` (B or 1 grids)."
+    B, N = order_BN.shape
+    if not isinstance(prompt_len, int) or not 0 <= prompt_len <= N:
+        raise ValueError(f"prompt_len must be an int in [0, {N}], got {prompt_len!r}")
+    if prompt_len > 0 and prompt is None: raise ValueError("prompt_len > 0 needs a prompt token grid")
+    device = order_BN.device
+    cv = Canvas(model.kind.empty(B, N, device, next(model.parameters()).dtype),
+                torch.zeros(B, N, dtype=torch.bool, device=device), order_BN, n=prompt_len)
+    if prompt is not None:
+        prompt_flat = model.check_tokens(prompt.to(device))
+        if prompt_flat.shape[0] == 1 and B > 1: prompt_flat = prompt_flat.expand(B, *prompt_flat.shape[1:])
+        if prompt_flat.shape[0] != B: raise ValueError(f"prompt has batch {prompt_flat.shape[0]}, expected 1 or {B}")
+        idx_BL = order_BN[:, :prompt_len]
+        model.kind.scatter_(cv.flat, idx_BL, model.kind.gather(prompt_flat, idx_BL))
+        cv.seen_BN.scatter_(1, idx_BL, True)
+    return cv
+
+def prefill(model, cv: Canvas, labels_B, kv_cache: bool = True) -> None:
+    "Run the backbone over [c, x_pi(0..n-1)]: states h_0..h_n (and, with `kv_cache`, the cache of that prefix)."
+    B, N = cv.seen_BN.shape
+    if kv_cache: model.setup_cache(B, cv.flat.device)
+    cv.h_BTD = torch.zeros(B, N, model.config.dim, device=cv.flat.device, dtype=next(model.parameters()).dtype)
+    idx_BL = cv.order_BN[:, :cv.n]
+    cv.h_BTD[:, :cv.n + 1] = (model.step(labels_B, model.kind.gather(cv.flat, idx_BL), idx_BL, pos0=0) if kv_cache
+                              else model.states(cv.flat, labels_B, cv.order_BN, n_inputs=cv.n + 1))
+    cv.fed = cv.n + 1
+
+# %% ../nbs/08_sampling.ipynb #cb1c7591
+def remaining_positions(seen_BN, n: int) -> torch.Tensor:
+    "Unseen positions (B, N - n), ascending (every row has the same count n of seen positions)."
+    B, N = seen_BN.shape
+    key_BN = seen_BN.long() * N + torch.arange(N, device=seen_BN.device)      # seen positions sort last
+    return key_BN.sort(-1).values[:, :N - n] % N
 
 def predict_from_states(model, h_BTD, n: int, positions_BR, *, draws: int = 4, temperature: float = 1.0,
                         diff_steps: int | None = None, generator=None) -> Prediction:
     "Head prediction at the step that has seen n tokens (states h_0..h_n) for every position in `positions_BR`."
-    out = model.head_out(h_BTD, n, positions_BR)
-    if model.config.token_kind == "vq": return Prediction(positions_BR, logits=out.float())
-    return Prediction(positions_BR, draws=_kl_draws(model, out, draws, temperature,
-                                                    diff_steps or model.config.diff_steps, generator).float())
+    return model.kind.predict(positions_BR, model.head_out(h_BTD, n, positions_BR), diffusion=model.diffusion,
+                              draws=draws, temperature=temperature, diff_steps=diff_steps, generator=generator)
 
 @torch.no_grad()
 def predict_remaining(model, tokens, n_seen: int, labels=None, order=None, *, draws: int = 4, seed: int = 0,
                       temperature: float = 1.0) -> Prediction:
     "Given the first `n_seen` tokens of `order` (default raster) in `tokens`, the prediction for every other position."
-    c, N = model.config, model.config.n_positions
+    N = model.config.n_positions
     flat = model.check_tokens(tokens.to(model.device))
     B = flat.shape[0]
     if not 0 <= n_seen < N: raise ValueError(f"n_seen must be in [0, {N - 1}], got {n_seen}")
-    labels = model.check_labels(labels, B)
-    order_BN = _resolve_order(order if order is not None else "raster", B, N, model.device, None)
-    h = model.states(flat, labels, order_BN, n_inputs=n_seen + 1)
+    labels_B = model.check_labels(labels, B)
+    order_BN = resolve_order(order if order is not None else "raster", B, N, model.device, None)
+    h_BTD = model.states(flat, labels_B, order_BN, n_inputs=n_seen + 1)
     gen = torch.Generator(model.device).manual_seed(seed)
-    return predict_from_states(model, h, n_seen, order_BN[:, n_seen:], draws=draws, temperature=temperature,
+    return predict_from_states(model, h_BTD, n_seen, order_BN[:, n_seen:], draws=draws, temperature=temperature,
                                generator=gen)
 
-# %% ../nbs/08_sampling.ipynb #e66372dc
+def beliefs(model, cv: Canvas, settings: DrawSettings, draws: int, generator) -> Prediction:
+    "The step's prediction for every remaining position (the confidence order's scores, the trace's pictures)."
+    return predict_from_states(model, cv.h_BTD, cv.n, remaining_positions(cv.seen_BN, cv.n), draws=draws,
+                               temperature=settings.temperature, diff_steps=settings.diff_steps, generator=generator)
+
+# %% ../nbs/08_sampling.ipynb #02fb1cdb
+def choose_confident(model, cv: Canvas, belief: Prediction, k: int) -> None:
+    "Make the k most confident remaining positions the next k of the order (the rest follow in raster order)."
+    N, n = cv.order_BN.shape[1], cv.n
+    rem_BR = belief.positions
+    pick_Bk = model.kind.confidence(belief).topk(k, -1).indices                 # (B, k) into rem_BR
+    cv.order_BN[:, n:n + k] = rem_BR.gather(1, pick_Bk)
+    rest_BR = rem_BR.masked_fill(torch.zeros_like(rem_BR, dtype=torch.bool).scatter(1, pick_Bk, True), N)
+    cv.order_BN[:, n + k:] = rest_BR.sort(-1).values[:, :N - n - k]
+
+def draw(model, cv: Canvas, k: int, settings: DrawSettings, generator):
+    "Tokens for positions order[n:n+k] -> (tokens (B, k[, C]), raw head outputs (B, k, O), the query sets)."
+    c = model.config
+    targets = sampling_targets(cv.order_BN, c.window, c.targets_per_step, cv.n, k, generator=generator)
+    out_BSMO = model.head_out(cv.h_BTD, cv.n, targets.pos_BSM, targets.valid_BSM)
+    out_BkO = out_BSMO.flatten(1, 2)[:, targets.commit_K]
+    return model.kind.draw(out_BkO, settings, generator, model.diffusion), out_BkO, targets
+
+def commit(model, cv: Canvas, new_Bk, labels_B, kv_cache: bool = True) -> None:
+    "Write `new_Bk` at order[n:n+k], mark them known, and run the backbone over them (h up to h_{n+k})."
+    k = new_Bk.shape[1]
+    pos_Bk = cv.order_BN[:, cv.n:cv.n + k]
+    model.kind.scatter_(cv.flat, pos_Bk, new_Bk)
+    cv.seen_BN.scatter_(1, pos_Bk, True)
+    cv.n += k
+    if cv.n == cv.order_BN.shape[1]: return                 # the grid is full: no state is needed any more
+    idx_BL = cv.order_BN[:, cv.fed - 1:cv.n]
+    if kv_cache: cv.h_BTD[:, cv.fed:cv.n + 1] = model.step(labels_B, model.kind.gather(cv.flat, idx_BL), idx_BL, pos0=cv.fed)
+    else: cv.h_BTD[:, :cv.n + 1] = model.states(cv.flat, labels_B, cv.order_BN, n_inputs=cv.n + 1)
+    cv.fed = cv.n + 1
+
+# %% ../nbs/08_sampling.ipynb #e45dce9f
 @dataclass
 class TraceStep:
     "What the model believed at step t. Grid-shaped (B, h, w) CPU tensors; NaN on positions already seen."
@@ -107,58 +191,63 @@ class Trace:
     steps: list = field(default_factory=list)
     order: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
-    kind: str = "vq"
+    kind: str = VQTokens.name   # the name of the token kind (`tokens.token_kind(trace)` gives the kind object)
     def __len__(self): return len(self.steps)
     def __getitem__(self, t): return self.steps[t]
     def __iter__(self): return iter(self.steps)
 
-def _grid(x_BN, grid):
-    return x_BN.reshape(x_BN.shape[0], *grid, *x_BN.shape[2:])
+def _grid(x_BN, grid): return x_BN.reshape(x_BN.shape[0], *grid, *x_BN.shape[2:])
 
-def _remaining(seen_BN, n: int):
-    "Unseen positions (B, N - n), ascending (every row has the same count)."
-    return (seen_BN.long() * seen_BN.shape[1] + torch.arange(seen_BN.shape[1], device=seen_BN.device)).sort(-1).values[:, :seen_BN.shape[1] - n] % seen_BN.shape[1]
+# %% ../nbs/08_sampling.ipynb #2928edcb
+def trace_step(model, belief: Prediction, t: int, seen_BN, chosen_BN, flat, full: bool = False) -> TraceStep:
+    "A `TraceStep` from the step's belief over the remaining positions (grid-shaped, on the CPU)."
+    grid = model.config.grid
+    nan_BN = torch.full(seen_BN.shape, float("nan"), device=seen_BN.device)
+    entropy_BN, maxprob_BN, guess, probs = model.kind.trace_stats(belief, flat, nan_BN, grid, full)
+    return TraceStep(t=t, seen=_grid(seen_BN.clone(), grid).cpu(), chosen=_grid(chosen_BN, grid).cpu(),
+                     entropy=_grid(entropy_BN, grid).float().cpu(), maxprob=_grid(maxprob_BN, grid).float().cpu(),
+                     final_prob=_grid(nan_BN, grid).float().cpu(), guess=guess, probs=probs)
 
-def _trace_step(model, pred: Prediction, t, seen_BN, chosen_BN, tok_flat, full: bool) -> TraceStep:
-    c = model.config
-    B, N = seen_BN.shape
-    nan = torch.full((B, N), float("nan"), device=seen_BN.device)
-    pos = pred.positions
-    if c.token_kind == "vq":
-        logp = pred.logits.log_softmax(-1)
-        p = logp.exp()
-        ent = nan.scatter(1, pos, -(p * logp).nan_to_num().sum(-1))
-        mx, am = p.max(-1)
-        maxp = nan.scatter(1, pos, mx)
-        guess = tok_flat.clone().scatter(1, pos, am)
-        probs = None
-        if full:
-            probs = torch.zeros(B, N, c.vocab_size, device=p.device).scatter(
-                1, pos[..., None].expand(-1, -1, c.vocab_size), p).half().cpu()
-            probs = _grid(probs, c.grid)
-    else:
-        d = pred.draws                                            # (B, R, S, C)
-        var = d.var(2).clamp(min=1e-8) if d.shape[2] > 1 else torch.full_like(d[:, :, 0], 1e-8)
-        ent = nan.scatter(1, pos, 0.5 * (math.log(2 * math.pi * math.e) + var.log()).sum(-1))
-        maxp, probs = nan, None
-        guess = tok_flat.float().scatter(1, pos[..., None].expand(-1, -1, d.shape[-1]), d.mean(2))
-        guess = guess.transpose(1, 2)                             # (B, C, N)
-    g = (_grid(guess, c.grid) if c.token_kind == "vq" else guess.reshape(B, -1, *c.grid)).cpu()
-    return TraceStep(t=t, seen=_grid(seen_BN.clone(), c.grid).cpu(), chosen=_grid(chosen_BN, c.grid).cpu(),
-                     entropy=_grid(ent, c.grid).float().cpu(), maxprob=_grid(maxp, c.grid).float().cpu(),
-                     final_prob=_grid(nan, c.grid).float().cpu(), guess=g, probs=probs)
+class NoTrace:
+    "The recorder of an untraced `generate`: asks for nothing, records nothing, returns the tokens alone."
+    wants_beliefs = False
+    def record(self, model, cv: Canvas, belief, k: int, targets, out_BkO) -> None: pass
+    def finish(self, model, cv: Canvas) -> None: pass
+    def result(self, tokens, order_BN): return tokens
 
-# %% ../nbs/08_sampling.ipynb #cb1c7591
-def _resolve_order(order, B: int, N: int, device, generator):
-    if isinstance(order, torch.Tensor):
-        o = order.to(device).long()
-        if o.dim() == 1: o = o.expand(B, -1)
-        if o.shape != (B, N): raise ValueError(f"an explicit order must have shape ({N},) or ({B}, {N}), got {tuple(order.shape)}")
-        if not torch.equal(o.sort(-1).values, torch.arange(N, device=device).expand(B, N)):
-            raise ValueError(f"an explicit order must be a permutation of 0..{N - 1}")
-        return o.contiguous()
-    if order in ("raster", "random"): return make_order(order, B, N, device=device, generator=generator)
-    raise ValueError(f"order must be None, 'raster', 'random', 'confidence' or a permutation tensor, got {order!r}")
+class TraceRecorder(NoTrace):
+    "Records a `TraceStep` per step (`full`: with float16 distributions), then p(final token); returns (tokens, Trace)."
+    wants_beliefs = True
+    def __init__(self, model, full: bool = False):
+        self.trace, self.full, self.n_steps = Trace(kind=model.kind.name), full, []
+
+    def record(self, model, cv: Canvas, belief, k: int, targets, out_BkO) -> None:
+        chosen_BN = torch.zeros_like(cv.seen_BN).scatter(1, cv.order_BN[:, cv.n:cv.n + k], True)
+        st = trace_step(model, belief, len(self.trace.steps), cv.seen_BN, chosen_BN, cv.flat, self.full)
+        st.queries, st.query_valid = targets.pos_BSM.cpu(), targets.valid_BSM.cpu()
+        st.sampled = out_BkO.to(torch.promote_types(out_BkO.dtype, torch.float32)).cpu()
+        self.trace.steps.append(st); self.n_steps.append(cv.n)
+
+    def finish(self, model, cv: Canvas) -> None:
+        "Teacher-forced: the probability each step gave to the final tokens (kinds with a likelihood only)."
+        if not model.kind.has_likelihood: return
+        device, grid = cv.flat.device, model.config.grid
+        for st, n_t in zip(self.trace.steps, self.n_steps):
+            rem_BR = remaining_positions(st.seen.to(device).flatten(1), n_t)
+            p_BR = model.kind.likelihood(model.head_out(cv.h_BTD, n_t, rem_BR), model.kind.gather(cv.flat, rem_BR))
+            st.final_prob = _grid(torch.full(cv.seen_BN.shape, float("nan"), device=device).scatter(1, rem_BR, p_BR), grid).cpu()
+
+    def result(self, tokens, order_BN):
+        self.trace.order, self.trace.tokens = order_BN.cpu(), tokens.cpu()
+        return tokens, self.trace
+
+# %% ../nbs/08_sampling.ipynb #f7668282
+class sampling_mode:
+    "Context: the model in eval mode; on exit its KV cache cleared and its training flag restored."
+    def __init__(self, model): self.model, self.was_training = model, model.training
+    def __enter__(self): self.model.eval(); return self.model
+    def __exit__(self, *exc):
+        self.model.clear_cache(); self.model.train(self.was_training)
 
 @torch.no_grad()
 def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
@@ -169,111 +258,24 @@ def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top
     `kv_cache=False` recomputes the whole prefix at every step instead (same samples, for speed comparisons).
     `tokens_per_step=k` commits the next k positions per step, each drawn from a query set of the kind training used
     (`head.sampling_targets`); it is refused where offsets 1..k-1 were never supervised (k > window, or M = 1)."""
-    c, N = model.config, model.config.n_positions
-    device = model.device if device is None else get_device(device)
-    if device != model.device and not (device.type == model.device.type and device.index in (None, model.device.index)):
-        raise ValueError(f"model is on {model.device} but device={device} was asked for: move the model first")
-    check_sampling_args(temperature, top_k, top_p)
-    if not isinstance(tokens_per_step, int) or tokens_per_step < 1:
-        raise ValueError(f"tokens_per_step must be an int >= 1, got {tokens_per_step!r}")
-    why = commit_supported(c.window, c.targets_per_step, N, tokens_per_step)
-    if why: raise ValueError(f"tokens_per_step={tokens_per_step} {why}; use tokens_per_step=1")
-    if trace not in (False, True, "full", None, 0, 1): raise ValueError(f"trace must be False, True or 'full', got {trace!r}")
-    # labels and batch
-    if labels is None:
-        if c.num_classes > 0: raise ValueError(f"this model is class-conditional ({c.num_classes} classes): labels are required")
-        B = batch or (prompt.shape[0] if prompt is not None else 1)
-    else:
-        labels = torch.as_tensor(labels)
-        if labels.dim() == 0: labels = labels[None]
-        B = labels.shape[0]
-        if batch is not None and batch != B: raise ValueError(f"batch={batch} but {B} labels were given")
-    labels = model.check_labels(labels, B)
+    device = check_generate_args(model, device, temperature, top_k, top_p, tokens_per_step, trace, order)
+    B, labels_B = batch_labels(model, labels, batch, prompt)
+    N, confidence = model.config.n_positions, _is_confidence(order)
     gen = torch.Generator(device).manual_seed(seed)
-    tgen = torch.Generator(device).manual_seed(seed + 7919)    # trace draws: tracing never changes the samples
-    # order and prompt
-    confidence = isinstance(order, str) and order == "confidence"
-    if confidence and c.order != "random":
-        raise ValueError("order='confidence' needs a model trained on random orders (config.order='random')")
-    order_BN = (make_order("raster", B, N, device) if confidence else _resolve_order(c.order if order is None else order, B, N, device, gen))
-    if not isinstance(prompt_len, int) or not 0 <= prompt_len <= N:
-        raise ValueError(f"prompt_len must be an int in [0, {N}], got {prompt_len!r}")
-    if prompt_len > 0 and prompt is None: raise ValueError("prompt_len > 0 needs a prompt token grid")
-    shape = (B, N) if c.token_kind == "vq" else (B, N, c.token_channels)
-    tok = torch.zeros(shape, dtype=torch.long if c.token_kind == "vq" else next(model.parameters()).dtype, device=device)
-    seen = torch.zeros(B, N, dtype=torch.bool, device=device)
-    if prompt is not None:
-        p = model.check_tokens(prompt.to(device))
-        if p.shape[0] == 1 and B > 1: p = p.expand(B, *p.shape[1:])
-        if p.shape[0] != B: raise ValueError(f"prompt has batch {p.shape[0]}, expected 1 or {B}")
-        idx = order_BN[:, :prompt_len]
-        if c.token_kind == "vq": tok.scatter_(1, idx, p.gather(1, idx))
-        else:
-            e = idx[..., None].expand(-1, -1, c.token_channels); tok.scatter_(1, e, p.gather(1, e).to(tok.dtype))
-        seen.scatter_(1, idx, True)
-    tr = Trace(kind=c.token_kind) if trace else None
-    steps_n = []
-    was_training = model.training
-    model.eval()
-    n = prompt_len
-    try:
-        if n < N:
-            if kv_cache: model.setup_cache(B, device)
-            h = torch.zeros(B, N, c.dim, device=device, dtype=next(model.parameters()).dtype)
-            gather = lambda idx: tok.gather(1, idx) if tok.dim() == 2 else tok.gather(1, idx[..., None].expand(-1, -1, tok.shape[-1]))
-            L = min(n, N - 1)
-            h[:, :L + 1] = (model.step(labels, gather(order_BN[:, :L]), order_BN[:, :L], pos0=0) if kv_cache
-                            else model.states(tok, labels, order_BN, n_inputs=L + 1))
-            fed = L + 1
-        while n < N:
-            k = min(tokens_per_step, N - n)
-            full_pred = None
-            if confidence or trace:
-                rem = _remaining(seen, n)
-                full_pred = predict_from_states(model, h, n, rem, draws=trace_draws, temperature=temperature,
-                                                diff_steps=diff_steps, generator=tgen)
-            if confidence:   # the k most confident remaining positions become the next k of the order
-                if c.token_kind == "vq": conf = full_pred.logits.softmax(-1).amax(-1)
-                else: conf = -full_pred.draws.var(2).clamp(min=1e-8).log().sum(-1)
-                pick = conf.topk(k, -1).indices                              # (B, k) into rem
-                order_BN[:, n:n + k] = rem.gather(1, pick)
-                rest = rem.masked_fill(torch.zeros_like(rem, dtype=torch.bool).scatter(1, pick, True), N)
-                order_BN[:, n + k:] = rest.sort(-1).values[:, :N - n - k]
-            # the committed positions' distributions come from query sets of the kind training used (06_head)
-            tg = sampling_targets(order_BN, c.window, c.targets_per_step, n, k, generator=gen)
-            out = model.head_out(h, n, tg.pos_BSM, tg.valid_BSM).flatten(1, 2)[:, tg.commit_K]   # (B, k, O)
-            if c.token_kind == "vq": new = sample_logits(out, temperature, top_k, top_p, gen)
-            else:
-                new = model.diffusion.sample(out.reshape(B * k, -1), steps=diff_steps or c.diff_steps,
-                                             temperature=temperature, generator=gen).view(B, k, -1)
-            pos = order_BN[:, n:n + k]
-            chosen = torch.zeros_like(seen).scatter(1, pos, True)
-            if trace:
-                st = _trace_step(model, full_pred, len(tr.steps), seen, chosen, tok, trace == "full")
-                st.queries, st.query_valid, st.sampled = (tg.pos_BSM.cpu(), tg.valid_BSM.cpu(),
-                                                           out.to(torch.promote_types(out.dtype, torch.float32)).cpu())
-                tr.steps.append(st)
-            steps_n.append(n)
-            if c.token_kind == "vq": tok.scatter_(1, pos, new)
-            else: tok.scatter_(1, pos[..., None].expand(-1, -1, tok.shape[-1]), new.to(tok.dtype))
-            seen |= chosen
-            n += k
-            if n < N:   # feed inputs fed..n (tokens pi(fed-1)..pi(n-1)) to the cached backbone
-                idx = order_BN[:, fed - 1:n]
-                if kv_cache: h[:, fed:n + 1] = model.step(labels, gather(idx), idx, pos0=fed)
-                else: h[:, :n + 1] = model.states(tok, labels, order_BN, n_inputs=n + 1)   # the whole prefix again
-                fed = n + 1
-        if trace and c.token_kind == "vq":   # teacher-forced: probability each step gave to the final tokens
-            for st, n_t in zip(tr.steps, steps_n):
-                seen_t = st.seen.to(device).flatten(1)
-                rem = _remaining(seen_t, n_t)
-                logp = model.head_out(h, n_t, rem).float().log_softmax(-1)
-                fp = logp.gather(-1, tok.gather(1, rem)[..., None])[..., 0].exp()
-                st.final_prob = _grid(torch.full((B, N), float("nan"), device=device).scatter(1, rem, fp), c.grid).cpu()
-    finally:
-        model.clear_cache()
-        model.train(was_training)
-    out = _grid(tok, c.grid) if c.token_kind == "vq" else tok.transpose(1, 2).reshape(B, -1, *c.grid)
-    if not trace: return out
-    tr.order, tr.tokens = order_BN.cpu(), out.cpu()
-    return out, tr
+    tgen = torch.Generator(device).manual_seed(seed + 7919)     # beliefs' draws: tracing never changes the samples
+    order_BN = (make_order("raster", B, N, device) if confidence     # rewritten step by step
+                else resolve_order(model.config.order if order is None else order, B, N, device, gen))
+    cv = start_canvas(model, order_BN, prompt, prompt_len)
+    settings = DrawSettings(temperature, top_k, top_p, diff_steps)
+    recorder = TraceRecorder(model, full=trace == "full") if trace else NoTrace()
+    with sampling_mode(model):
+        if cv.n < N: prefill(model, cv, labels_B, kv_cache)
+        while cv.n < N:
+            k = min(tokens_per_step, N - cv.n)
+            belief = beliefs(model, cv, settings, trace_draws, tgen) if confidence or recorder.wants_beliefs else None
+            if confidence: choose_confident(model, cv, belief, k)        # else: the next k of the fixed order
+            new_Bk, out_BkO, targets = draw(model, cv, k, settings, gen)
+            recorder.record(model, cv, belief, k, targets, out_BkO)
+            commit(model, cv, new_Bk, labels_B, kv_cache)
+        recorder.finish(model, cv)
+    return recorder.result(model.kind.to_grid(cv.flat, model.config.grid), cv.order_BN)

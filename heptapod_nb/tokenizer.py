@@ -16,9 +16,9 @@ import torch.distributed as dist
 from .config import Config, ConfigError, get_preset, save_weights, load_weights, check_state_dict
 
 # %% auto #0
-__all__ = ['TOKENIZER_PRESETS', 'TokenizerConfig', 'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'Encoder', 'Decoder',
-           'codebook_stats', 'VectorQuantizer', 'VQTokenizer', 'KLTokenizer', 'build_tokenizer', 'save_tokenizer',
-           'load_tokenizer', 'psnr', 'recon_loss', 'PatchDiscriminator', 'hinge_d_loss', 'adaptive_weight', 'LPIPS']
+__all__ = ['TOKENIZER_PRESETS', 'TOKENIZERS', 'TokenizerConfig', 'ResnetBlock', 'AttnBlock', 'Downsample', 'Upsample', 'Encoder',
+           'Decoder', 'codebook_stats', 'VectorQuantizer', 'VQTokenizer', 'KLTokenizer', 'build_tokenizer',
+           'save_tokenizer', 'load_tokenizer', 'psnr']
 
 # %% ../nbs/02_tokenizer.ipynb #83458774
 @dataclass
@@ -252,6 +252,7 @@ class VectorQuantizer(nn.Module):
 class _TokenizerBase(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
+        if cfg.kind != self.kind: raise ConfigError(f"{type(self).__name__} needs kind={self.kind!r}, got {cfg.kind!r}")
         self.config = cfg
         self.grid = cfg.grid
         self.image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -277,12 +278,26 @@ class _TokenizerBase(nn.Module):
         "`decode(encode(x))`, clamped to [-1, 1]."
         return self.decode(self.encode(x)).clamp(-1, 1)
 
+    # what a trainer needs to know about the kind, answered by the kind (no `kind == ...` in the trainers)
+    has_scale_factor: bool = False          # a latent scale fitted after training (`set_scale_factor`)
+    def training_loss(self, rec: torch.Tensor, info: dict, x_BCHW: torch.Tensor) -> torch.Tensor:
+        "The autoencoder's objective: the reconstruction loss `rec` plus this kind's regulariser from `forward`'s `info`."
+        raise NotImplementedError
+    def batch_stats(self, tokens) -> dict: "Stats of one training batch's tokens for the progress bar and log."; return {}
+    def token_stats(self, tokens) -> dict: "Stats of the tokens of an evaluation (VQ: codebook usage, perplexity)."; return {}
+    def restart_dead_codes(self, info: dict, threshold: float = 1.0) -> int | None:
+        "Re-seed rarely used codes from the batch's encoder outputs; -> how many (None: this kind has no codebook)."
+        return None
+    def reset_code_counts(self) -> None: "Forget the code-use counts gathered since the last restart (nothing without a codebook)."
+    def fingerprint_weight(self) -> torch.Tensor:
+        "The tensor whose values must agree across DDP ranks (VQ: the codebook; KL: the first encoder conv)."
+        return self.encoder.conv_in.weight
+
 class VQTokenizer(_TokenizerBase):
     "Conv encoder -> l2-normalised vector quantizer -> conv decoder; tokens are code indices."
     kind = "vq"
     def __init__(self, cfg: TokenizerConfig):
         super().__init__(cfg)
-        if cfg.kind != "vq": raise ConfigError(f"VQTokenizer needs kind='vq', got {cfg.kind!r}")
         self.vocab_size = cfg.codebook_size
         self.encoder = Encoder(cfg, cfg.z_channels)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
@@ -297,9 +312,19 @@ class VQTokenizer(_TokenizerBase):
         info = {**losses, "z": z_BDhw}
         return self.decoder(self.post_quant_conv(zq_BDhw)), info, idx_Bhw
 
+    def training_loss(self, rec, info, x_BCHW):
+        "Reconstruction + codebook + commitment loss."
+        return rec + info["codebook"] + info["commit"]
+    def batch_stats(self, idx_Bhw) -> dict: return {"batch_usage": codebook_stats(idx_Bhw, self.vocab_size)["usage"]}
+    def token_stats(self, idx) -> dict: return codebook_stats(idx, self.vocab_size)
+    def restart_dead_codes(self, info: dict, threshold: float = 1.0) -> int:
+        return self.quantize.restart_dead_codes(info["z"], threshold)
+    def reset_code_counts(self) -> None: self.quantize.counts.zero_()
+    def fingerprint_weight(self) -> torch.Tensor: return self.quantize.embedding.weight
+
     @torch.no_grad()
-    def encode(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        "Images (B, C, H, W) in [-1, 1] -> code indices LongTensor (B, h, w)."
+    def encode(self, images_BCHW: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        "Images (B, C, H, W) in [-1, 1] -> code indices LongTensor (B, h, w) (`sample`, `generator`: no effect, codes are deterministic)."
         self.check_images(images_BCHW)
         z_BDhw = self.quant_conv(self.encoder(images_BCHW))
         B, D, h, w = z_BDhw.shape
@@ -333,15 +358,19 @@ class KLTokenizer(_TokenizerBase):
     kind = "kl"
     def __init__(self, cfg: TokenizerConfig):
         super().__init__(cfg)
-        if cfg.kind != "kl": raise ConfigError(f"KLTokenizer needs kind='kl', got {cfg.kind!r}")
         self.channels = cfg.latent_channels
         self.encoder = Encoder(cfg, 2 * cfg.z_channels)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.z_channels, 1)
         self.decoder = Decoder(cfg)
 
+    has_scale_factor = True
     @property
     def scale_factor(self) -> float: return self.config.scale_factor
+
+    def training_loss(self, rec, info, x_BCHW):
+        "Reconstruction + `kl_weight` x the KL term per pixel."
+        return rec + self.config.kl_weight * info["kl"] / x_BCHW[0].numel()
 
     def set_scale_factor(self, scale_factor: float) -> None:
         "Change the latent scale (stored in the config, so it is saved with the weights)."
@@ -380,10 +409,12 @@ class KLTokenizer(_TokenizerBase):
         z = latents.to(self.device) / self.scale_factor
         return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)
 
+TOKENIZERS: dict[str, type] = {"vq": VQTokenizer, "kl": KLTokenizer}   # TokenizerConfig.kind -> class
+
 def build_tokenizer(config: TokenizerConfig | str, device="cpu") -> VQTokenizer | KLTokenizer:
-    "A fresh tokenizer from a config or a preset name."
+    "A fresh tokenizer from a config or a preset name (the class is `TOKENIZERS[config.kind]`)."
     if isinstance(config, str): config = get_preset(TOKENIZER_PRESETS, config)
-    return (VQTokenizer if config.kind == "vq" else KLTokenizer)(config).to(device)
+    return TOKENIZERS[config.kind](config).to(device)
 
 # %% ../nbs/02_tokenizer.ipynb #dfe9abc6
 def save_tokenizer(tok: VQTokenizer | KLTokenizer, path) -> Path:
@@ -404,73 +435,3 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     "Per-image PSNR in dB (B,) of images in [-1, 1], measured on the [0, 1] scale (peak 1)."
     mse_B = ((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1.0 / mse_B.clamp(min=1e-10))
-
-def recon_loss(x_hat: torch.Tensor, x: torch.Tensor, kind: str = "l2") -> torch.Tensor:
-    "Reconstruction loss `kind` in 'l1', 'l2', 'l1+l2'."
-    if kind == "l1": return (x_hat - x).abs().mean()
-    if kind == "l2": return F.mse_loss(x_hat, x)
-    if kind == "l1+l2": return (x_hat - x).abs().mean() + F.mse_loss(x_hat, x)
-    raise ValueError(f"reconstruction loss must be 'l1', 'l2' or 'l1+l2', got {kind!r}")
-
-class PatchDiscriminator(nn.Module):
-    "PatchGAN: strided 4x4 convolutions -> one real/fake logit per overlapping patch (B, 1, h', w')."
-    def __init__(self, in_channels: int = 3, ch: int = 64, n_layers: int = 3, groups: int = 8):
-        super().__init__()
-        layers, c = [nn.Conv2d(in_channels, ch, 4, 2, 1), nn.LeakyReLU(0.2)], ch
-        for i in range(1, n_layers + 1):
-            c_out = ch * min(2 ** i, 8)
-            layers += [nn.Conv2d(c, c_out, 4, 2 if i < n_layers else 1, 1, bias=False),
-                       nn.GroupNorm(min(groups, c_out), c_out), nn.LeakyReLU(0.2)]
-            c = c_out
-        layers.append(nn.Conv2d(c, 1, 4, 1, 1))
-        self.net = nn.Sequential(*layers)
-    def forward(self, x_BCHW): return self.net(x_BCHW)
-
-def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-
-def adaptive_weight(rec: torch.Tensor, g: torch.Tensor, last_layer: torch.Tensor, max_w: float = 1e4) -> torch.Tensor:
-    "taming's balance: ||grad rec|| / ||grad g|| at the decoder's last layer (detached, clamped)."
-    g_rec = torch.autograd.grad(rec, last_layer, retain_graph=True)[0]
-    g_adv = torch.autograd.grad(g, last_layer, retain_graph=True)[0]
-    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, max_w).detach()
-
-# VGG16 `features` indices of the LPIPS taps (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3) and the layer widths
-_VGG_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-_LPIPS_TAPS = (3, 8, 15, 22, 29)
-
-class LPIPS(nn.Module):
-    "LPIPS perceptual distance (VGG16 variant) from a local weights file; frozen. -> (B,) distances."
-    def __init__(self, path):
-        super().__init__()
-        layers, c = [], 3
-        for v in _VGG_CFG:
-            if v == "M": layers.append(nn.MaxPool2d(2))
-            else: layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]; c = v
-        self.features = nn.Sequential(*layers[:_LPIPS_TAPS[-1] + 1])
-        self.lins = nn.ModuleList(nn.Conv2d(w, 1, 1, bias=False) for w in (64, 128, 256, 512, 512))
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
-        path = Path(path)
-        if not path.exists(): raise FileNotFoundError(f"LPIPS weights not found: {path} (LPIPS is never downloaded)")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            sd = load_file(str(path))
-        else: sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = {k.replace("lin", "lins.", 1).replace(".model.1.", ".") if k.startswith("lin") else k: v
-              for k, v in sd.items() if k.startswith(("features.", "lin"))}
-        check_state_dict(self, sd, what=f"LPIPS weights {path}")
-        self.load_state_dict(sd)
-        self.requires_grad_(False).eval()
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1: x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
-        hx, hy = (x - self.shift) / self.scale, (y - self.shift) / self.scale
-        d, k = 0.0, 0
-        for i, layer in enumerate(self.features):
-            hx, hy = layer(hx), layer(hy)
-            if i in _LPIPS_TAPS:
-                nx = hx / (hx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                ny = hy / (hy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                d = d + self.lins[k]((nx - ny).pow(2)).mean(dim=(1, 2, 3)); k += 1
-        return d

@@ -4,8 +4,8 @@
 
 # %% ../nbs/04_tokenizer_train.ipynb #ec7170e4
 from __future__ import annotations
-import argparse, io, json, math, os, sys, tempfile, time
-from dataclasses import dataclass
+import argparse, dataclasses, io, json, os, sys, tempfile, time
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +14,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import (Config, ConfigError, FAST, add_debug_arg, apply_overrides, atomic_write_bytes, cli_main,
-                                one_line, write_json, get_device, get_preset, seed_everything)
+from .config import (Config, ConfigError, FAST, add_debug_arg, apply_overrides, atomic_save, cli_main,
+                                deprecated, one_line, write_json, get_preset, seed_everything)
+from .optim import DistInfo, backward_step, barrier, dist_env, lr_factor, setup_distributed
 from .data import ImageFolderDataset, TokenDataset, check_image_channels, load_mnist5k
-from .tokenizer import (TOKENIZER_PRESETS, TokenizerConfig, LPIPS, PatchDiscriminator, adaptive_weight,
-                                   build_tokenizer, codebook_stats, hinge_d_loss, load_tokenizer, psnr, recon_loss,
-                                   save_tokenizer)
+from .tokenizer import TOKENIZER_PRESETS, TokenizerConfig, build_tokenizer, load_tokenizer, psnr, save_tokenizer
+from .tokenizer_losses import LPIPS, PatchDiscriminator, adaptive_weight, hinge_d_loss, recon_loss
 
 # %% auto #0
 __all__ = ['TOKENIZER_RUN_FILES', 'TOKEN_FILES', 'load_images', 'data_channels', 'default_workers', 'check_out_dir',
-           'unwrap_worker_error', 'dist_info', 'init_dist', 'batches', 'TokenizerTrainConfig', 'lr_factor', 'evaluate',
-           'codebook_fingerprint', 'check_ranks_agree', 'fit_scale_factor', 'train_tokenizer', 'train_tokenizer_main',
-           'train_tokenizer_cli', 'extract_tokens', 'extract_main', 'extract_cli']
+           'unwrap_worker_error', 'batches', 'TokenizerTrainConfig', 'evaluate', 'codebook_fingerprint',
+           'check_ranks_agree', 'fit_scale_factor', 'train_tokenizer', 'train_tokenizer_main', 'train_tokenizer_cli',
+           'extract_tokens', 'extract_main', 'extract_cli']
 
 # %% ../nbs/04_tokenizer_train.ipynb #03233827
 def load_images(data: str, split: str = "train", image_size: int = 256, flip: bool = False, channels: int | None = None,
@@ -74,19 +74,6 @@ def unwrap_worker_error(e: BaseException) -> BaseException:
     try: return type(e)(last[len(name):] if last.startswith(name) else last)
     except TypeError: return e
 
-def dist_info() -> tuple[int, int, int]:
-    "(rank, world_size, local_rank) from torchrun's environment (0, 1, 0 when run plainly)."
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-def init_dist(device: str | None = None) -> tuple[int, int, torch.device]:
-    "Start the process group under torchrun (NCCL on CUDA, gloo on CPU); -> (rank, world, device)."
-    rank, world, local = dist_info()
-    dev = get_device(device)
-    if dev.type == "cuda" and world > 1: dev = torch.device("cuda", local); torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return rank, world, dev
-
 def batches(ds, batch_size: int, rank: int, world: int, seed: int, epoch: int = 0, num_workers: int = 0):
     "Endless (images, labels) batches of this rank's shard, reshuffled every epoch (same order on every run)."
     while True:
@@ -116,11 +103,11 @@ class TokenizerTrainConfig(Config):
     out: str = "runs/tokenizer"             # run folder: tokenizer.safetensors, train_state.pt, log.jsonl
     batch_size: int = 32                    # per process
     lr: float = 5e-3
-    min_lr_ratio: float = 0.02
-    warmup_steps: int = 30
+    min_lr: float = 1e-4                    # cosine floor (0.02 x the default lr)
+    warmup: int = 30                        # linear warmup steps
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    max_steps: int = 100000
+    grad_clip: float = 1.0                  # 0 = off
+    steps: int = 100000
     max_minutes: float = 0.0                # wall-clock budget of this run (0: no budget)
     rec_loss: str = "l2"                    # l2 | l1 | l1+l2 (PSNR is L2: l2 was best on MNIST)
     restart_every: int = 25                 # VQ: dead-code restart period in steps (0: never)
@@ -139,22 +126,28 @@ class TokenizerTrainConfig(Config):
     auto_scale: bool = True                 # KL: set scale_factor = 1 / std of the train latents (LDM's recipe)
     seed: int = 0
     device: str = ""                        # '' picks CUDA when available
+    # the names before the one vocabulary (`steps`, `warmup`, `min_lr`): still accepted for one release
+    RENAMED = {"max_steps": "steps", "warmup_steps": "warmup",
+               "min_lr_ratio": ("min_lr", lambda v, d: v * d.get("lr", TokenizerTrainConfig.lr))}
+    max_steps: InitVar[int | None] = None
+    warmup_steps: InitVar[int | None] = None
+    min_lr_ratio: InitVar[float | None] = None
+
+    def __post_init__(self, max_steps=None, warmup_steps=None, min_lr_ratio=None):
+        old = {k: v for k, v in dict(max_steps=max_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio).items() if v is not None}
+        for k, v in self._translate_renamed({**old, "lr": self.lr}).items(): setattr(self, k, v)
+        super().__post_init__()
 
     def validate(self):
         if self.preset not in TOKENIZER_PRESETS:
             raise ConfigError(f"unknown tokenizer preset {self.preset!r}; available: {sorted(TOKENIZER_PRESETS)}")
         if self.rec_loss not in ("l1", "l2", "l1+l2"): raise ConfigError(f"rec_loss must be l1, l2 or l1+l2, got {self.rec_loss!r}")
-        for k in ("batch_size", "max_steps", "ckpt_every", "eval_batches"):
+        for k in ("batch_size", "steps", "ckpt_every", "eval_batches"):
             if getattr(self, k) <= 0: raise ConfigError(f"{k} must be positive, got {getattr(self, k)}")
         if self.lr <= 0: raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr: raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         if self.channels not in (0, 1, 3): raise ConfigError(f"channels must be 1 (grayscale), 3 (RGB) or 0 (detect), got {self.channels}")
         if self.num_workers < -1: raise ConfigError(f"num_workers must be >= 0 (or -1: as the machine allows), got {self.num_workers}")
-
-def lr_factor(progress: float, step: int, warmup: int, min_ratio: float) -> float:
-    "Linear warmup over `warmup` steps, then cosine from 1 to `min_ratio` as `progress` goes 0 -> 1."
-    w = min(1.0, (step + 1) / max(1, warmup))
-    p = min(max(progress, 0.0), 1.0)
-    return w * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 # %% ../nbs/04_tokenizer_train.ipynb #8c1ba20d
 @torch.no_grad()
@@ -170,15 +163,15 @@ def evaluate(tok, ds, batch_size: int = 250, max_batches: int | None = None) -> 
         t = tok.encode(x)
         r = tok.decode(t)
         ps.append(psnr(r, x).cpu()); l1s.append((r - x).abs().flatten(1).mean(1).cpu())
-        if tok.kind == "vq": idxs.append(t.flatten().cpu())
+        idxs.append(t.flatten().cpu())
     tok.train(was_training)
     out = {"psnr": torch.cat(ps).mean().item(), "l1": torch.cat(l1s).mean().item(), "n": int(torch.cat(ps).numel())}
-    if tok.kind == "vq": out.update(codebook_stats(torch.cat(idxs), tok.vocab_size))
+    out.update(tok.token_stats(torch.cat(idxs)))
     return out
 
 def codebook_fingerprint(tok) -> float:
     "A float summary of the codebook (VQ) or first encoder conv (KL) used to check that DDP ranks agree."
-    w = tok.quantize.embedding.weight if tok.kind == "vq" else tok.encoder.conv_in.weight
+    w = tok.fingerprint_weight()
     return float((w.detach().double() * torch.arange(1, w.numel() + 1, device=w.device, dtype=torch.float64).view(w.shape)).sum())
 
 def check_ranks_agree(tok) -> None:
@@ -202,11 +195,10 @@ def fit_scale_factor(tok, ds, n: int = 1000, batch_size: int = 250) -> float:
     return 1.0 / torch.cat(zs).std().clamp(min=1e-6).item()
 
 def _save_state(path: Path, opt, disc, opt_d, step: int, elapsed: float, cfg: TokenizerTrainConfig):
-    buf = io.BytesIO()
-    torch.save({"opt": opt.state_dict(), "disc": disc.state_dict() if disc is not None else None,
-                "opt_d": opt_d.state_dict() if opt_d is not None else None, "step": step, "elapsed": elapsed,
-                "train_config": cfg.to_dict()}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    state = {"opt": opt.state_dict(), "disc": disc.state_dict() if disc is not None else None,
+             "opt_d": opt_d.state_dict() if opt_d is not None else None, "step": step, "elapsed": elapsed,
+             "train_config": cfg.to_dict()}
+    atomic_save(path, lambda f: torch.save(state, f))
 
 # %% ../nbs/04_tokenizer_train.ipynb #3c6e0f84
 TOKENIZER_RUN_FILES = ("tokenizer.safetensors", "tokenizer.json", "train_state.pt", "log.jsonl", "summary.json",
@@ -217,26 +209,20 @@ def _override_keys(overrides) -> set:
     if isinstance(overrides, dict): return set(overrides)
     return {o.split("=", 1)[0].strip() for o in overrides}
 
-def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = False, progress: bool = True,
-                    overwrite: bool = False):
-    """Train a tokenizer as `cfg` says (tokenizer preset + `overrides`); -> (tokenizer, summary dict).
-    A `cfg.out` that already holds a run is refused unless `resume` (continue it) or `overwrite` (start again)."""
+def _check_out(cfg: TokenizerTrainConfig, resume: bool, overwrite: bool, di: DistInfo) -> tuple[Path, list[str]]:
+    "The run folder and the run files already in it; refused unless `resume` or `overwrite` says what to do with them."
     if resume and overwrite: raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
-    rank, world, device = init_dist(cfg.device or None)
-    seed_everything(cfg.seed + rank)
-    out = check_out_dir(cfg.out); ckpt, state_path = out / "tokenizer.safetensors", out / "train_state.pt"
+    out = check_out_dir(cfg.out)
     existing = [f for f in TOKENIZER_RUN_FILES if (out / f).exists()]
     if existing and not (resume or overwrite):
         raise FileExistsError(f"--out {out} already holds a tokenizer run ({', '.join(existing)}): pass --resume to "
                               f"continue it or --overwrite to replace it")
-    if world > 1: dist.barrier()                     # every rank has looked before rank 0 writes anything
-    tcfg = apply_overrides(get_preset(TOKENIZER_PRESETS, cfg.preset), overrides)
+    barrier(di)                                     # every rank has looked before rank 0 writes anything
+    return out, existing
+
+def _train_images(cfg: TokenizerTrainConfig, tcfg: TokenizerConfig, overrides, loaded, ckpt: Path, world: int):
+    "(train images, the tokenizer config with `in_channels` and `image_size` set from them), every mismatch named."
     size = cfg.image_size or tcfg.image_size
-    loaded = None
-    if resume:
-        if not ckpt.exists() or not state_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {out} (need tokenizer.safetensors and train_state.pt)")
-        loaded = load_tokenizer(ckpt, device)
     set_in = "in_channels" in _override_keys(overrides)
     if set_in and cfg.channels and cfg.channels != tcfg.in_channels:
         raise ConfigError(f"--channels {cfg.channels} and -o in_channels={tcfg.in_channels} disagree "
@@ -249,129 +235,182 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
     if not set_in: tcfg = tcfg.replace(in_channels=data_channels(train_ds))
     if len(train_ds) // world < cfg.batch_size:      # the batch loop would never yield a batch
         raise ConfigError(f"{cfg.data} has {len(train_ds)} training images ({len(train_ds) // world} per process), fewer than "
-                          f"one batch of --batch_size {cfg.batch_size}: lower --batch_size or add images")
+                          f"one batch of --batch-size {cfg.batch_size}: lower --batch-size or add images")
     if cfg.data == "mnist5k" and size != 32:
         raise ConfigError(f"mnist5k images are 1x32x32 but the tokenizer expects {tcfg.in_channels}x{size}x{size}")
-    tcfg = tcfg.replace(image_size=size)
-    tok = build_tokenizer(tcfg, device)
-    step, elapsed0 = 0, 0.0
-    state = None
-    if loaded is not None:
-        if loaded.config.replace(scale_factor=tcfg.scale_factor) != tcfg:     # the scale is refitted, not trained
-            raise ConfigError(f"--resume: {ckpt} was trained with {loaded.config}, this run asks for {tcfg}")
-        tok.load_state_dict(loaded.state_dict())
-        try: state = torch.load(state_path, map_location=device, weights_only=True)
-        except Exception as e:
-            raise ValueError(f"--resume: cannot read {state_path} ({type(e).__name__}: {one_line(e)}); it is damaged: "
-                             f"start again with --overwrite") from e
-        step, elapsed0 = state["step"], state["elapsed"]
-    has_val = cfg.data == "mnist5k" or (Path(cfg.data) / "val").is_dir()
-    val_ds = load_images(cfg.data, "val", size, channels=tcfg.in_channels, skip_bad=cfg.skip_bad) if has_val else None
-    if overwrite and rank == 0:
-        for f in existing: (out / f).unlink(missing_ok=True)
-    num_workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(world)
-    tok.train()
+    return train_ds, tcfg.replace(image_size=size)
+
+def _resume_state(tok, loaded, tcfg: TokenizerConfig, ckpt: Path, state_path: Path, device) -> dict:
+    "Load `loaded`'s weights into `tok` and read `train_state.pt`; a different architecture or a damaged file is named."
+    if loaded.config.replace(scale_factor=tcfg.scale_factor) != tcfg:     # the scale is refitted, not trained
+        raise ConfigError(f"--resume: {ckpt} was trained with {loaded.config}, this run asks for {tcfg}")
+    tok.load_state_dict(loaded.state_dict())
+    try: return torch.load(state_path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--resume: cannot read {state_path} ({type(e).__name__}: {one_line(e)}); it is damaged: "
+                         f"start again with --overwrite") from e
+
+# %% ../nbs/04_tokenizer_train.ipynb #da19b88e
+def _optimizers(tok, tcfg: TokenizerConfig, cfg: TokenizerTrainConfig, state, di: DistInfo):
+    "(AdamW, discriminator or None, its AdamW or None, LPIPS or None, the DDP-wrapped tokenizer and discriminator)."
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     disc = opt_d = None
     if cfg.disc_weight > 0:
-        disc = PatchDiscriminator(tcfg.in_channels, groups=8).to(device)
+        disc = PatchDiscriminator(tcfg.in_channels, groups=8).to(di.device)
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
-    lpips = LPIPS(cfg.lpips_path).to(device) if cfg.lpips_path and cfg.lpips_weight > 0 else None
+    lpips = LPIPS(cfg.lpips_path).to(di.device) if cfg.lpips_path and cfg.lpips_weight > 0 else None
     if state is not None:
         opt.load_state_dict(state["opt"])
         if disc is not None and state.get("disc") is not None: disc.load_state_dict(state["disc"]); opt_d.load_state_dict(state["opt_d"])
     model, dmodel = tok, disc
-    if world > 1:
+    if di.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        ids = [device.index] if device.type == "cuda" else None
+        ids = [di.device.index] if di.device.type == "cuda" else None
         model = DDP(tok, device_ids=ids, broadcast_buffers=False)     # counts are per rank; summed at restarts
         if disc is not None: dmodel = DDP(disc, device_ids=ids)
+    return opt, disc, opt_d, lpips, model, dmodel
 
-    budget = cfg.max_minutes * 60
-    def progress_of(step, elapsed):
-        p = step / cfg.max_steps
-        return max(p, elapsed / budget) if budget > 0 else p
+class _TokenizerRun:
+    "One tokenizer run while its loop runs: the modules, the step, the clock, and the stats of the last step."
+    def __init__(self, cfg, tcfg, di, tok, train_ds, val_ds, state, out: Path, num_workers: int):
+        self.cfg, self.tcfg, self.di, self.tok, self.train_ds, self.val_ds = cfg, tcfg, di, tok, train_ds, val_ds
+        self.out, self.num_workers, self.stats = out, num_workers, {}
+        self.step, self.elapsed0 = (state["step"], state["elapsed"]) if state is not None else (0, 0.0)
+        self.opt, self.disc, self.opt_d, self.lpips, self.model, self.dmodel = _optimizers(tok, tcfg, cfg, state, di)
+        self.budget = cfg.max_minutes * 60
+        self.t0, self.c0 = time.time(), time.process_time()
 
-    log_path = out / "log.jsonl"
-    if rank == 0: out.mkdir(parents=True, exist_ok=True); tcfg.save(out / "tokenizer_config.json")
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress or rank != 0,
-               desc=f"train {tcfg.kind}", dynamic_ncols=True)
-    t0, c0 = time.time(), time.process_time()
-    data = batches(train_ds, cfg.batch_size, rank, world, cfg.seed, epoch=step // max(1, len(train_ds) // (cfg.batch_size * world)),
-                   num_workers=num_workers)
-    stats = {}
-    def elapsed(): return elapsed0 + time.time() - t0
+    def elapsed(self) -> float: return self.elapsed0 + time.time() - self.t0
 
-    def checkpoint():
+    def progress(self, e: float) -> float:
+        "The schedule's position: the larger of the share of steps done and the share of the time budget spent."
+        p = self.step / self.cfg.steps
+        return max(p, e / self.budget) if self.budget > 0 else p
+
+    def control(self) -> tuple[bool, float]:
+        "(stop now?, progress): rank 0's clock decides for every rank (stop, learning rate, restarts), so DDP ranks never diverge."
+        e = self.elapsed()
+        ctl = torch.tensor([float(self.step >= self.cfg.steps or (self.budget > 0 and e >= self.budget)), self.progress(e)],
+                           dtype=torch.float64, device=self.di.device)
+        if self.di.world > 1: dist.broadcast(ctl, 0)
+        return bool(ctl[0].item()), ctl[1].item()
+
+    def checkpoint(self):
+        "Check that the ranks agree, then rank 0 writes the weights (KL: with a refitted scale) and `train_state.pt`."
+        tok, cfg = self.tok, self.cfg
         check_ranks_agree(tok)
-        if rank == 0:
-            if tcfg.kind == "kl" and cfg.auto_scale:
-                was = tok.training; tok.eval(); tok.set_scale_factor(fit_scale_factor(tok, train_ds)); tok.train(was)
-            save_tokenizer(tok, ckpt)
-            _save_state(state_path, opt, disc, opt_d, step, elapsed(), cfg)
-        if world > 1: dist.barrier()
+        if self.di.main:
+            if tok.has_scale_factor and cfg.auto_scale:
+                was = tok.training; tok.eval(); tok.set_scale_factor(fit_scale_factor(tok, self.train_ds)); tok.train(was)
+            save_tokenizer(tok, self.out / "tokenizer.safetensors")
+            _save_state(self.out / "train_state.pt", self.opt, self.disc, self.opt_d, self.step, self.elapsed(), cfg)
+        barrier(self.di)
 
-    while True:
-        # rank 0's clock decides for every rank (stop, learning rate, restarts), so DDP ranks never diverge
-        e = elapsed()
-        ctl = torch.tensor([float(step >= cfg.max_steps or (budget > 0 and e >= budget)), progress_of(step, e)],
-                           dtype=torch.float64, device=device)
-        if world > 1: dist.broadcast(ctl, 0)
-        if ctl[0].item(): break
-        p = ctl[1].item()
-        for g in opt.param_groups: g["lr"] = cfg.lr * lr_factor(p, step, cfg.warmup_steps, cfg.min_lr_ratio)
-        try: x, _ = next(data)
-        except OSError as e: raise unwrap_worker_error(e) from e
-        x = x.to(device, non_blocking=True)
-        x_hat, info, idx = model(x)
+    def generator_loss(self, x):
+        "(loss, reconstruction term, forward's info, tokens, reconstruction, adaptive GAN weight or None)."
+        cfg, tok = self.cfg, self.tok
+        x_hat, info, idx = self.model(x)
         rec = recon_loss(x_hat, x, cfg.rec_loss)
-        loss = rec
-        if tcfg.kind == "vq": loss = loss + info["codebook"] + info["commit"]
-        else: loss = loss + tcfg.kl_weight * info["kl"] / x[0].numel()
-        if lpips is not None:
-            lp = lpips(x_hat, x).mean(); rec = rec + cfg.lpips_weight * lp; loss = loss + cfg.lpips_weight * lp
-        adv_on = disc is not None and step >= cfg.disc_start
-        if adv_on:                                   # generator term: the plain module, no grads into D
-            disc.requires_grad_(False); g_loss = -disc(x_hat).mean(); disc.requires_grad_(True)
+        loss = tok.training_loss(rec, info, x)
+        if self.lpips is not None:
+            lp = self.lpips(x_hat, x).mean(); rec = rec + cfg.lpips_weight * lp; loss = loss + cfg.lpips_weight * lp
+        w = None
+        if self.disc is not None and self.step >= cfg.disc_start:     # generator term: the plain module, no grads into D
+            self.disc.requires_grad_(False); g_loss = -self.disc(x_hat).mean(); self.disc.requires_grad_(True)
             w = adaptive_weight(rec, g_loss, tok.decoder.last_layer)
             loss = loss + cfg.disc_weight * w * g_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0: torch.nn.utils.clip_grad_norm_(tok.parameters(), cfg.grad_clip)
-        opt.step()
-        if adv_on:
-            logits_real, logits_fake = dmodel(torch.cat([x, x_hat.detach()])).chunk(2)   # one DDP forward
+        return loss, rec, info, idx, x_hat, w
+
+    def train_step(self, x, p: float):
+        "One step of the autoencoder (and of the discriminator once it is on), then restarts and stats."
+        cfg, tok, where = self.cfg, self.tok, f"step {self.step + 1}"
+        loss, rec, info, idx, x_hat, w = self.generator_loss(x)
+        backward_step(loss, self.opt, tok.parameters(), clip=cfg.grad_clip, where=where)
+        if w is not None:
+            logits_real, logits_fake = self.dmodel(torch.cat([x, x_hat.detach()])).chunk(2)   # one DDP forward
             d_loss = hinge_d_loss(logits_real, logits_fake)
-            stats.update(d_loss=d_loss.item(), adv_w=w.item())
-            opt_d.zero_grad(set_to_none=True); d_loss.backward(); opt_d.step()
-        step += 1
-        if tcfg.kind == "vq" and cfg.restart_every and step % cfg.restart_every == 0 and p < cfg.restart_until:
-            stats["restarted"] = tok.quantize.restart_dead_codes(info["z"], cfg.restart_threshold)
-        stats.update(loss=loss.item(), rec=rec.item(), lr=opt.param_groups[0]["lr"])
-        if tcfg.kind == "vq": stats["batch_usage"] = codebook_stats(idx, tcfg.codebook_size)["usage"]
+            self.stats.update(d_loss=d_loss.item(), adv_w=w.item())
+            backward_step(d_loss, self.opt_d, self.disc.parameters(), where=f"{where} (discriminator)")
+        self.step += 1
+        if cfg.restart_every and self.step % cfg.restart_every == 0 and p < cfg.restart_until:
+            if (n := tok.restart_dead_codes(info, cfg.restart_threshold)) is not None: self.stats["restarted"] = n
+        self.stats.update(loss=loss.item(), rec=rec.item(), lr=self.opt.param_groups[0]["lr"])
+        self.stats.update(tok.batch_stats(idx))
+
+    def evaluate(self, final: bool = False) -> dict:
+        "Val metrics: all of MNIST-5k's val, or `eval_batches` batches of a folder (every batch at the end for MNIST)."
+        if self.cfg.data == "mnist5k": return evaluate(self.tok, self.val_ds, 250, None if final else self.cfg.eval_batches)
+        return evaluate(self.tok, self.val_ds, self.cfg.batch_size, self.cfg.eval_batches)
+
+    def summary(self, train_s: float) -> dict:
+        cfg, tcfg = self.cfg, self.tcfg
+        summary = {"kind": tcfg.kind, "preset": cfg.preset, "steps": self.step, "train_seconds": train_s,
+                   "cpu_seconds_this_process": time.process_time() - self.c0, "world_size": self.di.world,
+                   "params": sum(p.numel() for p in self.tok.parameters()), "image_channels": tcfg.in_channels,
+                   "num_workers": self.num_workers}
+        if cfg.skip_bad:            # this process's list: files left out when the folder was read, or skipped when decoded
+            summary["skipped_images"] = sorted(set(getattr(self.train_ds, "skipped", [])) | set(getattr(self.val_ds, "skipped", [])))
+        if self.di.main and self.val_ds is not None: summary["val"] = self.evaluate(final=True)
+        return summary
+
+# %% ../nbs/04_tokenizer_train.ipynb #5315da6b
+def _setup_tokenizer_run(cfg: TokenizerTrainConfig, overrides, resume: bool, overwrite: bool, di: DistInfo) -> _TokenizerRun:
+    "Everything before the first step (see `train_tokenizer`)."
+    seed_everything(cfg.seed + di.rank)
+    out, existing = _check_out(cfg, resume, overwrite, di)
+    ckpt, state_path = out / "tokenizer.safetensors", out / "train_state.pt"
+    tcfg = apply_overrides(get_preset(TOKENIZER_PRESETS, cfg.preset), overrides)
+    loaded = None
+    if resume:
+        if not ckpt.exists() or not state_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {out} (need tokenizer.safetensors and train_state.pt)")
+        loaded = load_tokenizer(ckpt, di.device)
+    train_ds, tcfg = _train_images(cfg, tcfg, overrides, loaded, ckpt, di.world)
+    tok = build_tokenizer(tcfg, di.device)
+    state = _resume_state(tok, loaded, tcfg, ckpt, state_path, di.device) if loaded is not None else None
+    has_val = cfg.data == "mnist5k" or (Path(cfg.data) / "val").is_dir()
+    val_ds = load_images(cfg.data, "val", tcfg.image_size, channels=tcfg.in_channels, skip_bad=cfg.skip_bad) if has_val else None
+    if overwrite and di.main:
+        for f in existing: (out / f).unlink(missing_ok=True)
+    num_workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(di.world)
+    tok.train()
+    run = _TokenizerRun(cfg, tcfg, di, tok, train_ds, val_ds, state, out, num_workers)
+    if di.main: out.mkdir(parents=True, exist_ok=True); tcfg.save(out / "tokenizer_config.json")
+    return run
+
+def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = False, progress: bool = True,
+                    overwrite: bool = False):
+    """Train a tokenizer as `cfg` says (tokenizer preset + `overrides`); -> (tokenizer, summary dict).
+    A `cfg.out` that already holds a run is refused unless `resume` (continue it) or `overwrite` (start again)."""
+    di = setup_distributed(cfg.device)
+    run = _setup_tokenizer_run(cfg, overrides, resume, overwrite, di)
+    tok, log_path = run.tok, run.out / "log.jsonl"
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress or not di.main, desc=f"train {run.tcfg.kind}", dynamic_ncols=True)
+    run.t0 = time.time()
+    data = batches(run.train_ds, cfg.batch_size, di.rank, di.world, cfg.seed,
+                   epoch=run.step // max(1, len(run.train_ds) // (cfg.batch_size * di.world)), num_workers=run.num_workers)
+    while True:
+        stop, p = run.control()
+        if stop: break
+        for g in run.opt.param_groups: g["lr"] = cfg.lr * lr_factor(p, run.step, cfg.warmup, cfg.min_lr / cfg.lr)
+        try: x, _ = next(data)
+        except OSError as e: raise unwrap_worker_error(e) from e
+        run.train_step(x.to(di.device, non_blocking=True), p)
         bar.update(1)
-        if step % 10 == 0: bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
-        if cfg.eval_every and step % cfg.eval_every == 0 and rank == 0 and val_ds is not None:
-            ev = evaluate(tok, val_ds, 250 if cfg.data == "mnist5k" else cfg.batch_size, max_batches=cfg.eval_batches)
-            with open(log_path, "a") as f: f.write(json.dumps({"step": step, "elapsed": elapsed(), **stats, **ev}) + "\n")
-        if step % cfg.ckpt_every == 0: checkpoint()
+        if run.step % 10 == 0: bar.set_postfix({k: f"{v:.3g}" for k, v in run.stats.items()})
+        if cfg.eval_every and run.step % cfg.eval_every == 0 and di.main and run.val_ds is not None:
+            ev = run.evaluate()
+            with open(log_path, "a") as f: f.write(json.dumps({"step": run.step, "elapsed": run.elapsed(), **run.stats, **ev}) + "\n")
+        if run.step % cfg.ckpt_every == 0: run.checkpoint()
     bar.close()
-    if tcfg.kind == "vq": tok.quantize.counts.zero_()
-    train_s = elapsed()
-    checkpoint()
-    summary = {"kind": tcfg.kind, "preset": cfg.preset, "steps": step, "train_seconds": train_s,
-               "cpu_seconds_this_process": time.process_time() - c0, "world_size": world,
-               "params": sum(p.numel() for p in tok.parameters()), "image_channels": tcfg.in_channels,
-               "num_workers": num_workers}
-    if cfg.skip_bad:            # this process's list: files left out when the folder was read, or skipped when decoded
-        summary["skipped_images"] = sorted(set(getattr(train_ds, "skipped", [])) | set(getattr(val_ds, "skipped", [])))
-    if rank == 0 and val_ds is not None:                 # all of MNIST's val; eval_batches batches of a folder
-        summary["val"] = evaluate(tok, val_ds, *((250, None) if cfg.data == "mnist5k" else (cfg.batch_size, cfg.eval_batches)))
-    if rank == 0:
-        write_json(out / "summary.json", summary)
+    tok.reset_code_counts()
+    train_s = run.elapsed()
+    run.checkpoint()
+    summary = run.summary(train_s)
+    if di.main: write_json(run.out / "summary.json", summary)
     return tok.eval(), summary
 
-# %% ../nbs/04_tokenizer_train.ipynb #da19b88e
+# %% ../nbs/04_tokenizer_train.ipynb #623362bb
 def _bool_arg(s: str) -> bool:
     v = s.strip().lower()
     if v in ("1", "true", "yes", "y", "on"): return True
@@ -384,12 +423,14 @@ _HELP = {"channels": "load folder images as 1 (grayscale) or 3 (RGB) channels; 0
          "num_workers": "DataLoader workers per process (-1: min(4, CPUs - 1), 0 on a 2-CPU machine)"}
 
 def _add_config_args(p: argparse.ArgumentParser, cls, skip=()):
-    for f in cls.__dataclass_fields__.values():
+    "A `--name` option for every field of config class `cls` (the config's deprecated `RENAMED` keys are not options)."
+    for f in dataclasses.fields(cls):
         if f.name in skip: continue
         h = (_HELP[f.name] + " " if f.name in _HELP else "") + f"(default: {f.default!r})"
+        flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            p.add_argument(f"--{f.name}", type=_bool_arg, nargs="?", const=True, default=f.default, metavar="BOOL", help=h)
-        else: p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=h)
+            p.add_argument(flag, dest=f.name, type=_bool_arg, nargs="?", const=True, default=f.default, metavar="BOOL", help=h)
+        else: p.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=h)
 
 def _report_skipped(prog: str, skipped) -> None:
     if skipped:
@@ -405,14 +446,19 @@ def train_tokenizer_main(argv=None) -> dict:
     p.add_argument("--resume", action="store_true", help="continue from <out>/tokenizer.safetensors + train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    p.add_argument("--no_progress", action="store_true")
-    add_debug_arg(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--min-lr-ratio", type=float, help=argparse.SUPPRESS)          # deprecated: --min-lr (an lr, not a ratio)
+    add_debug_arg(p, renamed={"--max-steps": "--steps", "--warmup-steps": "--warmup"})
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
-    cfg = TokenizerTrainConfig.from_dict({k: getattr(a, k) for k in TokenizerTrainConfig.field_names()})
+    d = {k: getattr(a, k) for k in TokenizerTrainConfig.field_names()}
+    if a.min_lr_ratio is not None:
+        deprecated(f"--min-lr-ratio is now --min-lr, the floor itself (here {a.min_lr_ratio} x --lr {a.lr})", p.prog)
+        d["min_lr"] = a.min_lr_ratio * a.lr
+    cfg = TokenizerTrainConfig.from_dict(d)
     try:
         _, summary = train_tokenizer(cfg, a.override, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
-        if dist_info()[0] == 0:
+        if dist_env()[0] == 0:
             print(json.dumps(summary, indent=2))
             _report_skipped(p.prog, summary.get("skipped_images"))
     finally:
@@ -431,7 +477,7 @@ def extract_tokens(tok, ds, out, augs: int = 1, batch_size: int = 256, sample: b
     """Encode every image of `ds` (and its flip when `augs=2`) into a `TokenDataset` at `out`; -> meta.
     An unfinished extraction with the same settings in `out` is continued; `overwrite` deletes it first."""
     if augs not in (1, 2): raise ValueError(f"augs must be 1 (as is) or 2 (plus a horizontal flip), got {augs}")
-    rank, world, _ = dist_info() if dist.is_available() and dist.is_initialized() else (0, 1, 0)
+    rank, world, _ = dist_env() if dist.is_available() and dist.is_initialized() else (0, 1, 0)
     out, n = Path(out), len(ds)
     if overwrite and rank == 0:
         for f in TOKEN_FILES: (out / f).unlink(missing_ok=True)
@@ -462,7 +508,7 @@ def extract_tokens(tok, ds, out, augs: int = 1, batch_size: int = 256, sample: b
             x = x.to(tok.device)
             for a in range(augs):
                 xa = x.flip(-1) if a == 1 else x
-                t = tok.encode(xa, sample=True, generator=g) if (sample and tok.kind == "kl") else tok.encode(xa)
+                t = tok.encode(xa, sample=sample, generator=g)        # a VQ tokenizer's codes do not depend on `sample`
                 codes[lo:hi, a] = t.cpu().numpy().astype(codes.dtype)
             labels[lo:hi] = np.asarray(y, dtype=np.int64)
             codes.flush(); labels.flush()
@@ -488,22 +534,23 @@ def extract_main(argv=None) -> dict:
     p.add_argument("--split", default="train", help="train | val (mnist5k; a folder uses <data>/<split> if present)")
     p.add_argument("--out", required=True, help="output TokenDataset folder")
     p.add_argument("--augs", type=int, default=1, help="1, or 2 to add a horizontal-flip copy")
-    p.add_argument("--batch_size", type=int, default=256, help="per process")
+    p.add_argument("--batch-size", type=int, default=256, help="per process")
     p.add_argument("--sample", action="store_true", help="KL: store a posterior sample instead of the mean")
     p.add_argument("--channels", type=int, default=0, choices=(0, 1, 3),
                    help="load folder images as 1 (grayscale) or 3 (RGB) channels; 0: detect, and they must match the tokenizer")
-    p.add_argument("--skip_bad", action="store_true",
+    p.add_argument("--skip-bad", action="store_true",
                    help="leave unreadable images out and list them at the end (default: stop and name the first one)")
     p.add_argument("--resume", action="store_true", help="continue the extraction already in --out")
     p.add_argument("--overwrite", action="store_true", help="delete the tokens already in --out and start again")
     p.add_argument("--device", default="", help="'' picks CUDA when available")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
     add_debug_arg(p)
     a = p.parse_args(argv)
     if a.resume and a.overwrite: raise ConfigError("--resume continues the tokens in --out and --overwrite replaces them: pass one of them")
     if a.threads: torch.set_num_threads(a.threads)
-    rank, world, device = init_dist(a.device or None)
+    di = setup_distributed(a.device)
+    rank, world, device = di.rank, di.world, di.device
     try:
         out = check_out_dir(a.out)
         if any((out / f).exists() for f in TOKEN_FILES) and not (a.resume or a.overwrite):
@@ -519,7 +566,7 @@ def extract_main(argv=None) -> dict:
             raise ValueError(f"{a.data} images are {tuple(ds[0][0].shape)}, the tokenizer expects {tok.image_shape}")
         extra = {"tokenizer": str(Path(a.tokenizer).resolve()), "data": a.data, "split": a.split,
                  "sample": bool(a.sample)}
-        if tok.kind == "kl": extra["scale_factor"] = tok.scale_factor
+        if tok.has_scale_factor: extra["scale_factor"] = tok.scale_factor
         meta = extract_tokens(tok, ds, out, a.augs, a.batch_size, a.sample, extra, progress=not a.no_progress,
                               overwrite=a.overwrite)
         skipped = list(getattr(ds, "skipped", []))

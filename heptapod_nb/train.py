@@ -4,9 +4,10 @@
 
 # %% ../nbs/09_train.ipynb #001e9fb0
 from __future__ import annotations
-import argparse, contextlib, copy, dataclasses, hashlib, json, math, os, random, re, signal, sys, tempfile, threading, time, warnings
+import argparse, contextlib, hashlib, json, random, re, signal, sys, threading, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
@@ -14,17 +15,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from .config import (Config, ConfigError, FAST, add_debug_arg, apply_overrides, atomic_write_bytes, cli_main,
-                                write_json, get_device, get_preset, seed_everything, check_state_dict, save_weights)
+from .config import (Config, ConfigError, FAST, add_debug_arg, apply_overrides, atomic_save, atomic_write_bytes,
+                                cli_main, parse_value, write_json, get_preset, seed_everything, check_state_dict, save_weights)
+from .optim import (DistInfo, EMA, TrainingDiverged, backward, barrier, broadcast_object, dist_env, lr_factor,
+                               optimizer_step, param_groups, setup_distributed, step_progress)
+from .data import ImageFolderDataset, TokenDataset, load_mnist5k
+from .tokenizer import load_tokenizer
+from .transformer import Block
+from .head import Head2D
+from .model import PRESETS, Heptapod, save_model
+from .tokens import token_kind
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'FSDP_UNITS', 'TrainConfig', 'split_overrides', 'make_config', 'DistInfo', 'setup_distributed',
-           'epoch_permutation', 'rank_batches', 'TrainData', 'model_config_for', 'token_info', 'random_tokens',
-           'LossModule', 'param_groups', 'lr_lambda', 'EMA', 'CheckpointError', 'save_checkpoint', 'verify_checkpoint',
-           'load_checkpoint', 'list_checkpoints', 'latest_good_checkpoint', 'resolve_resume', 'prune_checkpoints',
-           'rng_state', 'set_rng_state', 'TrainingDiverged', 'StopSignals', 'train', 'build_parser', 'main',
-           'read_metrics', 'plot_metrics']
+__all__ = ['CKPT_FORMAT', 'FSDP_UNITS', 'TrainConfig', 'split_overrides', 'make_config', 'epoch_permutation', 'rank_batches',
+           'TrainData', 'model_config_for', 'token_info', 'random_tokens', 'LossModule', 'lr_lambda', 'CheckpointError',
+           'save_checkpoint', 'verify_checkpoint', 'load_checkpoint', 'list_checkpoints', 'latest_good_checkpoint',
+           'resolve_resume', 'prune_checkpoints', 'rng_state', 'set_rng_state', 'fsdp_units', 'StopSignals', 'train',
+           'build_parser', 'main', 'read_metrics', 'plot_metrics']
 
 # %% ../nbs/09_train.ipynb #54ebf55c
 @dataclass
@@ -37,6 +46,7 @@ class TrainConfig(Config):
     image_size: int = 0                  # image folders: 0 = the tokenizer's image size
     out: str = "runs/train"              # run folder: checkpoints, metrics.jsonl, final weights
     steps: int = 1000                    # optimizer steps in all
+    max_minutes: float = 0.0             # > 0: stop (checkpoint and weights written) after this many minutes
     epochs: float = 0.0                  # > 0: sets steps = round(epochs * steps per epoch) (overrides steps)
     batch_size: int = 64                 # global batch per optimizer step
     micro_batch: int = 0                 # per-rank batch per forward (0 = the whole per-rank share)
@@ -65,7 +75,7 @@ class TrainConfig(Config):
     def validate(self):
         for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every"):
             if getattr(self, k) < 1: raise ConfigError(f"TrainConfig.{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("epochs", "micro_batch", "image_size", "threads", "warmup", "num_workers", "weight_decay", "grad_clip", "lr", "min_lr"):
+        for k in ("epochs", "max_minutes", "micro_batch", "image_size", "threads", "warmup", "num_workers", "weight_decay", "grad_clip", "lr", "min_lr"):
             if getattr(self, k) < 0: raise ConfigError(f"TrainConfig.{k} must be >= 0, got {getattr(self, k)}")
         if not 0 <= self.ema < 1: raise ConfigError(f"TrainConfig.ema must be in [0, 1), got {self.ema}")
         if self.min_lr > self.lr: raise ConfigError(f"TrainConfig.min_lr={self.min_lr} is above lr={self.lr}")
@@ -73,7 +83,6 @@ class TrainConfig(Config):
 # %% ../nbs/09_train.ipynb #66384dd3
 def split_overrides(overrides) -> tuple[list[str], dict]:
     "`key=value` strings -> (train overrides, model overrides dict) for `model.key=value`."
-    from heptapod_nb.config import parse_value
     train, model = [], {}
     for o in overrides or []:
         if "=" not in o: raise ConfigError(f"override {o!r} is not of the form key=value")
@@ -89,36 +98,6 @@ def make_config(overrides=(), config_file: str | None = None, **kwargs) -> Train
     train_ov, model_ov = split_overrides(overrides)
     cfg = apply_overrides(cfg, train_ov)
     return cfg.replace(model={**cfg.model, **model_ov}) if model_ov else cfg
-
-# %% ../nbs/09_train.ipynb #87f8e75e
-@dataclass
-class DistInfo:
-    "Where this process stands: rank, world size, device, and whether a process group is up."
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    initialized: bool = False
-    @property
-    def main(self) -> bool: return self.rank == 0
-
-def setup_distributed(device: str = "") -> DistInfo:
-    "Join the `torchrun` process group when launched by it; pick this rank's device."
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if device: dev = get_device(device)
-    else: dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    if dev.type == "cuda" and dev.index is None: dev = torch.device(f"cuda:{local}")
-    if dev.type == "cuda": torch.cuda.set_device(dev)
-    initialized = False
-    if world > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        initialized = True
-    return DistInfo(rank, world, local, dev, initialized)
-
-def _barrier(di: DistInfo):
-    if di.initialized: dist.barrier()
 
 # %% ../nbs/09_train.ipynb #e810f851
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -140,11 +119,9 @@ def rank_batches(n: int, seed: int, epoch: int, start: int, batch_size: int, ran
 class TrainData:
     "The training set and how to turn one of its batches into `(tokens, labels)` on `device`."
     def __init__(self, cfg: TrainConfig, device: torch.device):
-        from heptapod_nb.data import TokenDataset, ImageFolderDataset, load_mnist5k
         if not cfg.data: raise ConfigError("no training data: pass --data (a TokenDataset folder, or mnist5k / an image folder with --tokenizer)")
         self.tokenizer = None
         if cfg.tokenizer:
-            from heptapod_nb.tokenizer import load_tokenizer
             self.tokenizer = load_tokenizer(cfg.tokenizer).to(device).eval()
             for p in self.tokenizer.parameters(): p.requires_grad_(False)
             self.dataset = load_mnist5k("train") if cfg.data == "mnist5k" else ImageFolderDataset(
@@ -154,12 +131,9 @@ class TrainData:
             if c_img != c_tok:
                 raise ConfigError(f"--data {cfg.data} gives {c_img}-channel images but tokenizer {cfg.tokenizer} was trained on "
                                   f"{c_tok}-channel images (its in_channels): use a tokenizer made for this data")
-            t0 = self.encode(x0[None].to(device))
-            kind = "vq" if not t0.is_floating_point() else "kl"
-            grid = tuple(t0.shape[-2:])
-            self.info = dict(kind=kind, grid=grid, num_classes=self.dataset.num_classes,
-                             vocab_size=_tokenizer_attr(self.tokenizer, ("vocab_size", "codebook_size", "n_codes")) if kind == "vq" else None,
-                             channels=int(t0.shape[1]) if kind == "kl" else None)
+            t0, tok = self.encode(x0[None].to(device)), self.tokenizer
+            self.info = dict(kind=tok.kind, grid=tuple(t0.shape[-2:]), num_classes=self.dataset.num_classes,
+                             vocab_size=getattr(tok, "vocab_size", None), channels=getattr(tok, "channels", None))
         else:
             if cfg.data == "mnist5k" or not (Path(cfg.data) / "meta.json").exists():
                 raise ConfigError(f"--data {cfg.data!r} is not a token dataset (no meta.json); to train on images pass --tokenizer too")
@@ -179,12 +153,6 @@ class TrainData:
         x = x.to(device, non_blocking=True)
         return self.encode(x) if self.tokenizer is not None else x
 
-def _tokenizer_attr(tok, names):
-    for obj in (tok, getattr(tok, "config", None)):
-        for n in names:
-            if obj is not None and getattr(obj, n, None): return int(getattr(obj, n))
-    raise ConfigError(f"cannot read the codebook size of tokenizer {type(tok).__name__} (looked for {names})")
-
 # %% ../nbs/09_train.ipynb #4b9ae345
 _DATA_KEYS = {"kind": ("kind", "token_kind", "tokens"), "grid": ("grid", "grid_size"),
               "vocab_size": ("vocab_size", "codebook_size"), "channels": ("channels", "token_channels", "token_dim"),
@@ -192,7 +160,6 @@ _DATA_KEYS = {"kind": ("kind", "token_kind", "tokens"), "grid": ("grid", "grid_s
 
 def model_config_for(cfg: TrainConfig, info: dict):
     "The model config: preset `cfg.preset`, the data's token facts, then `cfg.model` overrides."
-    from heptapod_nb.model import PRESETS
     mc = get_preset(PRESETS, cfg.preset)
     names, facts = set(type(mc).field_names()), {}
     for key, candidates in _DATA_KEYS.items():
@@ -215,10 +182,9 @@ def token_info(model_config) -> dict:
 
 def random_tokens(info: dict, batch: int, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     "Random `(tokens, labels)` shaped like a TokenDataset batch for `info` (benchmarks, smoke tests)."
-    (h, w), nc = info["grid"], info.get("num_classes") or 1
-    if info["kind"] == "vq": x = torch.randint(info["vocab_size"], (batch, h, w), generator=generator)
-    else: x = torch.randn(batch, info["channels"], h, w, generator=generator)
-    return x.to(device), torch.randint(nc, (batch,), generator=generator).to(device)
+    nc = info.get("num_classes") or 1
+    x = token_kind(SimpleNamespace(**info)).random(batch, tuple(info["grid"]), generator, device)
+    return x, torch.randint(nc, (batch,), generator=generator).to(device)
 
 class LossModule(nn.Module):
     "`forward(tokens, labels)` = `model.loss(tokens, labels)`, so DDP/FSDP/compile see the loss as the forward."
@@ -229,74 +195,10 @@ class LossModule(nn.Module):
         return self.model.loss(tokens, labels)                                                   # a dataset's labels unused
 
 # %% ../nbs/09_train.ipynb #5e045ab4
-_NO_DECAY_NAMES = ("emb", "norm", "pos", "mask_token", "start", "cls_token", "bias")
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    "AdamW groups: decay for >= 2-D weights of non-embedding, non-norm modules; none for the rest."
-    skip = set()
-    for m in model.modules():
-        if isinstance(m, nn.Embedding) or "norm" in type(m).__name__.lower():
-            skip |= {id(p) for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad: continue
-        if p.ndim < 2 or id(p) in skip or _no_decay_name(n):
-            no_decay.append(p)
-        else: decay.append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-
-def _no_decay_name(name: str) -> bool:
-    "A parameter named like an embedding/norm/bias anywhere in its path's last two parts."
-    parts = [p.lower() for p in name.split(".")[-2:]]
-    return any(s in p for s in _NO_DECAY_NAMES for p in parts)
-
 def lr_lambda(cfg: TrainConfig):
-    "Multiplier of `cfg.lr` at a step: linear warmup, then cosine down to `min_lr` (or constant)."
-    def f(step: int) -> float:
-        if cfg.warmup and step < cfg.warmup: return (step + 1) / cfg.warmup
-        if cfg.schedule == "constant": return 1.0
-        t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        floor = cfg.min_lr / cfg.lr if cfg.lr else 0.0
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-    return f
-
-# %% ../nbs/09_train.ipynb #1cab9f40
-class EMA:
-    "fp32 shadow copies of `model`'s parameters, updated after each optimizer step."
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int):
-        d = min(self.decay, (1 + step) / (10 + step))
-        for n, p in model.named_parameters(): self.shadow[n].lerp_(p.detach().float(), 1 - d)
-
-    def full_state(self) -> dict:
-        "Unsharded CPU copies (a collective under FSDP: every rank must call it)."
-        return {n: _full(s).cpu() for n, s in self.shadow.items()}
-
-    @torch.no_grad()
-    def load_full_state(self, sd: dict):
-        check_state_dict({n: torch.empty(_full_shape(s), device="meta") for n, s in self.shadow.items()}, sd, "EMA state")
-        for n, s in self.shadow.items():
-            s.copy_(_shard_like(sd[n], s))
-
-def _is_dtensor(t) -> bool:
-    try: from torch.distributed.tensor import DTensor
-    except ImportError: return False
-    return isinstance(t, DTensor)
-
-def _full_shape(t) -> tuple: return tuple(t.shape)   # a DTensor's shape is the global shape
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if _is_dtensor(t) else t
-
-def _shard_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    if _is_dtensor(ref):
-        from torch.distributed.tensor import distribute_tensor
-        return distribute_tensor(full.to(ref.device_mesh.device_type).to(ref.dtype), ref.device_mesh, ref.placements)
-    return full.to(ref.device, ref.dtype)
+    "Multiplier of `cfg.lr` at a step (`optim.lr_factor`): linear warmup, then cosine down to `min_lr` (or constant)."
+    floor = cfg.min_lr / cfg.lr if cfg.lr else 0.0
+    return lambda step: lr_factor(step_progress(step, cfg.steps, cfg.warmup), step, cfg.warmup, floor, cfg.schedule)
 
 # %% ../nbs/09_train.ipynb #438aa11a
 class CheckpointError(ConfigError):
@@ -315,14 +217,7 @@ def _sha256(path: Path, chunk: int = 1 << 24) -> str:
 
 def save_checkpoint(path, state: dict) -> Path:
     "Write `state` to `path` atomically (temp + fsync + rename), then its `.json` sidecar (size, sha256, step)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+    path = atomic_save(path, lambda f: torch.save(state, f))
     side = dict(format=CKPT_FORMAT, step=int(state.get("step", -1)), bytes=path.stat().st_size, sha256=_sha256(path))
     write_json(path.with_suffix(".json"), side)
     return path
@@ -409,19 +304,20 @@ def set_rng_state(s: dict, device: torch.device):
     if device.type == "cuda" and s.get("cuda") is not None: torch.cuda.set_rng_state(s["cuda"], device)
 
 # %% ../nbs/09_train.ipynb #754f09d2
-class TrainingDiverged(FloatingPointError):
-    "The loss or the gradient norm became NaN/inf."
+FSDP_UNITS: tuple[type, ...] = (Block, Head2D)
 
-FSDP_UNITS = ("Block", "Head2D")
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    "The modules FSDP shards as units: every instance of a class in `FSDP_UNITS` (subclasses included)."
+    return [m for m in model.modules() if isinstance(m, FSDP_UNITS)]
 
 def _shard_fsdp(wrapper: LossModule, bf16: bool):
     """FSDP2: shard every backbone block and the 2D head as units, then the rest (embeddings, diffusion MLP) at the
     root. A unit must use its parameters only inside its own `forward` (FSDP gathers them in a forward hook): the
     head's blocks are not units because `Head2D.forward` calls their adaLN layers itself."""
-    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy   # lazy: only FSDP runs need it
     # bf16 compute reduces gradients in float32; otherwise in the parameters' own dtype (float32, or float64)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
-    blocks = [m for m in wrapper.model.modules() if type(m).__name__ in FSDP_UNITS]
+    blocks = fsdp_units(wrapper.model)
     for m in blocks: fully_shard(m, mp_policy=mp)
     fully_shard(wrapper, mp_policy=mp)
     return len(blocks)
@@ -440,17 +336,10 @@ def _full_optim_state(wrapper, opt, fsdp: bool) -> dict:
     return opt.state_dict()
 
 def _export(raw: nn.Module, sd: dict, path: Path):
-    "Save weights `sd` of a model like `raw` for sampling/eval (`heptapod_nb.model.save_model` when it applies)."
-    try:
-        from heptapod_nb.model import Heptapod, save_model
-    except ImportError: Heptapod = None
-    if Heptapod is not None and isinstance(raw, Heptapod):
+    "Save weights `sd` of a model like `raw` for sampling/eval (`heptapod_nb.model.save_model` for a Heptapod)."
+    if isinstance(raw, Heptapod):
         m = Heptapod(raw.config); m.load_state_dict(sd); return save_model(m, path)
     return save_weights(path, sd, getattr(raw, "config", None), kind=type(raw).__name__.lower())
-
-def _bcast(obj, di: DistInfo):
-    if not di.initialized: return obj
-    lst = [obj]; dist.broadcast_object_list(lst, src=0); return lst[0]
 
 class StopSignals:
     """While active (in the main thread), SIGINT and SIGTERM only set `signum`: the step in progress finishes, the
@@ -486,6 +375,218 @@ def _loader_error(e: BaseException) -> BaseException:
     try: return type(e)(last)
     except Exception: return e
 
+def _cfg_dict(m: nn.Module):
+    c = getattr(m, "config", None)
+    return c.to_dict() if hasattr(c, "to_dict") else None
+
+# %% ../nbs/09_train.ipynb #84f8091f
+def _layout(cfg: TrainConfig, di: DistInfo) -> tuple[int, int]:
+    "(micro-batch, accumulation steps) of each process: `batch_size` = world x accumulation x micro-batch."
+    B, world = cfg.batch_size, di.world
+    if B % world: raise ConfigError(f"batch_size={B} is not divisible by the {world} processes")
+    per_rank = B // world; mb = cfg.micro_batch or per_rank
+    if per_rank % mb: raise ConfigError(f"micro_batch={mb} does not divide the per-process batch {per_rank} (= batch_size / world size)")
+    if cfg.fsdp and not di.initialized: raise ConfigError("fsdp=true needs several processes: launch with torchrun --nproc_per_node=N")
+    return mb, per_rank // mb
+
+def _choose_checkpoint(resume, ckdir: Path, di: DistInfo, say) -> Path | None:
+    "The checkpoint to continue from (rank 0 decides and cleans up, every rank gets its answer), or None."
+    ck_path = None
+    if di.main:
+        if resume in (None, "", "none"):
+            if list_checkpoints(ckdir):
+                raise ConfigError(f"{ckdir} already holds checkpoints: pass --resume to continue that run, or choose another --out")
+        elif resume == "auto":
+            ck_path = latest_good_checkpoint(ckdir, log=say)
+            if ck_path is None: say(f"no usable checkpoint in {ckdir}: starting from scratch")
+        else:
+            ck_path = resolve_resume(resume, log=say)
+        ckdir.mkdir(parents=True, exist_ok=True)
+        for t in ckdir.glob(".step_*.tmp"): t.unlink(missing_ok=True)         # leftovers of a killed write
+    return broadcast_object(ck_path, di)
+
+def _build_model(cfg: TrainConfig, model, info: dict, dev, state, ck_path) -> nn.Module:
+    "The model (seeded with `cfg.seed`; `model` if given, else the preset for the data) on `dev`, with the checkpoint's weights."
+    seed_everything(cfg.seed)
+    raw = (model if model is not None else Heptapod(model_config_for(cfg, info))).to(dev)
+    if state is not None:
+        if hasattr(raw, "config") and state.get("model_config") not in (None, _cfg_dict(raw)):
+            raise CheckpointError(f"checkpoint {ck_path} was trained with model config {state['model_config']}, not {_cfg_dict(raw)}")
+        check_state_dict(raw, state["model"], f"checkpoint {ck_path}")
+        raw.load_state_dict(state["model"])
+    return raw
+
+def _wrap(raw: nn.Module, cfg: TrainConfig, di: DistInfo, bf16: bool):
+    "(LossModule, the module the loop calls, the DDP module or None): FSDP, DDP or plain, then compiled if asked."
+    wrapper, ddp = LossModule(raw), None
+    if cfg.fsdp: _shard_fsdp(wrapper, bf16); net = wrapper
+    elif di.initialized:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp = net = DDP(wrapper, device_ids=[di.device.index] if di.device.type == "cuda" else None)
+    else: net = wrapper
+    if cfg.compile: net = torch.compile(net)
+    return wrapper, net, ddp
+
+def _optimizer(raw: nn.Module, cfg: TrainConfig, dev):
+    "AdamW over `param_groups`, the warmup + cosine schedule, and the EMA (None when `cfg.ema` is 0)."
+    opt = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=(dev.type == "cuda" and not cfg.fsdp) or None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return opt, sched, (EMA(raw, cfg.ema) if cfg.ema > 0 else None)
+
+def _restore(state: dict, ck_path, cfg: TrainConfig, di: DistInfo, wrapper, opt, sched, ema) -> tuple[int, int, int]:
+    "Load optimizer, schedule, EMA and RNG states of a checkpoint; -> its (step, epoch, index)."
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+        set_optimizer_state_dict(wrapper, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else: opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if ema is not None:
+        if state.get("ema") is None: raise CheckpointError(f"checkpoint {ck_path} has no EMA weights but ema={cfg.ema}")
+        ema.load_full_state(state["ema"])
+    if state["batch_size"] != cfg.batch_size:
+        raise CheckpointError(f"checkpoint {ck_path} was trained with batch_size={state['batch_size']}, not {cfg.batch_size}: the data position would not match")
+    rngs = state["rng"]
+    if len(rngs) == di.world: set_rng_state(rngs[di.rank], di.device)
+    else:
+        warnings.warn(f"checkpoint has RNG states of {len(rngs)} processes, this run has {di.world}: reseeding")
+        seed_everything(cfg.seed + 7919 * state["step"] + di.rank)
+    return state["step"], state["epoch"], state["index"]
+
+def _start_log(out: Path, cfg: TrainConfig, raw: nn.Module, state, step: int) -> Path:
+    "Rank 0: the run folder with its configs, and `metrics.jsonl` cut back to `step` (a resumed run re-logs what follows)."
+    metrics_path = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "train_config.json")
+    if hasattr(raw, "config") and hasattr(raw.config, "save"): raw.config.save(out / "model_config.json")
+    keep = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step] \
+        if state is not None and metrics_path.exists() else []
+    atomic_write_bytes(metrics_path, "".join(l + "\n" for l in keep).encode())
+    return metrics_path
+
+# %% ../nbs/09_train.ipynb #b38aef12
+class _Run:
+    "The state of one training run while the loop runs (see `train`)."
+    def __init__(self, cfg, di, data, raw, wrapper, net, ddp, opt, sched, ema, pos, mb, accum, bf16, out, ck_path, state, say, stop):
+        self.cfg, self.di, self.data, self.raw, self.wrapper, self.net, self.ddp = cfg, di, data, raw, wrapper, net, ddp
+        self.opt, self.sched, self.ema, self.mb, self.accum, self.say, self.stop = opt, sched, ema, mb, accum, say, stop
+        self.step, self.epoch, self.index = pos
+        self.out, self.ckdir, self.spe = out, out / "checkpoints", len(data.dataset) // cfg.batch_size
+        self.amp = (lambda: torch.autocast(di.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        self.last_ckpt, self.ckpt_step, self.stopped_by = ck_path, (self.step if state is not None else None), None
+        self.acc_loss, self.acc_n = state.get("log_acc", (0.0, 0)) if state is not None else (0.0, 0)   # the log interval in progress
+        self.last_loss, self.gn = float("nan"), float("nan")
+        self.metrics_path = out / "metrics.jsonl"
+        self.started = self.t0 = time.perf_counter()
+
+    def checkpoint(self):
+        "Write a checkpoint of this step (a collective: every rank calls it), keep the newest `cfg.keep`."
+        di, dev, cfg = self.di, self.di.device, self.cfg
+        self.ckpt_step = self.step
+        rng_all = [None] * di.world
+        if di.initialized: dist.all_gather_object(rng_all, rng_state(dev))
+        else: rng_all = [rng_state(dev)]
+        st = dict(format=CKPT_FORMAT, step=self.step, epoch=self.epoch, index=self.index, batch_size=cfg.batch_size,
+                  world_size=di.world, model=_full_model_state(self.raw, self.wrapper, cfg.fsdp),
+                  optimizer=_full_optim_state(self.wrapper, self.opt, cfg.fsdp), scheduler=self.sched.state_dict(),
+                  ema=self.ema.full_state() if self.ema else None, rng=rng_all, model_config=_cfg_dict(self.raw),
+                  train_config=cfg.to_dict(), log_acc=(self.acc_loss, self.acc_n))
+        if di.main:
+            self.last_ckpt = save_checkpoint(self.ckdir / f"step_{self.step:08d}.pt", st)
+            prune_checkpoints(self.ckdir, cfg.keep)
+        barrier(di)
+
+    def train_step(self, it):
+        "One optimizer step: `accum` micro-batches forward + backward, the loss averaged over ranks, then `optimizer_step`."
+        dev, accum = self.di.device, self.accum
+        loss_sum = torch.zeros((), device=dev)
+        for a in range(accum):
+            try: x, y = next(it)
+            except Exception as e:
+                if (clean := _loader_error(e)) is e: raise
+                raise clean from None
+            tokens, labels = self.data.to_tokens(x, dev), y.to(dev, non_blocking=True)
+            last = a == accum - 1
+            if self.cfg.fsdp: self.wrapper.set_requires_gradient_sync(last)
+            with (self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()):
+                with self.amp(): loss = self.net(tokens, labels)
+                backward(loss / accum)
+            loss_sum += loss.detach().float()
+        loss_sum /= accum
+        if self.di.initialized: dist.all_reduce(loss_sum); loss_sum /= self.di.world
+        self.last_loss, lr_now = loss_sum.item(), self.opt.param_groups[0]["lr"]
+        self.gn = optimizer_step(self.opt, self.raw.parameters(), clip=self.cfg.grad_clip, loss=self.last_loss,
+                                 where=f"step {self.step + 1}", hint=f"Last good checkpoint: {self.last_ckpt or 'none'} "
+                                 "(resume from it with a lower lr or more warmup)")
+        self.sched.step()
+        if self.ema is not None: self.ema.update(self.raw, self.step)
+        self.step += 1; self.index += 1
+        if self.index == self.spe: self.epoch, self.index = self.epoch + 1, 0
+        self.acc_loss += self.last_loss; self.acc_n += 1
+        return lr_now
+
+    def log(self, lr_now: float):
+        "Append the mean loss of the interval since the last record (and lr, tokens/s, grad norm) to `metrics.jsonl`."
+        if self.di.device.type == "cuda": torch.cuda.synchronize(self.di.device)
+        dt = time.perf_counter() - self.t0
+        rec = dict(step=self.step, epoch=self.epoch, loss=self.acc_loss / self.acc_n, lr=lr_now,
+                   tokens_per_s=self.acc_n * self.cfg.batch_size * self.data.tokens_per_image / dt, grad_norm=self.gn, time=time.time())
+        if self.di.main:
+            with open(self.metrics_path, "a") as f: f.write(json.dumps(rec) + "\n")
+        self.t0, self.acc_loss, self.acc_n = time.perf_counter(), 0.0, 0
+
+    def should_stop(self) -> str | None:
+        "'SIGINT'/'SIGTERM' after a signal, 'time' past `cfg.max_minutes`; every rank gets the same answer."
+        sig = self.stop.signum if self.stop is not None else None
+        late = bool(self.cfg.max_minutes) and time.perf_counter() - self.started >= 60 * self.cfg.max_minutes
+        if self.di.initialized:                             # every rank stops after the same step (the checkpoint is collective)
+            flag = torch.tensor([sig or 0, int(late)], device=self.di.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX); sig, late = int(flag[0]) or None, bool(flag[1])
+        return signal.Signals(sig).name if sig else ("time" if late else None)
+
+    def run_epoch(self, pbar):
+        "Steps of the current epoch (from its batch `index`) until its end, `cfg.steps`, a signal or the time cap."
+        cfg, dev = self.cfg, self.di.device
+        self.data.set_epoch(self.epoch)
+        batches = rank_batches(len(self.data.dataset), cfg.seed, self.epoch, self.index, cfg.batch_size, self.di.rank, self.di.world, self.mb)
+        loader = DataLoader(self.data.dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=dev.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg.seed + self.epoch), worker_init_fn=_worker_init)
+        it, this_epoch = iter(loader), self.epoch
+        try:
+            while self.epoch == this_epoch and self.step < cfg.steps:
+                try: lr_now = self.train_step(it)
+                except TrainingDiverged: pbar.close(); raise
+                pbar.update(1); pbar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr_now:.2e}", refresh=False)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps: self.log(lr_now)
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    tc = time.perf_counter(); self.checkpoint(); self.t0 += time.perf_counter() - tc   # tokens/s counts training only
+                why = self.should_stop()
+                if why and self.step < cfg.steps:
+                    self.stopped_by = why
+                    if self.ckpt_step != self.step: self.checkpoint()
+                    break
+        finally:                                           # workers ignore SIGTERM (see _worker_init): end them here
+            if hasattr(it, "_shutdown_workers"): it._shutdown_workers()
+            del it, loader
+
+    def summary(self, **extra) -> dict:
+        return dict(step=self.step, epoch=self.epoch, index=self.index, loss=self.last_loss, grad_norm=self.gn, out=str(self.out),
+                    checkpoint=str(self.last_ckpt) if self.last_ckpt else None, stopped_by=self.stopped_by, **extra)
+
+    def finish(self) -> dict:
+        "Export the final weights (raw and EMA) for sampling and eval; -> the summary with their paths."
+        sd = _full_model_state(self.raw, self.wrapper, self.cfg.fsdp)
+        ema_sd = self.ema.full_state() if self.ema is not None else None
+        paths = {}
+        if self.di.main:
+            paths["model"] = str(_export(self.raw, sd, self.out / "model.safetensors"))
+            if ema_sd is not None:
+                paths["ema"] = str(_export(self.raw, {**sd, **ema_sd}, self.out / "ema.safetensors"))
+            self.say(f"done: step {self.step}, loss {self.last_loss:.4f}; weights {paths}")
+        barrier(self.di)
+        return self.summary(**paths)
+
+# %% ../nbs/09_train.ipynb #25125622
 def train(cfg: TrainConfig, resume: str | None = None, model: nn.Module | None = None, log=None) -> dict:
     """Train as `cfg` says; `resume` = "auto" (newest good checkpoint in `cfg.out`, if any), a checkpoint path or a
     run folder. `model` replaces the preset model (anything with `.loss(tokens, labels)`). Returns a summary dict;
@@ -502,199 +603,47 @@ def train(cfg: TrainConfig, resume: str | None = None, model: nn.Module | None =
         torch.set_default_dtype(dtype)
         if owns_group and dist.is_initialized(): dist.destroy_process_group()
 
-def _train(cfg: TrainConfig, resume, model, di: DistInfo, log, stop: StopSignals | None = None) -> dict:
-    from tqdm.auto import tqdm
-    say = (log or (lambda m: print(m, flush=True))) if di.main else (lambda m: None)
-    dev, world, B = di.device, di.world, cfg.batch_size
-    if B % world: raise ConfigError(f"batch_size={B} is not divisible by the {world} processes")
-    per_rank = B // world; mb = cfg.micro_batch or per_rank
-    if per_rank % mb: raise ConfigError(f"micro_batch={mb} does not divide the per-process batch {per_rank} (= batch_size / world size)")
-    accum = per_rank // mb
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
-    if cfg.fsdp and not di.initialized: raise ConfigError("fsdp=true needs several processes: launch with torchrun --nproc_per_node=N")
-    out = Path(cfg.out); ckdir = out / "checkpoints"
-
-    # which checkpoint (rank 0 decides, everybody loads the same file)
-    ck_path = None
-    if di.main:
-        if resume in (None, "", "none"):
-            if list_checkpoints(ckdir):
-                raise ConfigError(f"{ckdir} already holds checkpoints: pass --resume to continue that run, or choose another --out")
-        elif resume == "auto":
-            ck_path = latest_good_checkpoint(ckdir, log=say)
-            if ck_path is None: say(f"no usable checkpoint in {ckdir}: starting from scratch")
-        else:
-            ck_path = resolve_resume(resume, log=say)
-        ckdir.mkdir(parents=True, exist_ok=True)
-        for t in ckdir.glob(".step_*.tmp"): t.unlink(missing_ok=True)         # leftovers of a killed write
-    ck_path = _bcast(ck_path, di)
-    state = load_checkpoint(ck_path, verify=False) if ck_path else None   # rank 0 verified it just above
-
-    data = TrainData(cfg, dev)
-    n = len(data.dataset); spe = n // B
+def _setup(cfg: TrainConfig, resume, model, di: DistInfo, say, stop) -> _Run:
+    "Everything before the first step: batch layout, checkpoint, data, model, wrapping, optimizer, restored state, log."
+    mb, accum = _layout(cfg, di)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and di.device.type == "cuda")
+    out = Path(cfg.out)
+    ck_path = _choose_checkpoint(resume, out / "checkpoints", di, say)
+    state = load_checkpoint(ck_path, verify=False) if ck_path else None   # rank 0 verified it in _choose_checkpoint
+    data = TrainData(cfg, di.device)
+    n, B = len(data.dataset), cfg.batch_size; spe = n // B
     if spe == 0: raise ConfigError(f"the dataset has {n} examples, fewer than one batch of {B}")
     if cfg.epochs > 0: cfg = cfg.replace(steps=max(1, round(cfg.epochs * spe)))
-
-    seed_everything(cfg.seed)
-    raw = model if model is not None else __import__("heptapod_nb.model", fromlist=["Heptapod"]).Heptapod(model_config_for(cfg, data.info))
-    raw = raw.to(dev)
+    raw = _build_model(cfg, model, data.info, di.device, state, ck_path)
+    wrapper, net, ddp = _wrap(raw, cfg, di, bf16)
+    opt, sched, ema = _optimizer(raw, cfg, di.device)
+    pos = (0, 0, 0)
     if state is not None:
-        if hasattr(raw, "config") and state.get("model_config") not in (None, _cfg_dict(raw)):
-            raise CheckpointError(f"checkpoint {ck_path} was trained with model config {state['model_config']}, not {_cfg_dict(raw)}")
-        check_state_dict(raw, state["model"], f"checkpoint {ck_path}")
-        raw.load_state_dict(state["model"])
-    wrapper = LossModule(raw)
-    ddp = None
-    if cfg.fsdp: nblocks = _shard_fsdp(wrapper, bf16); net = wrapper
-    elif di.initialized:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ddp = net = DDP(wrapper, device_ids=[dev.index] if dev.type == "cuda" else None)
-    else: net = wrapper
-    if cfg.compile: net = torch.compile(net)
-
-    groups = param_groups(raw, cfg.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=(dev.type == "cuda" and not cfg.fsdp) or None)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    ema = EMA(raw, cfg.ema) if cfg.ema > 0 else None
-    step, epoch, index = 0, 0, 0
-    if state is not None:
-        if cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
-            set_optimizer_state_dict(wrapper, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else: opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if ema is not None:
-            if state.get("ema") is None: raise CheckpointError(f"checkpoint {ck_path} has no EMA weights but ema={cfg.ema}")
-            ema.load_full_state(state["ema"])
-        step, epoch, index = state["step"], state["epoch"], state["index"]
-        if state["batch_size"] != B:
-            raise CheckpointError(f"checkpoint {ck_path} was trained with batch_size={state['batch_size']}, not {B}: the data position would not match")
-        rngs = state["rng"]
-        if len(rngs) == world: set_rng_state(rngs[di.rank], dev)
-        else:
-            warnings.warn(f"checkpoint has RNG states of {len(rngs)} processes, this run has {world}: reseeding")
-            seed_everything(cfg.seed + 7919 * step + di.rank)
-        say(f"resumed from {ck_path} at step {step} (epoch {epoch}, batch {index} of {spe})")
-    elif world > 1: seed_everything(cfg.seed + di.rank)                           # independent target draws per rank
-
+        pos = _restore(state, ck_path, cfg, di, wrapper, opt, sched, ema)
+        say(f"resumed from {ck_path} at step {pos[0]} (epoch {pos[1]}, batch {pos[2]} of {spe})")
+    elif di.world > 1: seed_everything(cfg.seed + di.rank)                       # independent target draws per rank
     nparams = sum(p.numel() for p in raw.parameters())                          # a DTensor's numel is the global one
-    say(f"heptapod-train: {cfg.preset} ({nparams / 1e6:.2f}M params), {world} process(es) on {dev.type}"
-        f"{' FSDP' if cfg.fsdp else ' DDP' if ddp else ''}, {'bf16' if bf16 else 'fp32'}, global batch {B} = {world} x {accum} x {mb}, "
+    say(f"heptapod-train: {cfg.preset} ({nparams / 1e6:.2f}M params), {di.world} process(es) on {di.device.type}"
+        f"{' FSDP' if cfg.fsdp else ' DDP' if ddp else ''}, {'bf16' if bf16 else 'fp32'}, global batch {B} = {di.world} x {accum} x {mb}, "
         f"{n} examples, {spe} steps/epoch, {cfg.steps} steps")
+    if di.main: _start_log(out, cfg, raw, state, pos[0])
+    return _Run(cfg, di, data, raw, wrapper, net, ddp, opt, sched, ema, pos, mb, accum, bf16, out, ck_path, state, say, stop)
 
-    metrics_path = out / "metrics.jsonl"
-    if di.main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "train_config.json")
-        if hasattr(raw, "config") and hasattr(raw.config, "save"): raw.config.save(out / "model_config.json")
-        keep = [l for l in metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step] \
-            if state is not None and metrics_path.exists() else []
-        atomic_write_bytes(metrics_path, "".join(l + "\n" for l in keep).encode())
-
-    amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    last_ckpt, ckpt_step, stopped_by = ck_path, (step if state is not None else None), None
-    tok_per_step = B * data.tokens_per_image
-
-    def checkpoint():
-        nonlocal last_ckpt, ckpt_step
-        ckpt_step = step
-        rng_all = [None] * world
-        if di.initialized: dist.all_gather_object(rng_all, rng_state(dev))
-        else: rng_all = [rng_state(dev)]
-        st = dict(format=CKPT_FORMAT, step=step, epoch=epoch, index=index, batch_size=B, world_size=world,
-                  model=_full_model_state(raw, wrapper, cfg.fsdp), optimizer=_full_optim_state(wrapper, opt, cfg.fsdp),
-                  scheduler=sched.state_dict(), ema=ema.full_state() if ema else None, rng=rng_all,
-                  model_config=_cfg_dict(raw), train_config=cfg.to_dict(), log_acc=(acc_loss, acc_n))
-        if di.main:
-            last_ckpt = save_checkpoint(ckdir / f"step_{step:08d}.pt", st)
-            prune_checkpoints(ckdir, cfg.keep)
-        _barrier(di)
-
-    pbar = tqdm(total=cfg.steps, initial=step, disable=not (di.main and cfg.progress), desc="train", dynamic_ncols=True)
-    t0, last_loss, gn_v = time.perf_counter(), float("nan"), float("nan")
-    acc_loss, acc_n = state.get("log_acc", (0.0, 0)) if state is not None else (0.0, 0)   # the log interval in progress
-    net.train()
-    while step < cfg.steps:
-        data.set_epoch(epoch)
-        batches = rank_batches(n, cfg.seed, epoch, index, B, di.rank, world, mb)
-        loader = DataLoader(data.dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=dev.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.seed + epoch), worker_init_fn=_worker_init)
-        it, this_epoch = iter(loader), epoch
-        try:
-            while epoch == this_epoch and step < cfg.steps:
-                loss_sum = torch.zeros((), device=dev)
-                for a in range(accum):
-                    try: x, y = next(it)
-                    except Exception as e:
-                        if (clean := _loader_error(e)) is e: raise
-                        raise clean from None
-                    tokens, labels = data.to_tokens(x, dev), y.to(dev, non_blocking=True)
-                    last = a == accum - 1
-                    if cfg.fsdp: wrapper.set_requires_gradient_sync(last)
-                    with (ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()):
-                        with amp(): loss = net(tokens, labels)
-                        (loss / accum).backward()
-                    loss_sum += loss.detach().float()
-                loss_sum /= accum
-                if di.initialized: dist.all_reduce(loss_sum); loss_sum /= world
-                gn = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                last_loss, gn_v = loss_sum.item(), float(_full(gn))
-                if not (math.isfinite(last_loss) and math.isfinite(gn_v)):
-                    opt.zero_grad(set_to_none=True); pbar.close()
-                    raise TrainingDiverged(
-                        f"non-finite {'loss' if not math.isfinite(last_loss) else 'gradient norm'} (loss={last_loss}, grad_norm={gn_v}) "
-                        f"at step {step + 1}: the run stops here, the weights were not updated. "
-                        f"Last good checkpoint: {last_ckpt or 'none'} (resume from it with a lower lr or more warmup)")
-                lr_now = opt.param_groups[0]["lr"]
-                opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-                if ema is not None: ema.update(raw, step)
-                step += 1; index += 1
-                if index == spe: epoch, index = epoch + 1, 0
-                acc_loss += last_loss; acc_n += 1
-                pbar.update(1); pbar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr_now:.2e}", refresh=False)
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    if dev.type == "cuda": torch.cuda.synchronize(dev)
-                    dt = time.perf_counter() - t0
-                    rec = dict(step=step, epoch=epoch, loss=acc_loss / acc_n, lr=lr_now, tokens_per_s=acc_n * tok_per_step / dt,
-                               grad_norm=gn_v, time=time.time())
-                    if di.main:
-                        with open(metrics_path, "a") as f: f.write(json.dumps(rec) + "\n")
-                    t0, acc_loss, acc_n = time.perf_counter(), 0.0, 0
-                if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                    tc = time.perf_counter(); checkpoint(); t0 += time.perf_counter() - tc   # tokens/s counts training only
-                sig = stop.signum if stop is not None else None
-                if di.initialized:                             # every rank stops after the same step (the checkpoint is collective)
-                    flag = torch.tensor(sig or 0, device=dev); dist.all_reduce(flag, op=dist.ReduceOp.MAX); sig = int(flag) or None
-                if sig and step < cfg.steps:
-                    stopped_by = signal.Signals(sig).name
-                    if ckpt_step != step: checkpoint()
-                    break
-        finally:                                           # workers ignore SIGTERM (see _worker_init): end them here
-            if hasattr(it, "_shutdown_workers"): it._shutdown_workers()
-            del it, loader
-        if stopped_by: break
+def _train(cfg: TrainConfig, resume, model, di: DistInfo, log, stop: StopSignals | None = None) -> dict:
+    say = (log or (lambda m: print(m, flush=True))) if di.main else (lambda m: None)
+    run = _setup(cfg, resume, model, di, say, stop)
+    cfg = run.cfg
+    pbar = tqdm(total=cfg.steps, initial=run.step, disable=not (di.main and cfg.progress), desc="train", dynamic_ncols=True)
+    run.t0 = time.perf_counter()
+    run.net.train()
+    while run.step < cfg.steps and not run.stopped_by:
+        run.run_epoch(pbar)
     pbar.close()
-    if stopped_by:
-        say(f"stopped by {stopped_by} at step {step} of {cfg.steps}; checkpoint {last_ckpt}")
-        return dict(step=step, epoch=epoch, index=index, loss=last_loss, grad_norm=gn_v, out=str(out),
-                    checkpoint=str(last_ckpt) if last_ckpt else None, stopped_by=stopped_by)
-
-    # final weights for sampling / eval (raw and EMA)
-    sd = _full_model_state(raw, wrapper, cfg.fsdp)
-    ema_sd = ema.full_state() if ema is not None else None
-    paths = {}
-    if di.main:
-        paths["model"] = str(_export(raw, sd, out / "model.safetensors"))
-        if ema_sd is not None:
-            paths["ema"] = str(_export(raw, {**sd, **ema_sd}, out / "ema.safetensors"))
-        say(f"done: step {step}, loss {last_loss:.4f}; weights {paths}")
-    _barrier(di)
-    return dict(step=step, epoch=epoch, index=index, loss=last_loss, grad_norm=gn_v, checkpoint=str(last_ckpt) if last_ckpt else None,
-                out=str(out), stopped_by=None, **paths)
-
-def _cfg_dict(m: nn.Module):
-    c = getattr(m, "config", None)
-    return c.to_dict() if hasattr(c, "to_dict") else None
+    if run.stopped_by and run.stopped_by != "time":
+        say(f"stopped by {run.stopped_by} at step {run.step} of {cfg.steps}; checkpoint {run.last_ckpt}")
+        return run.summary()
+    if run.stopped_by: say(f"time cap of {cfg.max_minutes} min reached at step {run.step} of {cfg.steps}")
+    return run.finish()
 
 # %% ../nbs/09_train.ipynb #2cc20435
 def build_parser() -> argparse.ArgumentParser:
@@ -703,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "  torchrun --nproc_per_node=8 -m heptapod_nb.train --preset B --data /data/in1k-vq16 --out runs/B batch_size=256",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="TrainConfig fields; model.key=value for the model preset")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE", help="the same as a bare key=value (repeatable)")
     p.add_argument("--config", help="a JSON file with TrainConfig fields (overridden by flags and key=value)")
     p.add_argument("--preset", help="model preset: tiny, B, L, H")
     p.add_argument("--data", help="TokenDataset folder, or mnist5k / an image folder together with --tokenizer")
@@ -722,12 +672,12 @@ def _run(argv) -> None:
     a = build_parser().parse_intermixed_args(argv)
     if a.resume not in (None, "auto") and "=" in a.resume and not Path(a.resume).exists():   # `--resume steps=9`
         a.overrides.append(a.resume); a.resume = "auto"
-    cfg = make_config(a.overrides, a.config, **{k: getattr(a, k) for k in (
+    cfg = make_config(a.override + a.overrides, a.config, **{k: getattr(a, k) for k in (
         "preset", "data", "tokenizer", "out", "steps", "batch_size", "lr", "device", "fsdp", "compile", "progress")})
     if a.print_config: print(json.dumps(cfg.to_dict(), indent=2)); return
     r = train(cfg, resume=a.resume)
-    if r.get("stopped_by"):
-        if int(os.environ.get("RANK", 0)) == 0:
+    if r.get("stopped_by") in StopSignals.NAMES:
+        if dist_env()[0] == 0:
             print(f"heptapod-train: stopped by {r['stopped_by']} at step {r['step']} of {cfg.steps}; checkpoint "
                   f"{r['checkpoint']}: the same command with --resume continues exactly", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.Signals[r["stopped_by"]].value)

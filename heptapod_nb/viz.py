@@ -4,8 +4,7 @@
 
 # %% ../nbs/12_viz.ipynb #0bbcfb2f
 from __future__ import annotations
-import io, math, time
-from dataclasses import dataclass
+import io, time
 
 import numpy as np
 import torch
@@ -13,7 +12,8 @@ import matplotlib
 import matplotlib.pyplot as plt
 from PIL import Image, ImageDraw
 
-from .config import FAST, get_device
+from .config import atomic_write_bytes, get_device, to_uint8
+from .tokens import VQTokens, token_kind
 
 # %% auto #0
 __all__ = ['PANELS', 'PANEL_TITLES', 'GREY', 'images_to_uint8', 'TraceView', 'plot_step', 'filmstrip', 'gif_frames', 'save_gif',
@@ -30,7 +30,7 @@ def _cmap_lut(name: str) -> np.ndarray:
 
 def images_to_uint8(images) -> np.ndarray:
     "Images (B, C, H, W) in [-1, 1] (C = 1 or 3) -> uint8 (B, H, W, 3)."
-    x = ((torch.as_tensor(images).detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = to_uint8(torch.as_tensor(images).cpu())
     if x.shape[1] == 1: x = x.expand(-1, 3, -1, -1)
     if x.shape[1] != 3: raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(x.shape)}")
     return x.permute(0, 2, 3, 1).numpy()
@@ -55,7 +55,8 @@ class TraceView:
         B = _field(steps[0], "seen").shape[0]
         if not 0 <= b < B: raise ValueError(f"sample index b={b} out of range for a trace of batch size {B}")
         if scale < 1: raise ValueError(f"scale must be >= 1, got {scale}")
-        self.kind, self.b, self.only_next, self.label = getattr(trace, "kind", "vq"), b, only_next, label
+        self.token_kind = token_kind(getattr(trace, "kind", None) or VQTokens.name)   # a trace without a kind: VQ
+        self.kind, self.b, self.only_next, self.label = self.token_kind.name, b, only_next, label
         self.scale, self.alpha, self.T = int(scale), float(overlay_alpha), len(steps)
         np_ = lambda name: np.stack([_field(s, name)[b].detach().float().cpu().numpy() for s in steps])
         self.seen = np_("seen").astype(bool)                          # (T, h, w)
@@ -72,15 +73,9 @@ class TraceView:
         t0 = time.perf_counter()
         with torch.no_grad():
             guess = torch.stack([_field(s, "guess")[b] for s in steps]).cpu()      # (T, h, w) or (T, C, h, w)
-            probs = _field(steps[0], "probs")
-            if expectation and self.kind == "vq" and probs is not None:
-                p_THWK = torch.stack([_field(s, "probs")[b] for s in steps]).float().cpu()
-                onehot = torch.nn.functional.one_hot(guess, p_THWK.shape[-1]).float()
-                seen_THW1 = torch.from_numpy(self.seen)[..., None]
-                guess_in = torch.where(seen_THW1, onehot, p_THWK)
-            elif expectation and self.kind == "vq":
-                raise ValueError("expectation=True needs a trace made with trace='full' (per-step probabilities)")
-            else: guess_in = guess
+            probs_T = (torch.stack([_field(s, "probs")[b] for s in steps]).float().cpu()
+                       if expectation and _field(steps[0], "probs") is not None else None)
+            guess_in = self.token_kind.display_input(guess, probs_T, torch.from_numpy(self.seen), expectation)
             dec = lambda z: torch.cat([tokenizer.decode(z[i:i + decode_batch]).float().cpu()
                                        for i in range(0, len(z), decode_batch)])
             self.guess_img = images_to_uint8(dec(guess_in))             # (T, H, W, 3)
@@ -92,10 +87,8 @@ class TraceView:
         if H % self.grid[0] or W % self.grid[1]:
             raise ValueError(f"image size {(H, W)} is not a multiple of the token grid {self.grid}")
         self.cell, self.image_size = H // self.grid[0], (H, W)
-        K = getattr(tokenizer, "vocab_size", None)
-        finite = self.entropy[np.isfinite(self.entropy)]
-        self.entropy_max = (math.log(K) if self.kind == "vq" and K else
-                            float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
+        emax, finite = self.token_kind.entropy_max(tokenizer), self.entropy[np.isfinite(self.entropy)]
+        self.entropy_max = emax or (float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
         self.lut = _cmap_lut(cmap)
 
     def __len__(self): return self.T + 1                                  # every step, then the finished image
@@ -229,9 +222,7 @@ def save_gif(view: TraceView, path=None, fps: float = 8, which=PANELS, overlay: 
     buf = io.BytesIO()
     ims[0].save(buf, format="GIF", save_all=True, append_images=ims[1:], duration=ms, loop=0)
     data = buf.getvalue()
-    if path is not None:
-        from heptapod_nb.config import atomic_write_bytes
-        atomic_write_bytes(path, data)
+    if path is not None: atomic_write_bytes(path, data)
     return data
 
 def to_png(rgb: np.ndarray) -> bytes:

@@ -1,5 +1,5 @@
-"The Gradio app driven through gradio_client, and a real headless Chromium screenshot."
-import os, shutil, socket, subprocess, sys
+"The Gradio app driven through gradio_client (streaming included), and a real headless Chromium screenshot."
+import os, shutil, socket, subprocess, sys, threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from heptapod_nb.app import (HeptapodApp, InputError, build_blocks, load_bundle, write_untrained_weights, image_to_input,
-                             main, launch, missing_demo_files, _parser)
+                             main, launch, missing_demo_files, stream_steps, _parser)
 from heptapod_nb.demo import demo_cli
 
 ART = Path(__file__).parent / "_artifacts"
@@ -44,10 +44,12 @@ def _img(path):
 
 
 def test_generate_returns_images_and_trace(client, server):
-    final, panels, step, summary = client.predict(3, 0, 1.0, 0, "raster", 1, "entropy", False, api_name="/generate")
+    panels, plot, step, final, strip, summary = client.predict(3, 0, 1.0, 0, "raster", 1, "entropy", False,
+                                                               api_name="/generate")
     f, p = _img(final), _img(panels)
-    assert f.shape == (256, 256, 3) and f.std() > 0
-    assert p.shape[1] > 3 * p.shape[0] // 2                        # four panels side by side
+    assert f.shape[1] >= 256 and f.std() > 0
+    assert p.shape[1] > 3 * p.shape[0] and p.shape[0] >= 224      # four large panels side by side
+    assert _img(plot).std() > 0 and _img(strip).shape[1] > 800
     n = server[1].n_positions
     assert summary["steps"] == n and summary["seen"][:3] == [0, 1, 2] and len(summary["mean_entropy"]) == n
     assert all(e is not None and e >= 0 for e in summary["mean_entropy"])
@@ -55,13 +57,11 @@ def test_generate_returns_images_and_trace(client, server):
 
 def test_step_slider_scrubs_the_trace(client):
     client.predict(1, 7, 1.0, 0, "raster", 2, "entropy", False, api_name="/generate")
-    a = _img(client.predict(2, "entropy", False, api_name="/scrub"))
-    b = _img(client.predict(20, "entropy", False, api_name="/scrub"))
-    c = _img(client.predict(2, "entropy", False, api_name="/scrub"))
-    assert a.shape == b.shape and not np.array_equal(a, b)
-    assert np.array_equal(a, c)                                     # the same step gives the same picture (cached)
-    d = _img(client.predict(2, "final_prob", True, api_name="/scrub"))
-    assert not np.array_equal(a, d)
+    (a, pa), (b, pb), (c, pc) = [[_img(x) for x in client.predict(t, "entropy", False, api_name="/scrub")] for t in (2, 20, 2)]
+    assert a.shape == b.shape and not np.array_equal(a, b) and not np.array_equal(pa, pb)   # the plot marks the step
+    assert np.array_equal(a, c) and np.array_equal(pa, pc)          # the same step gives the same picture (cached)
+    d = _img(client.predict(2, "final_prob", True, api_name="/scrub")[0])
+    assert not np.array_equal(a, d) and d.shape == a.shape          # still four panels with the overlay
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -87,8 +87,8 @@ def test_complete_my_drawing(client, tmp_path):
     x = load_mnist5k("val").images[0, 0].numpy()
     paper = (255 - (x + 1) * 127.5).astype(np.uint8)               # black ink on white paper
     up = handle_file(_png(tmp_path, np.asarray(Image.fromarray(paper).resize((200, 200))), "digit.png"))
-    seen, pred, gallery = client.predict(None, up, 0, 24, 3, 0, 1.0, api_name="/complete")
-    assert _img(seen).shape == (128, 128, 3) and _img(pred).shape[1] > 3 * 128
+    pred, gallery = client.predict(None, up, 0, 24, 3, 0, 1.0, api_name="/complete")
+    assert _img(pred).shape[1] > 4 * 224 and _img(pred).shape[0] >= 224
     assert len(gallery) == 3
 
 
@@ -110,10 +110,102 @@ def test_bad_drawings_give_errors(client, tmp_path):
 
 
 def test_compare_same_step(client):
-    a, b, step = client.predict(2, 5, 1.0, 1, "entropy", api_name="/compare")
-    a2, b2 = client.predict(30, "entropy", api_name="/compare_scrub")
-    for x, y in ((a, a2), (b, b2)): assert not np.array_equal(_img(x), _img(y))
-    assert not np.array_equal(_img(a2), _img(b2))
+    a, b, plot, step = client.predict(2, 5, 1.0, 1, "entropy", api_name="/compare")
+    a2, b2, plot2 = client.predict(30, "entropy", api_name="/compare_scrub")
+    for x, y in ((a, a2), (b, b2), (plot, plot2)): assert not np.array_equal(_img(x), _img(y))
+    assert not np.array_equal(_img(a2), _img(b2)) and _img(a2).shape == _img(b2).shape      # side by side, same size
+
+
+def _val(x):
+    "A component's value from a streamed output (Gradio sends a slider's update as a dict)."
+    return x["value"] if isinstance(x, dict) and "value" in x else x
+
+
+def _frames(job, timeout=300):
+    "Every output a streaming job yielded, in order (waits for the end)."
+    job.result(timeout=timeout)
+    return job.outputs()
+
+
+def test_generate_streams_each_step_then_play_replays(client, server):
+    """/generate yields its steps one by one (the slider follows), the guess changing as the model draws, and ends
+    on the finished image; /play replays the same frames from the session's cached run."""
+    outs = _frames(client.submit(3, 0, 1.0, 0, "raster", 8, "entropy", False, api_name="/generate"))
+    want = stream_steps(server[1].n_positions // 8 + 1, 17)                 # 8 steps of 8 tokens, then the image
+    assert [_val(o[2]) for o in outs] == want == list(range(9))
+    pan = [_img(o[0]) for o in outs]
+    assert all(not np.array_equal(a, b) for a, b in zip(pan, pan[1:]))      # every frame shows a new step
+    assert len({p.shape for p in pan}) == 1
+    assert outs[-1][5]["steps"] == 8 and _img(outs[-1][3]).std() > 0       # the last frame brings image and trace
+    replay = _frames(client.submit("entropy", False, api_name="/play"))
+    assert [_val(o[2]) for o in replay] == want
+    assert all(np.array_equal(_img(r[0]), p) for r, p in zip(replay, pan))
+
+
+def test_compare_streams_both_models_in_step(client):
+    outs = _frames(client.submit(4, 1, 1.0, 8, "entropy", api_name="/compare"))
+    assert [_val(o[3]) for o in outs] == list(range(9))
+    a, b = [_img(o[0]) for o in outs], [_img(o[1]) for o in outs]
+    assert not np.array_equal(a[1], a[-2]) and not np.array_equal(b[1], b[-2])   # both sides move
+    assert a[0].shape == b[0].shape
+
+
+def test_streams_yield_outside_the_lock(server):
+    """While a stream is suspended at a yield (a slow browser), the model set is free: another generation runs.
+    (Holding `using` across the yield deadlocks this check: the lock is never released.)"""
+    app = HeptapodApp(server[1], workers=1, frame_s=0)
+    for stream in (app.generate_stream(1, 1, 1.0, 0, "raster", 8), app.compare_stream(1, 1, 1.0, 8)):
+        next(stream)
+        done = []
+        th = threading.Thread(target=lambda: done.append(app.generate(2, 2, 1.0, 0, "raster", 16)), daemon=True)
+        th.start(); th.join(timeout=60)
+        assert done, "a suspended stream still holds the model set"
+        assert len(list(stream)) > 1
+
+
+def test_concurrent_streams_equal_the_same_streams_alone(server):
+    """6 streaming calls (/generate and /compare) at once from 3 clients: every frame of each equals the same call's
+    frames made alone (the computation runs under the model set's lock, frames are yielded outside it)."""
+    from gradio_client import Client
+    calls = ([("/generate", (c, 30 + c, 1.0, 0, "raster", 16, "entropy", False)) for c in range(4)]
+             + [("/compare", (c, 40 + c, 1.0, 16, "entropy")) for c in range(2)])
+    clients = [Client(server[0], verbose=False) for _ in range(3)]
+    pix = lambda outs: [a for o in outs for a in _pixels(o)]
+    alone = [pix(_frames(clients[0].submit(*args, api_name=api))) for api, args in calls]
+    jobs = [clients[i % 3].submit(*args, api_name=api) for i, (api, args) in enumerate(calls)]
+    together = [pix(_frames(j)) for j in jobs]
+    for i, (got, want) in enumerate(zip(together, alone)):
+        assert len(got) == len(want) > 5 and all(np.array_equal(a, b) for a, b in zip(got, want)), f"call {i} {calls[i][0]} differs"
+
+
+def test_click_on_a_cell_vq_codes_and_kl_draws(server, tmp_path):
+    """A click maps to its grid cell: VQ lists the top codes with the trace's probabilities (sorted, the first the
+    cell's max), each drawn in place; KL shows draws of the diffusion head; seen cells and clicks outside say so."""
+    import torch
+    from heptapod_nb.app import layout, _which, _outlined
+    from heptapod_nb.viz import images_to_uint8
+    for bundle in (server[1], load_bundle(write_untrained_weights(tmp_path, tokenizer="tiny-kl"), "cpu")):
+        app = HeptapodApp(bundle, frame_s=0)
+        run = app.generate(2, 3, 1.0, 0, "raster", 8)
+        v = run.view; P = v.image_size[0] * v.scale
+        lay = layout(_which(v, "entropy"), (P, P))
+        x, y = lay.boxes[1][0] + 6.5 * P / v.grid[1], lay.boxes[1][1] + 5.5 * P / v.grid[0]
+        text, pics = app.cell_topk(run, 2, x, y)                   # step 2 of 8: 16 tokens seen, (5, 6) unseen
+        assert "row 5, column 6" in text and len(pics) == 5
+        grids = [p.astype(float) for p, _ in pics]
+        assert all(not np.array_equal(grids[0], g) for g in grids[1:]), "the candidates draw the same picture"
+        if v.kind == "vq":
+            ps = [float(c.split("p = ")[1]) for _, c in pics]
+            assert ps == sorted(ps, reverse=True) and abs(ps[0] - float(run.probs[2, 5, 6].float().max())) < 1e-3
+            codes = torch.tensor([int(c.split()[1].rstrip(":")) for _, c in pics])
+            g = run.guess[2].expand(5, -1, -1).clone(); g[:, 5, 6] = codes       # each code at the clicked cell
+            with torch.no_grad(): want = images_to_uint8(bundle.tokenizer.decode(g).float())
+            assert all(np.array_equal(_outlined(a, 5, 6, v.cell), p) for a, (p, _) in zip(want, pics))
+        else:
+            assert run.probs is None and "diffusion" in text
+        assert "already seen" in app.cell_topk(run, 2, lay.boxes[0][0] + 2, lay.boxes[0][1] + 2)[0]
+        assert "inside one of the panels" in app.cell_topk(run, 2, 1, 1)[0]
+        assert "finished image" in app.cell_topk(run, run.T, x, y)[0]
 
 
 def test_cli_defaults_and_missing_weights(tmp_path, capsys):
@@ -222,7 +314,7 @@ def test_compute_endpoints_share_one_queue(server):
         fns = {f.api_name: f for f in blocks.fns.values() if f.api_name}
         for name in ("generate", "complete", "compare"):
             assert fns[name].concurrency_id == "model" and fns[name].concurrency_limit == workers, name
-        for name in ("scrub", "compare_scrub"): assert fns[name].concurrency_id != "model"
+        for name in ("scrub", "compare_scrub", "play"): assert fns[name].concurrency_id != "model"
     cfg = blocks.get_config_file()                                  # the checked inputs keep their frontend
     types = {c["type"] for c in cfg["components"]}
     assert {"number", "slider", "dropdown", "radio", "checkbox", "image", "imageeditor"} <= types, types

@@ -35,7 +35,7 @@ def bad_input(name: str, tmp: Path) -> tuple[list[str], str]:
         "heptapod-train": (["--data", "mnist5k", "--tokenizer", str(miss / "tok.safetensors"), "--out", str(tmp / "run"),
                             "--no-progress"], miss / "tok.safetensors"),
         "heptapod-sample": (["--model", str(miss / "model.safetensors"), "--tokenizer", str(miss / "tok.safetensors"),
-                             "--out_dir", str(tmp / "samples")], miss / "model.safetensors"),
+                             "--out-dir", str(tmp / "samples")], miss / "model.safetensors"),
         "heptapod-eval": (["--samples", str(miss / "samples.npz")], miss / "samples.npz"),
         "heptapod-app": (["--weights", str(miss / "weights"), "--port", str(free_port())], miss / "weights"),
         # a missing demo folder means "make the weights" (30 minutes): a file where the folder should be is the bad input
@@ -104,3 +104,49 @@ def test_debug_adds_the_traceback(results, name):
     lines = r.stderr.splitlines()
     assert lines[0] == "Traceback (most recent call last):" and len(lines) > 3, r.stderr[-2000:]
     assert lines[-1] == plain[0]                                          # the same one-line message, last
+
+
+# ---- one CLI convention: long options with dashes; the old underscore spellings still work, with a warning ----
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_help_documents_dashed_options_only(results, name):
+    "Every long option in every script's --help is spelled with dashes (CONTRIBUTING.md, 'Console scripts')."
+    import re
+    r = results[name, "help"][0]
+    usage, _, rest = r.stdout.partition("\n\n")
+    declared = usage + "\n".join(l for l in rest.splitlines() if re.match(r"\s{2}-", l))   # the usage and the option list
+    underscored = sorted(set(re.findall(r"(?<![\w-])--[a-z0-9]+_[a-z0-9_]+", declared)))
+    assert not underscored, f"{name} --help shows {underscored}: spell them with dashes"
+
+
+def test_old_spellings_work_with_one_deprecation_line_each(tmp_path, capsys):
+    "The pre-convention spellings keep working for a release: same result, one `deprecated:` line on stderr per flag."
+    import json
+    from heptapod_nb.train import main as train_main
+    from heptapod_nb.tokenizer_train import train_tokenizer_main
+    base = ["--data", "mnist5k", "--out", str(tmp_path / "r")]
+    assert train_main([*base, "--batch-size", "4", "--print-config"]) == 0
+    new = capsys.readouterr()
+    assert new.err == "" and json.loads(new.out)["batch_size"] == 4
+    assert train_main([*base, "--batch_size", "4", "--print_config"]) == 0
+    old = capsys.readouterr()
+    assert json.loads(old.out) == json.loads(new.out)
+    assert old.err.splitlines() == [
+        "heptapod-train: deprecated: --batch_size is now spelled --batch-size (the old spelling goes away in the next release)",
+        "heptapod-train: deprecated: --print_config is now spelled --print-config (the old spelling goes away in the next release)"]
+    # a renamed option (--max_steps -> --steps) and an old config key in -o / key=value form
+    with pytest.raises(FileExistsError, match="already holds"):             # fails after parsing, before any training
+        (tmp_path / "t").mkdir(); (tmp_path / "t" / "log.jsonl").write_text("")
+        train_tokenizer_main(["--out", str(tmp_path / "t"), "--max_steps", "3", "--no_progress"])
+    err = capsys.readouterr().err
+    assert "--max_steps is now spelled --steps" in err and "--no_progress is now spelled --no-progress" in err
+
+
+def test_old_config_keys_load_with_a_deprecation_line(capsys):
+    from heptapod_nb.tokenizer_train import TokenizerTrainConfig
+    from heptapod_nb.config import apply_overrides
+    c = apply_overrides(TokenizerTrainConfig(), ["max_steps=7", "warmup_steps=3", "min_lr_ratio=0.1"])
+    assert (c.steps, c.warmup, c.min_lr) == (7, 3, pytest.approx(0.1 * c.lr))
+    assert TokenizerTrainConfig(max_steps=5).steps == 5                  # the old constructor keyword too
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and all(": deprecated: TokenizerTrainConfig key" in l for l in err)

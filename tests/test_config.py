@@ -50,3 +50,37 @@ def test_weights_atomic_and_checked(tmp_path):
     with pytest.raises(ConfigError, match="corrupt"):
         load_weights(tmp_path / "t.safetensors")
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_atomic_save_keeps_the_old_file_on_error(tmp_path):
+    from heptapod_nb.config import atomic_save
+    p = atomic_save(tmp_path / "d" / "f.pt", lambda f: torch.save({"a": torch.ones(2)}, f))
+    assert torch.equal(torch.load(p, weights_only=True)["a"], torch.ones(2))
+    def half(f): f.write(b"partial"); raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"): atomic_save(p, half)
+    assert torch.equal(torch.load(p, weights_only=True)["a"], torch.ones(2)) and sorted(x.name for x in p.parent.iterdir()) == ["f.pt"]
+
+
+def test_to_uint8_matches_the_float64_rounding():
+    from heptapod_nb.config import to_uint8
+    x = torch.linspace(-1.2, 1.2, 1001)
+    ref = ((x.double().clamp(-1, 1) + 1) * 127.5).round()
+    got = to_uint8(x)
+    assert got.dtype == torch.uint8 and (got.double() - ref).abs().max() <= 1    # float32 vs float64 at exact .5 ties only
+    assert to_uint8(torch.tensor([-1.0, 1.0])).tolist() == [0, 255]
+
+
+def test_renamed_keys_load_with_one_line_each(capsys):
+    from dataclasses import dataclass
+    from heptapod_nb.config import Config, apply_overrides
+    @dataclass
+    class C(Config):
+        steps: int = 1
+        lr: float = 1.0
+        min_lr: float = 0.0
+        RENAMED = {"max_steps": "steps", "min_lr_ratio": ("min_lr", lambda v, d: v * d["lr"])}
+    c = apply_overrides(C(lr=2.0), ["max_steps=5", "min_lr_ratio=0.25"])
+    assert (c.steps, c.lr, c.min_lr) == (5, 2.0, 0.5)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["heptapod_nb: deprecated: C key 'max_steps' is now 'steps'",
+                   "heptapod_nb: deprecated: C key 'min_lr_ratio' is now 'min_lr' (converted)"]

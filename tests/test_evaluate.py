@@ -64,8 +64,8 @@ def test_sample_cli_world_size_independent_and_resumable(tiny_files, tmp_path):
     from heptapod_nb.model import load_model
     from heptapod_nb.tokenizer import load_tokenizer
     args = ["--model", str(tiny_files / "model.safetensors"), "--tokenizer", str(tiny_files / "tok.safetensors"),
-            "--per_class", "1", "--batch_size", "2", "--seed", "7", "--no_progress"]
-    s = sample_cli(args + ["--out_dir", str(tmp_path / "one")])
+            "--per-class", "1", "--batch-size", "2", "--seed", "7", "--no-progress"]
+    s = sample_cli(args + ["--out-dir", str(tmp_path / "one")])
     assert s["n"] == 3 and s["images"] == 3
     x = load_npz_images(tmp_path / "one" / "samples.npz")
     with np.load(tmp_path / "one" / "samples.npz") as z:
@@ -80,17 +80,17 @@ def test_sample_cli_world_size_independent_and_resumable(tiny_files, tmp_path):
     assert (load_npz_images(gather_parts(tmp_path / "two", 3, 2, png=False)) == x).all()
     # resume: a lost block is remade identically, the other is kept
     (tmp_path / "one" / "parts" / "block_000001.npz").unlink()
-    again = sample_cli(args + ["--out_dir", str(tmp_path / "one")])
+    again = sample_cli(args + ["--out-dir", str(tmp_path / "one")])
     assert again["images"] == 1 and again["skipped"] == 1
     assert (load_npz_images(tmp_path / "one" / "samples.npz") == x).all()
     # another seed gives other images; changed settings in the same folder are refused
-    other = sample_cli(args[:-2] + ["7000", "--no_progress", "--out_dir", str(tmp_path / "three")])
+    other = sample_cli(args[:-2] + ["7000", "--no-progress", "--out-dir", str(tmp_path / "three")])
     assert other["n"] == 3 and not (load_npz_images(tmp_path / "three" / "samples.npz") == x).all()
     with pytest.raises(Exception, match="other settings"):
-        sample_cli(args[:-2] + ["8", "--no_progress", "--out_dir", str(tmp_path / "one")])
+        sample_cli(args[:-2] + ["8", "--no-progress", "--out-dir", str(tmp_path / "one")])
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         sample_cli(["--model", str(tiny_files / "model.safetensors"), "--tokenizer", str(tmp_path / "nope.safetensors"),
-                    "--out_dir", str(tmp_path / "x")])
+                    "--out-dir", str(tmp_path / "x")])
 
 
 def one_error_line(capsys, prog):
@@ -112,7 +112,7 @@ def test_mismatched_tokenizer_refused_before_sampling(tiny_files, tmp_path, caps
     for name, (cfg, needle) in cases.items():
         save_tokenizer(build_tokenizer(cfg), tmp_path / f"{name}.safetensors")
         argv = ["--model", str(tiny_files / "model.safetensors"), "--tokenizer", str(tmp_path / f"{name}.safetensors"),
-                "--per_class", "1", "--no_progress", "--out_dir", str(tmp_path / name)]
+                "--per-class", "1", "--no-progress", "--out-dir", str(tmp_path / name)]
         assert sample_main(argv) == 2
         assert needle in one_error_line(capsys, "heptapod-sample")
         assert not (tmp_path / name / "parts").exists() and not (tmp_path / name / "sample_args.json").exists()
@@ -123,7 +123,7 @@ def test_mismatched_tokenizer_refused_before_sampling(tiny_files, tmp_path, caps
 def test_failed_run_does_not_block_its_folder(tiny_files, tmp_path, capsys):
     "A run that fails before its first block (here in generate) leaves sample_args.json; the corrected rerun works."
     base = ["--model", str(tiny_files / "model.safetensors"), "--tokenizer", str(tiny_files / "tok.safetensors"),
-            "--per_class", "1", "--batch_size", "3", "--no_progress", "--no_png", "--out_dir", str(tmp_path / "s")]
+            "--per-class", "1", "--batch-size", "3", "--no-progress", "--no-png", "--out-dir", str(tmp_path / "s")]
     assert sample_main(base + ["--order", "confidence"]) == 2                      # a raster model cannot
     assert "confidence" in one_error_line(capsys, "heptapod-sample")
     assert (tmp_path / "s" / "sample_args.json").exists() and not (tmp_path / "s" / "parts").exists()
@@ -157,7 +157,7 @@ def test_tampered_weights_refused(tmp_path, capsys):
     flipped, _ = load_weights(tmp_path / "heptapod.safetensors", verify=False)
     assert torch.equal(flipped[name], -sd[name])                                 # the edit is what we meant
     argv = ["--model", str(tmp_path / "heptapod.safetensors"), "--tokenizer", str(tmp_path / "tokenizer.safetensors"),
-            "--per_class", "1", "--no_progress", "--out_dir", str(tmp_path / "s")]
+            "--per-class", "1", "--no-progress", "--out-dir", str(tmp_path / "s")]
     assert sample_main(argv) == 2
     assert "fails its checksum" in one_error_line(capsys, "heptapod-sample")
     shutil.copy(demo_dir() / "heptapod.safetensors", tmp_path / "heptapod.safetensors")

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 torch.set_num_threads(1)   # on the shared 2-core box, 2 spinning OpenMP threads are many times slower (BENCHMARKS.md)
-from heptapod_nb.head import (HEAD_CONTEXTS, DiffusionMLP, Head2D, check_head_variant, commit_supported, cosine_alpha_bar, make_order, num_slots,
-                              sampling_targets, select_targets, timestep_embedding, window_size)
+from heptapod_nb.config import ConfigError
+from heptapod_nb.head import (HEAD_CONTEXTS, HEADS, DiffusionMLP, Head2D, MLPHead, check_head_variant, commit_supported, cosine_alpha_bar,
+                              make_order, num_slots, sampling_targets, select_targets, timestep_embedding, window_size)
 
 N = 16
 
@@ -217,6 +218,90 @@ def test_head_variant_errors():
     with pytest.raises(ValueError, match="head_context must be one of"): Head2D(16, 16, 1, 2, N, 5, context="all")
     with pytest.raises(ValueError, match="head_queries must be one of"): check_head_variant("last", "alone")
     check_head_variant("last", "independent")
+
+
+@pytest.mark.parametrize("window,M", [(1, 1), (3, 2), ("global", "all")])
+def test_mlp_head_batched_equals_per_step_loop(window, M):
+    "MLPHead on all N steps at once == once per step with h_0..h_t and that step's queries: outputs and gradients."
+    # float64: the two paths agree to ~1e-16 (same ops, different batching); 1e-10 relative leaves a wide margin
+    torch.manual_seed(0)
+    B, D = 2, 12
+    head = _open(MLPHead(D, 16, 2, N, 5)).double()
+    h = torch.randn(B, N, D, dtype=torch.float64, requires_grad=True)
+    tg = select_targets(make_order("random", B, N), window, M, generator=torch.Generator().manual_seed(1))
+    vm = tg.valid_BSM[..., None].double()
+    out = head(h, h, tg.steps_S, tg.pos_BSM, tg.valid_BSM)
+    ref = torch.stack([head(h[:, :t + 1], h[:, t:t + 1], torch.tensor([t]), tg.pos_BSM[:, t:t + 1],
+                            tg.valid_BSM[:, t:t + 1])[:, 0] for t in range(N)], 1)
+    assert out.shape == (B, N, tg.pos_BSM.shape[-1], 5)
+    assert torch.allclose(out * vm, ref * vm, rtol=1e-10, atol=1e-12)
+    params = [h] + list(head.parameters())
+    g1 = torch.autograd.grad((out * vm).sin().sum(), params)
+    g2 = torch.autograd.grad((ref * vm).sin().sum(), params)
+    for a, b in zip(g1, g2): assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_mlp_head_output_is_a_function_of_h_t_and_p_only():
+    """A position's output depends on the step's state h_t and the position p, nothing else: not on the earlier states,
+    not on the other queries of its set; and it does depend on both (the head is not a constant)."""
+    torch.manual_seed(3)
+    D = 12
+    head = _open(MLPHead(D, 16, 2, N, 5)).double()
+    h = torch.randn(1, N, D, dtype=torch.float64)
+    run = lambda hh, pos, t=6: head(hh, hh[:, t:t + 1], torch.tensor([t]), torch.tensor([[pos]]),
+                                    torch.ones(1, 1, len(pos), dtype=torch.bool))[0, 0]
+    a = run(h, [6, 9, 12])
+    h_early = h.clone(); h_early[:, :6] += 1
+    assert torch.equal(run(h_early, [6, 9, 12]), a)                     # earlier states: not seen at all
+    assert torch.equal(run(h, [6, 13, 15])[0], a[0])                    # other queries: not seen at all
+    h_t = h.clone(); h_t[:, 6] += 1
+    assert (run(h_t, [6, 9, 12]) - a).abs().max() > 1e-3                # h_t is (measured ~0.5)
+    assert (a[1] - a[2]).abs().max() > 1e-3                             # and so is the position
+
+
+@pytest.mark.parametrize("window,M", [("global", "all"), (5, "all"), ("global", 2)])
+def test_mlp_head_packed_equals_dense(window, M):
+    """With many empty slots (M="all") the head computes only the valid queries, packed: the same outputs and
+    gradients on the valid slots as computing every slot (all marked valid), and exactly 0 on the empty ones."""
+    # float64: the same per-row ops in differently shaped batches agree to ~1e-16; 1e-10 relative has a wide margin
+    torch.manual_seed(4)
+    head = _open(MLPHead(12, 16, 2, N, 5)).double()
+    h = torch.randn(2, N, 12, dtype=torch.float64, requires_grad=True)
+    tg = select_targets(make_order("random", 2, N), window, M, generator=torch.Generator().manual_seed(0))
+    vm = tg.valid_BSM[..., None].double()
+    packed = head(h, h, tg.steps_S, tg.pos_BSM, tg.valid_BSM)
+    dense = head(h, h, tg.steps_S, tg.pos_BSM, torch.ones_like(tg.valid_BSM))
+    assert torch.allclose(packed * vm, dense * vm, rtol=1e-10, atol=1e-12)
+    if window == "global" and M == "all":                               # 120 of 256 slots per sample empty: packed
+        assert packed[~tg.valid_BSM].abs().max() == 0 and dense[~tg.valid_BSM].abs().max() > 0
+    else: assert torch.equal(packed, dense)                            # few empty slots (10 of 80; 1 of 32): dense
+    params = [h] + list(head.parameters())
+    for a, b in zip(torch.autograd.grad((packed * vm).sin().sum(), params), torch.autograd.grad((dense * vm).sin().sum(), params)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("zero_out", [True, False])
+def test_mlp_head_adaln_zero_start(zero_out):
+    """At initialisation every block is the identity and the final modulation is zero: VQ logits are exactly zero (a
+    uniform first guess); a KL head's condition z does not depend on h_t (only on the queried position)."""
+    head = MLPHead(16, 16, 2, N, 5, zero_out=zero_out)
+    tg = select_targets(make_order("raster", 1, N), "global", "all")
+    outs = [head(h, h, tg.steps_S, tg.pos_BSM, tg.valid_BSM) for h in (torch.randn(1, N, 16), torch.randn(1, N, 16))]
+    if zero_out: assert outs[0].abs().max() == 0
+    else:
+        assert torch.equal(outs[0], outs[1]) and outs[0].abs().max() > 0
+        assert torch.equal(outs[0][0, 0, 3], outs[0][0, 3, 0])          # position 3 at steps 0 and 3: same z
+
+
+def test_head_registry_and_mlp_config_check():
+    "`HEADS` maps head_type to the class; MLPHead refuses a config that asks it to see the prefix or other queries."
+    assert HEADS == {"transformer": Head2D, "mlp": MLPHead} and (MLPHead.context, MLPHead.self_attn) == ("last", False)
+    class C: head_context, head_queries = "last", "independent"
+    MLPHead.check_config(C)
+    for ctx, q in [("prefix", "independent"), ("last", "joint"), ("prefix", "joint")]:
+        C.head_context, C.head_queries = ctx, q
+        with pytest.raises(ConfigError, match=f"head_context={ctx!r}, head_queries={q!r}"): MLPHead.check_config(C)
+    Head2D.check_config(C)                                              # the transformer head takes every variant
 
 
 def test_diffusion_schedule_and_loss():

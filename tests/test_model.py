@@ -48,12 +48,15 @@ def _per_step_loss(m, x, y, order, tg):
     return num / den
 
 
-VARIANTS = [dict(), dict(head_context="last"), dict(head_context="last", head_queries="independent")]
+MLP = dict(head_type="mlp", head_context="last", head_queries="independent")   # the per-position MLP head (06_head)
+VARIANTS = [dict(), dict(head_context="last"), dict(head_context="last", head_queries="independent"), MLP]
 
 
 @pytest.mark.parametrize("window,M,order,variant", [("global", 3, "raster", {}), (3, "all", "random", {}),
                                                    (1, 1, "random", {}), ("global", 3, "random", VARIANTS[1]),
-                                                   ("global", "all", "raster", VARIANTS[2])])
+                                                   ("global", "all", "raster", VARIANTS[2]),
+                                                   ("global", "all", "random", MLP), (3, 2, "raster", MLP),
+                                                   (1, 1, "raster", MLP)])
 def test_batched_pass_equals_per_step_loop(window, M, order, variant):
     m = _f64(_open_gates(_model(window=window, targets_per_step=M, order=order, next_weight=2.0, **variant)))
     x, y = _data()
@@ -95,9 +98,10 @@ def test_step_subsets(kind):
         m(x, y, order=o, targets=Targets(sub.pos_BSM + 16, sub.valid_BSM, sub.offset_BSM, sub.steps_S))
 
 
-def test_grouped_head_out_equals_forward():
+@pytest.mark.parametrize("variant", [{}, MLP])
+def test_grouped_head_out_equals_forward(variant):
     "`head_out` with G query sets at one step (the sampler's call) gives the training forward's outputs for those sets."
-    m = _f64(_open_gates(_model(targets_per_step=2, order="random"))).eval()
+    m = _f64(_open_gates(_model(targets_per_step=2, order="random", **variant))).eval()
     x, y = _data()
     o = make_order("random", 4, 16, generator=torch.Generator().manual_seed(3))
     st = sampling_targets(o, "global", 2, 6, 5, generator=torch.Generator().manual_seed(0))   # 4 sets of 2
@@ -135,7 +139,7 @@ def test_window1_is_plain_next_token_ce():
 
 
 @pytest.mark.parametrize("order,variant", [("raster", {}), ("random", {}), ("raster", VARIANTS[1]),
-                                           ("random", VARIANTS[2])])
+                                           ("random", VARIANTS[2]), ("raster", MLP), ("random", MLP)])
 def test_no_leak_from_future(order, variant):
     m = _f64(_open_gates(_model(order=order, **variant)))
     x, y = _data()
@@ -236,6 +240,84 @@ def test_head_variant_config():
     with pytest.raises(ConfigError, match="head_context"): HeptapodConfig(head_context="all")
     with pytest.raises(ConfigError, match="head_queries"): HeptapodConfig(head_queries="alone")
     with pytest.raises(ConfigError, match="head_context"): PRESETS["tiny"].replace(head_context="h_t")
+
+
+def _next_outputs_from_forward(m, toks, labels, tr):
+    "For each traced step (one position per step): the training forward's output for the next position, same query set."
+    rank, n, outs = tr.order.argsort(-1), 0, []
+    for st in tr:
+        q, qv = st.queries, st.query_valid
+        tg = Targets(q, qv, rank.gather(1, q.flatten(1)).view_as(q) - n, torch.full((q.shape[1],), n))
+        outs.append(m(toks, labels, order=tr.order, targets=tg, return_outputs=True)["outputs"][:, 0, 0])
+        n += 1
+    return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+@pytest.mark.parametrize("window,M", [(1, 1), (3, 2), ("global", "all")])
+def test_mlp_head_trains_and_samples(kind, window, M):
+    """The MLP head with both token kinds, window 1 / 3 / global and M 1 / 2 / "all": the loss is finite and has
+    gradients on the head; `generate` with the KV cache gives the same samples as without it, and every step's
+    distribution (the head output the sampler drew from) is the training forward's for that prefix (float64)."""
+    from heptapod_nb.sample import generate
+    kw = dict(token_kind=kind, token_channels=3 if kind == "kl" else 0, window=window, targets_per_step=M, diff_steps=3)
+    m = _f64(_open_gates(_model(**kw, **MLP)))
+    if m.diffusion is not None:                                          # its zero-init layers would stop the gradient
+        with torch.no_grad():
+            for p in m.diffusion.parameters(): p.add_(0.1 * torch.randn_like(p))
+    assert type(m.head).__name__ == "MLPHead"
+    x, y = _data(kind=kind)
+    loss = m.loss(x.double() if kind == "kl" else x, y)
+    loss.backward()
+    assert math.isfinite(loss.item()) and m.head.blocks[0].ada[1].weight.grad.abs().max() > 0
+    m.eval()
+    toks, tr = generate(m, [1, 6], seed=3, trace=True)
+    again = generate(m, [1, 6], seed=3, kv_cache=False)
+    assert torch.equal(toks, again) if kind == "vq" else torch.allclose(toks, again, rtol=1e-9, atol=1e-9)
+    sampled = torch.cat([st.sampled[:, :1] for st in tr], 1)             # (B, N, O): what each step drew from
+    with torch.no_grad(): ref = _next_outputs_from_forward(m, toks, torch.tensor([1, 6]), tr)
+    assert torch.allclose(sampled.double(), ref, rtol=1e-9, atol=1e-9)   # float64: measured max diff ~1e-15
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+def test_mlp_head_model_starts_neutral(kind):
+    """adaLN-Zero at the model level: a fresh VQ model with the MLP head predicts uniform codes (loss exactly log K);
+    a fresh KL model's diffusion conditions do not depend on the tokens or the class."""
+    m = _f64(_model(token_kind=kind, token_channels=3 if kind == "kl" else 0, targets_per_step="all", **MLP))
+    x, y = _data(kind=kind)
+    x = x.double() if kind == "kl" else x
+    o = make_order("raster", 4, 16); tg = select_targets(o, "global", "all")
+    out = m(x, y, order=o, targets=tg, return_outputs=True)
+    if kind == "vq":
+        assert out["outputs"].abs().max() == 0 and torch.allclose(out["loss"], torch.tensor(math.log(8), dtype=torch.float64))
+    else:
+        x2 = x + 1.0
+        out2 = m(x2, (y + 1) % 8, order=o, targets=tg, return_outputs=True)["outputs"]
+        assert torch.equal(out["outputs"], out2)
+
+
+def test_mlp_head_config_and_old_checkpoints(tmp_path):
+    """head_type is validated (unknown value, "mlp" with a head that would see more: a ConfigError naming the fields);
+    an "mlp" model round-trips; a checkpoint saved before head_type existed loads as the transformer head."""
+    with pytest.raises(ConfigError, match="head_type must be one of"): HeptapodConfig(head_type="rnn")
+    with pytest.raises(ConfigError, match="head_type='mlp'.*head_context='last'.*got head_context='prefix'"):
+        HeptapodConfig(head_type="mlp")
+    with pytest.raises(ConfigError, match="head_queries='joint'"):
+        PRESETS["tiny"].replace(head_type="mlp", head_context="last")
+    assert HeptapodConfig().head_type == "transformer" and type(_model().head).__name__ == "Head2D"
+    m = _open_gates(_model(**MLP)).eval()
+    save_model(m, tmp_path / "mlp.safetensors")
+    m2 = load_model(tmp_path / "mlp.safetensors")
+    assert m2.config.head_type == "mlp" and type(m2.head).__name__ == "MLPHead"
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()): assert torch.equal(a, b), k
+    old = _open_gates(_model()).eval()
+    cfg = old.config.to_dict(); del cfg["head_type"]                      # what a checkpoint from before looks like
+    save_weights(tmp_path / "old.safetensors", old, cfg, kind="heptapod")
+    o = load_model(tmp_path / "old.safetensors")
+    assert o.config.head_type == "transformer" and type(o.head).__name__ == "Head2D"
+    x, y = _data()
+    r = make_order("raster", 4, 16); tg = select_targets(r, "global", "all")
+    with torch.no_grad(): assert torch.equal(o(x, y, order=r, targets=tg)["loss"], old(x, y, order=r, targets=tg)["loss"])
 
 
 def test_checkpoint_roundtrip_and_mismatch(tmp_path):

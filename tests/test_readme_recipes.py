@@ -18,14 +18,14 @@ BIN = Path(sys.executable).parent
 
 # (recipe, pattern, replacement): each must match at least once in its recipe
 SHRINK = [
-    ("tiny", r"--max_steps 1500", "--max_steps 3 --ckpt_every 2"),
+    ("tiny", r"--steps 1500", "--steps 3 --ckpt-every 2"),
     ("tiny", r"epochs=10", "steps=2 ckpt_every=1 log_every=1"),
-    ("tiny", r"--per_class 50", "--per_class 1"),
+    ("tiny", r"--per-class 50", "--per-class 1"),
     ("tiny-bundled", r"epochs=10", "steps=2 ckpt_every=1 log_every=1"),
-    ("tiny-bundled", r"--per_class 50", "--per_class 1"),
-    ("own-images", r"--max_steps 3000", "--max_steps 3 --ckpt_every 2"),
+    ("tiny-bundled", r"--per-class 50", "--per-class 1"),
+    ("own-images", r"--steps 3000", "--steps 3 --ckpt-every 2"),
     ("own-images", r"steps=2000", "steps=2 ckpt_every=1 log_every=1"),
-    ("own-images", r"--per_class 16", "--per_class 1"),
+    ("own-images", r"--per-class 16", "--per-class 1"),
     ("demo", r"--no-launch", "--no-launch --minutes 0.1 --eval-samples 0"),
 ]
 

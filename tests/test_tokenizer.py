@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from heptapod_nb.config import ConfigError
 from heptapod_nb.data import load_mnist5k
-from heptapod_nb.tokenizer import (LPIPS, TOKENIZER_PRESETS, KLTokenizer, PatchDiscriminator, TokenizerConfig,
-                                   VQTokenizer, VectorQuantizer, adaptive_weight, build_tokenizer, codebook_stats,
-                                   hinge_d_loss, load_tokenizer, psnr, recon_loss, save_tokenizer)
+from heptapod_nb.tokenizer import (TOKENIZER_PRESETS, KLTokenizer, TokenizerConfig, VQTokenizer, VectorQuantizer,
+                                   build_tokenizer, codebook_stats, load_tokenizer, psnr, save_tokenizer)
+from heptapod_nb.tokenizer_losses import LPIPS, PatchDiscriminator, adaptive_weight, hinge_d_loss, recon_loss
 
 # a narrower tiny architecture keeps these tests fast; the presets themselves are checked separately
 SMALL = dict(ch=8, norm_groups=4, z_channels=8)
@@ -216,3 +216,25 @@ def test_lpips_from_local_weights(tmp_path, mnist):
     torch.save(sd, tmp_path / "partial.pth")
     with pytest.raises(ConfigError, match="lins.4.weight"):
         LPIPS(tmp_path / "partial.pth")
+
+
+def test_each_kind_answers_for_itself_in_training(mnist):
+    "What the trainers ask a tokenizer (objective, stats, restarts, DDP fingerprint), answered by the class: no kind ladders."
+    from heptapod_nb.tokenizer import TOKENIZERS
+    assert TOKENIZERS == {"vq": VQTokenizer, "kl": KLTokenizer}
+    small = dict(ch=8, norm_groups=4, z_channels=8)
+    vq, kl = build_tokenizer(TOKENIZER_PRESETS["tiny-vq"].replace(**small)), build_tokenizer(TOKENIZER_PRESETS["tiny-kl"].replace(**small))
+    x = mnist[:4]
+    x_hat, info, idx = vq(x)
+    rec = F.mse_loss(x_hat, x)
+    assert vq.training_loss(rec, info, x).item() == (rec + info["codebook"] + info["commit"]).item()
+    assert vq.batch_stats(idx) == {"batch_usage": codebook_stats(idx, 512)["usage"]}
+    assert vq.token_stats(idx) == codebook_stats(idx, 512) and vq.fingerprint_weight() is vq.quantize.embedding.weight
+    assert isinstance(vq.restart_dead_codes(info, 1.0), int) and not vq.has_scale_factor
+    vq.reset_code_counts(); assert vq.quantize.counts.sum() == 0
+    torch.manual_seed(0); x_hat, info, z = kl(x)
+    rec = F.mse_loss(x_hat, x)
+    assert kl.training_loss(rec, info, x).item() == (rec + kl.config.kl_weight * info["kl"] / x[0].numel()).item()
+    assert kl.batch_stats(z) == {} and kl.token_stats(z) == {} and kl.restart_dead_codes(info) is None
+    assert kl.has_scale_factor and kl.fingerprint_weight() is kl.encoder.conv_in.weight
+    assert torch.equal(vq.encode(x, sample=True), vq.encode(x))          # VQ codes do not depend on `sample`

@@ -18,7 +18,7 @@ from heptapod_nb.tokenizer_train import (TokenizerTrainConfig, default_workers, 
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["-o", "ch=8", "-o", "norm_groups=4", "-o", "z_channels=8"]
-QUIET = ["--no_progress", "--threads", "1"]
+QUIET = ["--no-progress", "--threads", "1"]
 
 
 def _summary(out): return json.loads((Path(out) / "summary.json").read_text())
@@ -37,8 +37,8 @@ def test_lr_schedule():
 @pytest.fixture(scope="module")
 def vq_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vq") / "run"
-    train_tokenizer_main(["--out", str(out), "--max_steps", "6", "--ckpt_every", "3", "--batch_size", "16",
-                         "--restart_every", "2", "--eval_every", "3", "--eval_batches", "1", *SMALL, *QUIET])
+    train_tokenizer_main(["--out", str(out), "--steps", "6", "--ckpt-every", "3", "--batch-size", "16",
+                         "--restart-every", "2", "--eval-every", "3", "--eval-batches", "1", *SMALL, *QUIET])
     return out
 
 
@@ -55,17 +55,17 @@ def test_train_vq_writes_checkpoint_summary_and_log(vq_run):
 def test_resume_continues_and_refuses_other_architecture(vq_run, tmp_path):
     import shutil
     out = tmp_path / "run"; shutil.copytree(vq_run, out)
-    train_tokenizer_main(["--out", str(out), "--max_steps", "8", "--batch_size", "16", "--resume", *SMALL, *QUIET])
+    train_tokenizer_main(["--out", str(out), "--steps", "8", "--batch-size", "16", "--resume", *SMALL, *QUIET])
     assert _summary(out)["steps"] == 8                  # 6 done before + 2 more
     with pytest.raises(ConfigError, match="--resume"):
-        train_tokenizer_main(["--out", str(out), "--max_steps", "9", "--resume", "-o", "ch=16", *QUIET])
+        train_tokenizer_main(["--out", str(out), "--steps", "9", "--resume", "-o", "ch=16", *QUIET])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train_tokenizer_main(["--out", str(tmp_path / "empty"), "--resume", *QUIET])
 
 
 def test_time_budget_stops_training(tmp_path):
-    train_tokenizer_main(["--out", str(tmp_path / "kl"), "--preset", "tiny-kl", "--max_minutes", "0.0001",
-                         "--batch_size", "8", *SMALL, *QUIET])
+    train_tokenizer_main(["--out", str(tmp_path / "kl"), "--preset", "tiny-kl", "--max-minutes", "0.0001",
+                         "--batch-size", "8", *SMALL, *QUIET])
     s = _summary(tmp_path / "kl")
     assert s["kind"] == "kl" and 1 <= s["steps"] <= 3 and np.isfinite(s["val"]["psnr"])
 
@@ -78,8 +78,8 @@ def test_train_on_image_folder_rgb(tmp_path):
             for i in range(4):
                 Image.fromarray(rng.randint(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / split / c / f"{i}.png")
     out = tmp_path / "run"
-    train_tokenizer_main(["--out", str(out), "--data", str(tmp_path / "imgs"), "--image_size", "16", "--max_steps", "2",
-                         "--batch_size", "4", "--num_workers", "0", "-o", "in_channels=3", *SMALL, *QUIET])
+    train_tokenizer_main(["--out", str(out), "--data", str(tmp_path / "imgs"), "--image-size", "16", "--steps", "2",
+                         "--batch-size", "4", "--num-workers", "0", "-o", "in_channels=3", *SMALL, *QUIET])
     tok = load_tokenizer(out / "tokenizer.safetensors")
     assert tok.image_shape == (3, 16, 16) and tok.grid == (4, 4) and _summary(out)["val"]["n"] == 8
     with pytest.raises(ConfigError, match="mnist5k/train images have 1 channel"):
@@ -90,7 +90,7 @@ def test_extract_matches_encode_flip_and_resume(vq_run, tmp_path):
     tok = load_tokenizer(vq_run / "tokenizer.safetensors")
     out = tmp_path / "tokens"
     extract_main(["--tokenizer", str(vq_run / "tokenizer.safetensors"), "--split", "val", "--out", str(out),
-                 "--augs", "2", "--batch_size", "128", *QUIET])
+                 "--augs", "2", "--batch-size", "128", *QUIET])
     ds = TokenDataset(out, aug="first")
     val = load_mnist5k("val")
     assert len(ds) == 500 and ds.kind == "vq" and ds.grid == (8, 8) and ds.vocab_size == 512
@@ -117,7 +117,7 @@ def test_extract_matches_encode_flip_and_resume(vq_run, tmp_path):
 
 
 def test_extract_kl_mean_and_sample(tmp_path):
-    train_tokenizer_main(["--out", str(tmp_path / "kl"), "--preset", "tiny-kl", "--max_steps", "1", "--batch_size", "8",
+    train_tokenizer_main(["--out", str(tmp_path / "kl"), "--preset", "tiny-kl", "--steps", "1", "--batch-size", "8",
                          *SMALL, *QUIET])
     ck = str(tmp_path / "kl" / "tokenizer.safetensors")
     extract_main(["--tokenizer", ck, "--split", "val", "--out", str(tmp_path / "mean"), *QUIET])
@@ -138,7 +138,7 @@ def test_extract_kl_mean_and_sample(tmp_path):
 
 def _torchrun(args, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HEPTAPOD_FAST": "1"}
-    cmd = [str(ROOT / ".venv/bin/torchrun"), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+    cmd = [str(ROOT / ".venv/bin/torchrun"), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
            "-m", *args]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -151,22 +151,22 @@ def test_ddp_two_ranks_keep_codebook_in_sync_and_extract_slices(tmp_path):
             "sys.exit((t if sys.argv[1] == 'train' else e)(sys.argv[2:]))")
     (tmp_path / "ddp_entry.py").write_text(code)
     out = tmp_path / "run"
-    _torchrun(["ddp_entry", "train", "--out", str(out), "--max_steps", "4", "--ckpt_every", "2", "--batch_size", "8",
-               "--restart_every", "1", "--restart_threshold", "100", "--device", "cpu", *SMALL, *QUIET], tmp_path)
+    _torchrun(["ddp_entry", "train", "--out", str(out), "--steps", "4", "--ckpt-every", "2", "--batch-size", "8",
+               "--restart-every", "1", "--restart-threshold", "100", "--device", "cpu", *SMALL, *QUIET], tmp_path)
     s = _summary(out)
     assert s["world_size"] == 2 and s["steps"] == 4
     ck = str(out / "tokenizer.safetensors")
     _torchrun(["ddp_entry", "extract", "--tokenizer", ck, "--split", "val", "--out", str(tmp_path / "t2"),
-               "--batch_size", "64", "--device", "cpu", *QUIET], tmp_path)
-    extract_main(["--tokenizer", ck, "--split", "val", "--out", str(tmp_path / "t1"), "--batch_size", "500", *QUIET])
+               "--batch-size", "64", "--device", "cpu", *QUIET], tmp_path)
+    extract_main(["--tokenizer", ck, "--split", "val", "--out", str(tmp_path / "t1"), "--batch-size", "500", *QUIET])
     np.testing.assert_array_equal(np.load(tmp_path / "t2" / "codes.npy"), np.load(tmp_path / "t1" / "codes.npy"))
     assert json.loads((tmp_path / "t2" / "meta.json").read_text())["done"] == 500
 
 
 def test_patchgan_switches_on_after_disc_start(tmp_path):
     out = tmp_path / "gan"
-    train_tokenizer_main(["--out", str(out), "--max_steps", "3", "--batch_size", "8", "--disc_weight", "0.5",
-                         "--disc_start", "1", "--eval_every", "3", "--eval_batches", "1", *SMALL, *QUIET])
+    train_tokenizer_main(["--out", str(out), "--steps", "3", "--batch-size", "8", "--disc-weight", "0.5",
+                         "--disc-start", "1", "--eval-every", "3", "--eval-batches", "1", *SMALL, *QUIET])
     log = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert log["adv_w"] > 0 and np.isfinite(log["d_loss"])
     state = torch.load(out / "train_state.pt", weights_only=True)
@@ -211,7 +211,7 @@ def test_train_cli_user_errors_are_one_line_and_exit_2(vq_run, tmp_path, capsys)
     (broken_ck / "tokenizer.safetensors").write_bytes(b"garbage")
     out = ["--out", str(tmp_path / "new")]
     cases = [
-        (["--batch_size", "0", *out], "batch_size must be positive"),
+        (["--batch-size", "0", *out], "batch_size must be positive"),
         (["--channels", "2", *out], "channels must be 1 (grayscale), 3 (RGB) or 0"),
         (["--data", str(tmp_path / "nope"), *out], "not found"),
         (["--data", str(tmp_path / "file"), *out], "is a file"),
@@ -220,10 +220,10 @@ def test_train_cli_user_errors_are_one_line_and_exit_2(vq_run, tmp_path, capsys)
         (["--out", str(vq_run)], "already holds a tokenizer run"),
         (["--resume", "--overwrite", *out], "pass one of them"),
         (["--resume", *out], "no checkpoint"),
-        (["--data", str(bad), "--image_size", "16", *out], "corrupt.png"),
-        (["--data", str(rgb), "--image_size", "16", "-o", "in_channels=1", *out], "pass --channels 1"),
+        (["--data", str(bad), "--image-size", "16", *out], "corrupt.png"),
+        (["--data", str(rgb), "--image-size", "16", "-o", "in_channels=1", *out], "pass --channels 1"),
         (["--data", str(rgb), "--channels", "3", "-o", "in_channels=1", *out], "disagree"),
-        (["--data", str(rgb), "--image_size", "16", "--batch_size", "64", *out], "fewer than one batch"),   # used to loop forever
+        (["--data", str(rgb), "--image-size", "16", "--batch-size", "64", *out], "fewer than one batch"),   # used to loop forever
         (["--channels", "3", *out], "mnist5k is grayscale"),
         (["-o", "nosuchfield=1", *out], "nosuchfield"),
         (["--out", str(damaged), "--resume", *SMALL], "train_state.pt"),
@@ -303,26 +303,26 @@ def test_extract_cli_errors_refusal_resume_overwrite_and_channels(vq_run, tmp_pa
 def test_train_refuses_existing_run_overwrite_starts_again(tmp_path, capsys):
     root = tmp_path / "imgs"; _images(root / "train", size=(16, 16)); _images(root / "val", size=(16, 16))
     out = tmp_path / "run"
-    common = ["--data", str(root), "--out", str(out), "--image_size", "16", "--batch_size", "4", "--num_workers", "0",
-              "--eval_batches", "1", *SMALL, *QUIET]
-    assert _run(train_tokenizer_cli, [*common, "--max_steps", "2", "--eval_every", "1"], capsys)[0] == 0
+    common = ["--data", str(root), "--out", str(out), "--image-size", "16", "--batch-size", "4", "--num-workers", "0",
+              "--eval-batches", "1", *SMALL, *QUIET]
+    assert _run(train_tokenizer_cli, [*common, "--steps", "2", "--eval-every", "1"], capsys)[0] == 0
     before = (out / "tokenizer.safetensors").read_bytes()
     assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
-    line = _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer", [*common, "--max_steps", "1"], capsys,
+    line = _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer", [*common, "--steps", "1"], capsys,
                               "already holds a tokenizer run")
     assert "--resume" in line and "--overwrite" in line
     assert (out / "tokenizer.safetensors").read_bytes() == before and _summary(out)["steps"] == 2
-    assert _run(train_tokenizer_cli, [*common, "--max_steps", "1", "--overwrite"], capsys)[0] == 0
+    assert _run(train_tokenizer_cli, [*common, "--steps", "1", "--overwrite"], capsys)[0] == 0
     assert _summary(out)["steps"] == 1 and torch.load(out / "train_state.pt", weights_only=True)["step"] == 1
     assert not (out / "log.jsonl").exists()                   # the old run's log (steps 1, 2) went with it
     assert (out / "tokenizer.safetensors").read_bytes() != before
-    assert _run(train_tokenizer_cli, [*common, "--max_steps", "3", "--resume"], capsys)[0] == 0
+    assert _run(train_tokenizer_cli, [*common, "--steps", "3", "--resume"], capsys)[0] == 0
     assert _summary(out)["steps"] == 3
 
 
 def test_own_images_channels_follow_the_folder(tmp_path, capsys):
     gray, rgb = _images(tmp_path / "gray", mode="L"), _images(tmp_path / "rgb")
-    common = ["--image_size", "16", "--max_steps", "1", "--batch_size", "4", "--num_workers", "0", *SMALL, *QUIET]
+    common = ["--image-size", "16", "--steps", "1", "--batch-size", "4", "--num-workers", "0", *SMALL, *QUIET]
     for data, extra, want in [(gray, [], 1), (rgb, [], 3), (rgb, ["--channels", "1"], 1)]:
         out = tmp_path / f"run_{data.name}_{want}"
         rc, err = _run(train_tokenizer_cli, ["--data", str(data), "--out", str(out), *extra, *common], capsys)
@@ -331,11 +331,11 @@ def test_own_images_channels_follow_the_folder(tmp_path, capsys):
         assert tok.config.in_channels == want and tok.image_shape == (want, 16, 16) and _summary(out)["image_channels"] == want
     # --resume reads the folder as the checkpoint was trained, and refuses a --channels that disagrees with it
     out = tmp_path / "run_rgb_1"
-    assert _run(train_tokenizer_cli, ["--data", str(rgb), "--out", str(out), "--resume", *common[:2], "--max_steps", "2",
+    assert _run(train_tokenizer_cli, ["--data", str(rgb), "--out", str(out), "--resume", *common[:2], "--steps", "2",
                                       *common[4:]], capsys)[0] == 0
     assert _summary(out)["steps"] == 2
     _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer",
-                       ["--data", str(rgb), "--out", str(out), "--resume", "--channels", "3", *common[:2], "--max_steps", "3", *common[4:]],
+                       ["--data", str(rgb), "--out", str(out), "--resume", "--channels", "3", *common[:2], "--steps", "3", *common[4:]],
                        capsys, "pass --channels 1")
 
 
@@ -343,15 +343,15 @@ def test_skip_bad_counts_and_lists_skipped_files(vq_run, tmp_path, capsys):
     data = _images(tmp_path / "imgs", mode="L", size=(32, 32))
     (data / "a" / "zz_corrupt.png").write_bytes(b"\x89PNG garbage")
     (data / "b" / "empty.jpg").write_bytes(b"")
-    common = ["--data", str(data), "--max_steps", "1", "--batch_size", "4", "--num_workers", "0", *SMALL, *QUIET]
+    common = ["--data", str(data), "--steps", "1", "--batch-size", "4", "--num-workers", "0", *SMALL, *QUIET]
     _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer", ["--out", str(tmp_path / "r0"), *common], capsys,
                        "zz_corrupt.png")
-    rc, err = _run(train_tokenizer_cli, ["--out", str(tmp_path / "r1"), "--skip_bad", *common], capsys)
+    rc, err = _run(train_tokenizer_cli, ["--out", str(tmp_path / "r1"), "--skip-bad", *common], capsys)
     assert rc == 0, err
     assert "skipped 2 unreadable image(s)" in err and "zz_corrupt.png" in err and "empty.jpg" in err
     assert [Path(p).name for p in _summary(tmp_path / "r1")["skipped_images"]] == ["zz_corrupt.png", "empty.jpg"]
     ck = str(vq_run / "tokenizer.safetensors")
-    rc, err = _run(extract_cli, ["--tokenizer", ck, "--data", str(data), "--out", str(tmp_path / "t"), "--skip_bad", *QUIET], capsys)
+    rc, err = _run(extract_cli, ["--tokenizer", ck, "--data", str(data), "--out", str(tmp_path / "t"), "--skip-bad", *QUIET], capsys)
     assert rc == 0 and "skipped 2 unreadable image(s)" in err
     meta = json.loads((tmp_path / "t" / "meta.json").read_text())
     assert meta["n"] == meta["done"] == 8 and len(meta["skipped_images"]) == 2
@@ -362,12 +362,12 @@ def test_decode_failure_in_a_dataloader_worker_is_one_line(tmp_path, capsys):
     data = _images(tmp_path / "imgs", size=(16, 16), n=2)
     buf = io.BytesIO(); Image.fromarray(np.zeros((16, 16, 3), np.uint8) + 7).save(buf, "PNG")
     (data / "a" / "trunc.png").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])   # header fine, pixels cut
-    common = ["--data", str(data), "--image_size", "16", "--max_steps", "2", "--batch_size", "5", "--num_workers", "1",
+    common = ["--data", str(data), "--image-size", "16", "--steps", "2", "--batch-size", "5", "--num-workers", "1",
               "--flip", "false", *SMALL, *QUIET]
     line = _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer", ["--out", str(tmp_path / "r"), *common],
                               capsys, "cannot read image")
     assert "trunc.png" in line and "Original Traceback" not in line and "DataLoader worker" not in line
-    assert _run(train_tokenizer_cli, ["--out", str(tmp_path / "r2"), "--skip_bad", *common], capsys)[0] == 0
+    assert _run(train_tokenizer_cli, ["--out", str(tmp_path / "r2"), "--skip-bad", *common], capsys)[0] == 0
 
 
 def test_default_workers_follow_the_machine(monkeypatch):
@@ -382,5 +382,5 @@ def test_default_workers_follow_the_machine(monkeypatch):
 def test_bool_flags():
     import argparse
     p = argparse.ArgumentParser(); tokenizer_train._add_config_args(p, TokenizerTrainConfig)
-    assert p.parse_args(["--skip_bad"]).skip_bad is True and p.parse_args([]).skip_bad is False
-    assert p.parse_args(["--flip", "no"]).flip is False and p.parse_args(["--flip", "--max_steps", "3"]).flip is True
+    assert p.parse_args(["--skip-bad"]).skip_bad is True and p.parse_args([]).skip_bad is False
+    assert p.parse_args(["--flip", "no"]).flip is False and p.parse_args(["--flip", "--steps", "3"]).flip is True

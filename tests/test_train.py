@@ -318,3 +318,27 @@ def test_unconditional_model_trains_on_a_labelled_token_set(tokens, tmp_path):
     assert main(args(tokens, tmp_path / "u", "steps=1", "ckpt_every=1", "model.num_classes=0")) == 0
     from heptapod_nb.model import load_model
     assert load_model(tmp_path / "u" / "model.safetensors").config.num_classes == 0
+
+
+def test_fsdp_units_are_found_by_class_not_by_name():
+    "FSDP shards every Block and Head2D, subclasses included: a renamed or new head class cannot be left unsharded."
+    from heptapod_nb.head import Head2D
+    from heptapod_nb.model import PRESETS, Heptapod
+    from heptapod_nb.train import FSDP_UNITS, fsdp_units
+    from heptapod_nb.transformer import Block
+    assert FSDP_UNITS == (Block, Head2D)
+    m = Heptapod(PRESETS["tiny"].replace(dim=32, depth=3, n_heads=2, head_width=32, head_depth=1, head_heads=2))
+    units = fsdp_units(m)
+    assert sum(isinstance(u, Block) for u in units) == 3 and sum(isinstance(u, Head2D) for u in units) == 1
+
+    class RenamedHead(Head2D): pass                           # a new head class, as a variant would add it
+    m.head.__class__ = RenamedHead
+    assert m.head in fsdp_units(m)
+
+
+def test_time_cap_ends_the_run_like_its_last_step(tokens, tmp_path):
+    "max_minutes: the run stops after the step that crosses the cap, with a checkpoint and exported weights of it."
+    r = train(make_config([*COMMON, "steps=1000", "max_minutes=1e-9", "ckpt_every=500"], preset="tiny", data=tokens,
+                          out=str(tmp_path / "r"), progress=False), log=lambda m: None)
+    assert r["stopped_by"] == "time" and r["step"] == 1 and Path(r["ema"]).exists() and Path(r["model"]).exists()
+    assert [p.name for p in list_checkpoints(tmp_path / "r" / "checkpoints")] == ["step_00000001.pt"]

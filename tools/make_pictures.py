@@ -3,9 +3,10 @@
 - `filmstrip.png`: tutorial 4's filmstrip of one generation by the bundled demo model (what it has seen, its
   holistic guess of the whole image, the entropy of every unseen position), made with `heptapod_nb.viz`;
 - `window_ablation.png`: `heptapod_nb.ablation.plot_ablation` over the committed `bench/results/window_ablation_900.json`;
-- `app.png`: a 1400x1000 screenshot of `heptapod-app` in headless Chromium (system `chromium`: `apt-get install -y
-  chromium`). With the `playwright` package it first clicks the app's Generate button so the panels are filled;
-  without it, `chromium --headless --screenshot` takes the page as it opens.
+- `app.png`: a 1400x1600 screenshot of `heptapod-app` in headless Chromium (system `chromium`: `apt-get install -y
+  chromium`). With the `playwright` package it generates a 3 (the panels stream in), scrubs back to step 24 and
+  clicks a cell of the holistic guess so that its top codes show; without it, `chromium --headless --screenshot`
+  takes the page as it opens.
 
 Usage: `.venv/bin/python tools/make_pictures.py [--only filmstrip,ablation,app] [--out docs/images] [--port 7871]`.
 Re-run it whenever the app or the demo weights change. Exit status 0 when every picture was written.
@@ -102,22 +103,48 @@ def find_chromium(explicit: str | None = None) -> str:
     raise PictureError("no chromium found: `apt-get install -y chromium` (or pass --chromium PATH)")
 
 
-def _shot_playwright(chromium: str, url: str, path: Path, size=(1400, 1000), settle_s: float = 8.0) -> bool:
-    "Open the app, click its first Generate button, let it draw, screenshot. False when playwright is not installed."
+def _wait_stable(page, selector: str, quiet_s: float = 2.0, timeout_s: float = 120) -> None:
+    "Wait until the src of `selector` has not changed for `quiet_s` seconds."
+    t0, last, since = time.time(), None, time.time()
+    while time.time() - t0 < timeout_s:
+        src = page.locator(selector).get_attribute("src")
+        if src != last: last, since = src, time.time()
+        elif time.time() - since >= quiet_s: return
+        page.wait_for_timeout(200)
+    raise PictureError(f"{selector} kept changing for {timeout_s:.0f} s")
+
+
+def _shot_playwright(chromium: str, url: str, path: Path, size=(1400, 1600), cls: int = 3, step: int = 24) -> bool:
+    """Open the app, generate a `cls` (the panels stream in), move the step slider back to `step`, click a cell of
+    the holistic guess (its top codes appear), screenshot. False when playwright is not installed."""
     try: from playwright.sync_api import sync_playwright, Error as PlaywrightError
     except ImportError: return False
-    import re
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu",
                                                                          "--disable-background-networking"])
             try:
                 page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+                page.set_default_timeout(120_000)
                 page.goto(url, wait_until="load", timeout=60_000)   # not networkidle: Gradio keeps a stream open
-                buttons = page.get_by_role("button", name=re.compile(r"generate", re.I))
-                buttons.first.wait_for(state="visible", timeout=60_000)
-                buttons.first.click()
-                page.wait_for_timeout(settle_s * 1000)          # a generation takes ~2 s on 2 cores; panels stream in
+                page.locator("#generate-btn").wait_for(state="visible")
+                page.get_by_label("class (0-9)").first.fill(str(cls))
+                page.locator("#generate-btn").click()
+                page.wait_for_function("() => { const s = document.querySelector('#step input[type=number]');"
+                                       " return s && s.value !== '0' && s.value === document.querySelector("
+                                       "'#step input[type=range]').max; }")                   # the stream ended
+                old = page.locator("#panels img").get_attribute("src")
+                page.locator("#step input[type=range]").focus(); page.keyboard.press("Home")
+                for _ in range(step): page.keyboard.press("ArrowRight")
+                page.wait_for_function(f"() => document.querySelector('#step input[type=number]').value === '{step}'"
+                                       " && document.querySelector('#panels img').src !== " + repr(old))
+                _wait_stable(page, "#panels img")                    # every queued scrub has drawn: the last one shows
+                img = page.locator("#panels img"); box = img.bounding_box()
+                f = box["width"] / img.evaluate("i => i.naturalWidth")
+                x, y = 12 + 224 + 20 + 4.5 * 28, 38 + 28 + 4.5 * 28   # app.layout(): the guess panel, row 4, column 4
+                page.mouse.click(box["x"] + x * f, box["y"] + y * f)
+                page.wait_for_function("() => document.querySelectorAll('#topk img').length >= 5")
+                page.wait_for_timeout(1000)
                 page.screenshot(path=str(path))
             finally:
                 browser.close()
@@ -126,7 +153,7 @@ def _shot_playwright(chromium: str, url: str, path: Path, size=(1400, 1000), set
     return True
 
 
-def _shot_cli(chromium: str, url: str, path: Path, size=(1400, 1000)) -> None:
+def _shot_cli(chromium: str, url: str, path: Path, size=(1400, 1400)) -> None:
     with tempfile.TemporaryDirectory() as prof:
         cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                f"--user-data-dir={prof}", "--hide-scrollbars", "--virtual-time-budget=15000",
