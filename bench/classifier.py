@@ -3,7 +3,7 @@
     # the band of the default config (12 epochs) over 10 seeds, and the bundled asset (seed 0):
     OMP_NUM_THREADS=1 .venv/bin/python bench/classifier.py --seeds 0 1 2 3 4 5 6 7 8 9 --out bench/results/classifier.json \
         --save heptapod_nb/assets/mnist_classifier.safetensors
-    # the band of the shortened retraining that tests/test_metrics.py runs under HEPTAPOD_FAST=1:
+    # the band of the shortened retraining that tests/test_classifier.py runs under HEPTAPOD_FAST=1:
     OMP_NUM_THREADS=1 .venv/bin/python bench/classifier.py --seeds 0 1 2 3 4 5 6 7 8 9 --epochs 4 --out bench/results/classifier_e4.json
 
 Each seed trains `MNISTClassifierConfig(seed=s, epochs=...)` on MNIST-5k train (CPU, one thread) and scores the 500
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from heptapod_nb.classifier import MNISTClassifierConfig, save_mnist_classifier, train_mnist_classifier
 from heptapod_nb.config import ConfigError, add_debug_arg, cli_main, write_json
 
 
@@ -37,7 +38,6 @@ def parse_args(argv):
 
 def run(argv=None) -> dict:
     "Train one classifier per seed; returns the results dict (also written to `--out`)."
-    from heptapod_nb.metrics import MNISTClassifierConfig, train_mnist_classifier
     a = parse_args(argv)
     default_epochs = MNISTClassifierConfig().epochs
     epochs = a.epochs or default_epochs
@@ -58,7 +58,6 @@ def run(argv=None) -> dict:
         runs.append(dict(seed=s, val_accuracy=acc, val_mistakes=round((1 - acc) * 500), seconds=round(secs, 1)))
         print(f"seed {s}: val accuracy {acc:.2%} ({runs[-1]['val_mistakes']} mistakes of 500), {secs:.0f}s", flush=True)
         if a.save and s == 0:
-            from heptapod_nb.metrics import save_mnist_classifier
             save_mnist_classifier(a.save, clf, train_seconds=round(secs, 1), command=cmd, overwrite=a.overwrite)
             print(f"saved {a.save}", flush=True)
     accs = [r["val_accuracy"] for r in runs]

@@ -14,7 +14,7 @@ from heptapod_nb.ablation import ablation_tokens, mean_std, next_position_ce, va
 from heptapod_nb.app import load_bundle
 from heptapod_nb.config import DEMO_FILES, demo_dir, write_json
 from heptapod_nb.evaluate import score_samples
-from heptapod_nb.metrics import mnist_classifier
+from heptapod_nb.classifier import mnist_classifier
 
 
 def main(argv=None):

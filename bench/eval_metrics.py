@@ -13,8 +13,9 @@ import torch
 
 from heptapod_nb.data import load_mnist5k
 from heptapod_nb.config import add_debug_arg, cli_main, write_json
-from heptapod_nb.metrics import (InceptionV3, class_accuracy, feature_stats, frechet_distance, mnist_classifier,
-                                 mnist_fid, train_mnist_classifier)
+from heptapod_nb.classifier import class_accuracy, mnist_classifier, mnist_fid, train_mnist_classifier
+from heptapod_nb.inception import InceptionV3
+from heptapod_nb.metrics import feature_stats, frechet_distance
 
 
 def run(argv=None) -> dict:

@@ -23,7 +23,7 @@ from heptapod_nb.app import load_bundle
 from heptapod_nb.config import get_preset, write_json
 from heptapod_nb.ablation import mean_std
 from heptapod_nb.evaluate import score_samples
-from heptapod_nb.metrics import mnist_classifier
+from heptapod_nb.classifier import mnist_classifier
 from heptapod_nb.model import PRESETS
 from heptapod_nb.sample import generate
 

@@ -16,7 +16,7 @@ from .head import make_order, select_targets
 from .model import Heptapod, HeptapodConfig
 from .train import TrainConfig, list_checkpoints, load_checkpoint, read_metrics, train
 from .evaluate import score_samples
-from .metrics import mnist_classifier
+from .classifier import mnist_classifier
 from .tokenizer import load_tokenizer
 from .tokenizer_train import extract_tokens
 from .tokens import token_kind

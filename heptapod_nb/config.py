@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #d3643763
 from __future__ import annotations
-import dataclasses, hashlib, json, os, random, struct, sys, tempfile, traceback, typing
+import dataclasses, hashlib, json, os, random, struct, sys, tempfile, traceback, types, typing
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,7 @@ class ConfigError(ValueError):
 def _type_ok(value, hint) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is typing.Any: return True
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in args)
     if origin is typing.Literal: return value in args
     if hint is type(None): return value is None

@@ -17,7 +17,7 @@ from .tokenizer import save_tokenizer
 from .tokenizer_train import TokenizerTrainConfig, train_tokenizer
 from .model import load_model
 from .train import TrainConfig, train
-from .metrics import mnist_classifier
+from .classifier import mnist_classifier
 from .evaluate import score_samples
 from .app import _parser, _serve_args, _device, load_bundle, check_port, launch, missing_demo_files
 

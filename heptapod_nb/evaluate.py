@@ -16,8 +16,8 @@ from .optim import dist_env
 from .pretrained import TOKENIZER_FORMATS, load_tokenizer_as
 from .sample import generate
 from .tokens import token_kind
-from .metrics import (class_accuracy, inception_metrics, load_npz_images, mnist_classifier, mnist_fid,
-                                 save_npz, to_uint8)
+from .classifier import class_accuracy, mnist_classifier, mnist_fid
+from .inception import inception_metrics, load_npz_images, save_npz, to_uint8
 
 # %% auto #0
 __all__ = ['balanced_labels', 'block_seed', 'rank_blocks', 'load_decoder', 'check_compatible', 'sample_block', 'sample_to_dir',

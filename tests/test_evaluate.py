@@ -8,7 +8,8 @@ import torch
 from heptapod_nb.data import load_mnist5k
 from heptapod_nb.evaluate import (balanced_labels, block_seed, check_compatible, eval_cli, eval_main, gather_parts,
                                   rank_blocks, sample_cli, sample_main, sample_to_dir)
-from heptapod_nb.metrics import default_classifier_path, load_npz_images, save_npz, to_uint8
+from heptapod_nb.classifier import default_classifier_path
+from heptapod_nb.inception import load_npz_images, save_npz, to_uint8
 
 
 @pytest.fixture(scope="module")
