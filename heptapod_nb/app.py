@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, copy, functools, json, math, os, queue, socket, sys, threading, time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .config import (DEMO_FILES, FAST, Config, ConfigError, demo_dir, write_json, get_device, save_weights,
                                  seed_everything, add_debug_arg, cli_main)
 from .viz import TraceView, view_for_model, trace_summary, is_next_token, filmstrip, images_to_uint8, _up
-from .sample import generate, predict_remaining
+from .sample import TraceRecorder, generate, predict_remaining
 from .tokenizer import TOKENIZER_PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
 from .model import PRESETS, Heptapod, load_model
 from .tokens import token_kind
@@ -35,7 +35,8 @@ __all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_
            'InputError', 'image_to_input', 'check_int', 'check_class', 'check_temperature', 'check_choice',
            'check_bool', 'Layout', 'layout', 'render_figure', 'titled', 'curve_plot', 'entropy_curves', 'heatmaps_for',
            'stream_steps', 'Run', 'run_from_trace', 'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure',
-           'compare_figure', 'filmstrip_image', 'build_blocks', 'check_port', 'launch', 'default_port', 'serve', 'main']
+           'compare_figure', 'LiveRecorder', 'Live', 'Feed', 'filmstrip_image', 'build_blocks', 'check_port', 'launch',
+           'default_port', 'serve', 'main']
 
 # %% ../nbs/13_app.ipynb #1bb36eb5
 MAX_UPLOAD_SIDE = 1024
@@ -218,14 +219,17 @@ def _colourbar(canvas, d, x, y, h, lut, vmax):
         d.line([x + 14, yy, x + 18, yy], fill=INK)
         d.text((x + 21, yy), _num(v), fill=INK, font=_font(14), anchor="lm")
 
-def _panel_title(view: TraceView, t: int, name: str) -> str:
+def _panel_title(view: TraceView, t: int, name: str, pending=()) -> str:
     if name == "seen": return f"seen tokens ({view.n_seen(t)} of {view.seen[0].size})"
+    if name in pending: return f"{HEAT_TITLES[name]}: known when finished"
     if name not in HEAT_TITLES or t >= view.T: return PANEL_NAMES[name]
     a = view.heat(t, name)
     return f"{HEAT_TITLES[name]}, mean {np.nanmean(a):.2f}" if np.isfinite(a).any() else HEAT_TITLES[name]
 
-def render_figure(view: TraceView, t: int, which, overlay: bool = False, title: str = "", caption: str = "") -> np.ndarray:
-    "The panels `which` of step `t`, each titled, heatmaps with colour bars, under `title`: one uint8 (H, W, 3) array."
+def render_figure(view: TraceView, t: int, which, overlay: bool = False, title: str = "", caption: str = "",
+                  pending=()) -> np.ndarray:
+    """The panels `which` of step `t`, each titled, heatmaps with colour bars, under `title`: one uint8 (H, W, 3) array.
+    `pending`: heatmaps not known yet (a live frame's p(final token)), titled so."""
     ps = view.panels(t, which, overlay)
     lay = layout(which, next(iter(ps.values())).shape[:2])
     canvas = Image.new("RGB", lay.size, PAPER)
@@ -233,7 +237,7 @@ def render_figure(view: TraceView, t: int, which, overlay: bool = False, title: 
     d.text((MARGIN, TITLE_H // 2 + 2), title, fill=INK, font=_font(21), anchor="lm")
     for name, (x, y, w, h) in zip(lay.names, lay.boxes):
         canvas.paste(Image.fromarray(ps[name]), (x, y))
-        d.text((x, y - 7), _panel_title(view, t, name), fill=INK, font=_font(17), anchor="ls")
+        d.text((x, y - 7), _panel_title(view, t, name, pending), fill=INK, font=_font(17), anchor="ls")
         if name in HEAT_TITLES:
             _colourbar(canvas, d, x + w + 6, y, h, view.lut, view.entropy_max if name == "entropy" else 1.0)
     if caption: d.text((MARGIN, lay.size[1] - CAPTION_H // 2), caption, fill=MUTED, font=_font(15), anchor="lm")
@@ -342,7 +346,7 @@ def run_from_trace(model, trace, tokenizer, key: str, settings: dict, scale: int
 # %% ../nbs/13_app.ipynb #8409a367
 class HeptapodApp:
     """The app's callbacks over a `Bundle`; every method takes and returns plain values (testable without a server).
-    `stream_frames` / `frame_s`: how many frames a streamed generation shows and the pause between them."""
+    `stream_frames` / `frame_s`: how many frames a streamed generation shows and the least pause between them."""
     def __init__(self, bundle: Bundle, scale: int = 7, max_samples: int = 8, temperature: float | None = None,
                  workers: int = 1, stream_frames: int = 17, frame_s: float = 0.05):
         self.b, self.scale, self.max_samples = bundle, scale, max_samples
@@ -359,30 +363,40 @@ class HeptapodApp:
         for _ in range(workers - 1): self._sets.put((threading.RLock(), {id(m): copy.deepcopy(m) for m in models}))
 
     @contextmanager
-    def using(self, model):
-        """Check out a set of models (waiting for a free one), and hold its lock while `model` (and the shared,
-        stateless tokenizer) compute; yields the copy of `model` to use. The KV cache lives on the model object, so
-        two generations on one model object must never overlap. Hold it only while computing: a streaming endpoint
-        computes its trace inside, then yields its frames outside (never across a `yield`)."""
+    def using(self, *models):
+        """Check out a set of models (waiting for a free one), and hold its lock while `models` compute; yields the
+        set's copy of the model (of each model, as a tuple, when several are named). The KV cache lives on the model
+        object, so two generations on one model object must never overlap. Hold it only while computing: a
+        streaming endpoint computes in a worker thread that holds it, and yields its frames outside (never a lock
+        across a `yield`). The tokenizer is shared by every set and stateless: decoding needs no set."""
         lock, copies = self._sets.get()
         try:
-            with lock: yield copies.get(id(model), model)
+            with lock:
+                got = tuple(copies.get(id(m), m) for m in models)
+                yield got[0] if len(got) == 1 else got
         finally: self._sets.put((lock, copies))
 
-    def _generate(self, model, cls, seed, temperature, top_k, order, tokens_per_step, prompt=None, prompt_len=0, n=1):
+    def _args(self, cls, seed, temperature, top_k, order, tokens_per_step) -> tuple:
+        "The generation settings, checked (`InputError` naming the first bad one)."
         nc, N = self.b.num_classes, self.b.n_positions
         cls, temperature = check_class(cls, nc), check_temperature(temperature)
         seed = check_int(seed, "seed", 0, 2**31 - 1)
         K = getattr(self.b.tokenizer, "vocab_size", None) or 2**31 - 1
         top_k = check_int(top_k or 0, "top-k", 0, K)
         tokens_per_step = check_int(tokens_per_step, "tokens per step", 1, N)
-        order = check_choice(order, "order", ORDERS)
+        return cls, seed, temperature, top_k, check_choice(order, "order", ORDERS), tokens_per_step
+
+    def _generate(self, model, cls, seed, temperature, top_k, order, tokens_per_step, prompt=None, prompt_len=0, n=1,
+                  trace="full"):
+        "`sample.generate` with checked settings (`trace`: 'full', or a recorder that watches each step)."
+        cls, seed, temperature, top_k, order, tokens_per_step = self._args(cls, seed, temperature, top_k, order,
+                                                                          tokens_per_step)
         labels = torch.full((n,), cls, dtype=torch.long, device=self.b.device)
         kw = dict(prompt=prompt, prompt_len=prompt_len) if prompt is not None else {}
         with torch.no_grad():
             return generate(model, labels, seed=seed, temperature=temperature, top_k=top_k or None,
                             tokens_per_step=tokens_per_step, order=None if order == "raster" else order,
-                            trace="full", device=self.b.device, **kw)
+                            trace=trace, device=self.b.device, **kw)
 
     def _model(self, key: str):
         m = self.b.model if key == "model" else self.b.baseline
@@ -391,13 +405,13 @@ class HeptapodApp:
 
     def generate(self, cls=0, seed=0, temperature=1.0, top_k=0, order="raster", tokens_per_step=1,
                  model: str = "model") -> Run:
-        "One generation with a full trace -> its `Run` (decoded once), computed under `using`."
+        "One generation with a full trace -> its `Run` (decoded once, after the model set is released)."
         m = self._model(model)
         if is_next_token(m): tokens_per_step = 1                     # a window-1 model commits one token per step
-        with self.using(m) as m:
-            _, trace = self._generate(m, cls, seed, temperature, top_k, order, tokens_per_step)
-            settings = dict(cls=int(cls), seed=int(seed), temperature=float(temperature))
-            return run_from_trace(m, trace, self.b.tokenizer, model, settings, self.scale)
+        with self.using(m) as mc:
+            _, trace = self._generate(mc, cls, seed, temperature, top_k, order, tokens_per_step)
+        settings = dict(cls=int(cls), seed=int(seed), temperature=float(temperature))
+        return run_from_trace(m, trace, self.b.tokenizer, model, settings, self.scale)
 
     def _step(self, run, step) -> int:
         if run is None: raise InputError("generate an image first")
@@ -411,23 +425,26 @@ def _which(view: TraceView, heatmap: str, n: int = 4) -> tuple:
     second = "final_prob" if heatmap != "final_prob" else "entropy"
     return ("seen", "guess", heatmap) + ((second,) if n == 4 and second in kinds else ())
 
-def step_title(view: TraceView, t: int, short: bool = False) -> str:
-    "What a step is, in words: who, which step, how much is known, what is predicted (`short`: for a 3-panel figure)."
+def step_title(view: TraceView, t: int, short: bool = False, step: int | None = None, steps: int | None = None) -> str:
+    """What a step is, in words: who, which step, how much is known, what is predicted (`short`: for a 3-panel figure).
+    `step` / `steps`: the step's number and the generation's step count, where the view holds only that step (live)."""
     N, who = view.seen[0].size, "Next-token baseline" if view.only_next else "Heptapod"
     if t >= view.T: return f"{who}: finished, all {N} tokens drawn"
-    n = view.n_seen(t)
+    n, T, t_ = view.n_seen(t), view.T if steps is None else steps, t if step is None else step
     seen = f"{n} token{'s' if n != 1 else ''} seen"
-    if short: return f"{who}, step {t}: {n} seen, predicts " + ("the next only" if view.only_next else f"all {N - n} unseen")
-    return (f"{who}, step {t} of {view.T}: {seen}, predicting "
+    if short: return f"{who}, step {t_}: {n} seen, predicts " + ("the next only" if view.only_next else f"all {N - n} unseen")
+    return (f"{who}, step {t_} of {T}: {seen}, predicting "
             + ("its next position only" if view.only_next else f"all {N - n} unseen positions at once"))
 
 CAPTION = "Grey in 'seen': not drawn yet. Grey in a heatmap: already seen, nothing to predict. Cyan: drawn at this step."
 CAPTION_BASE = "Grey: not predicted (a next-token model predicts its next position only, cyan)."
 
+def _caption(v: TraceView, n_panels: int) -> str:
+    return CAPTION_BASE if v.only_next else CAPTION if n_panels == 4 else "Grey: seen (heatmap) / not drawn yet (seen). Cyan: drawn now."
+
 def step_figure(run: Run, t: int, heatmap: str = "entropy", overlay: bool = False, n_panels: int = 4) -> np.ndarray:
     v = run.view
-    cap = CAPTION_BASE if v.only_next else CAPTION if n_panels == 4 else "Grey: seen (heatmap) / not drawn yet (seen). Cyan: drawn now."
-    return render_figure(v, t, _which(v, heatmap, n_panels), overlay, step_title(v, t, n_panels < 4), cap)
+    return render_figure(v, t, _which(v, heatmap, n_panels), overlay, step_title(v, t, n_panels < 4), _caption(v, n_panels))
 
 def entropy_figure(run: Run, t: int) -> np.ndarray:
     "The run's entropy over the steps, step `t` marked."
@@ -449,6 +466,152 @@ def compare_figure(runs, t: int) -> np.ndarray:
                       "Entropy of both models (nats); red: this step", size=(760, 280))
 
 # %% ../nbs/13_app.ipynb #5a966e3d
+class LiveRecorder(TraceRecorder):
+    """A full `TraceRecorder` that also puts a copy of each step into the queue `q`, as (key, "step", step), the
+    moment it is recorded: what a live stream draws. The copy keeps p(final token) NaN (known only at the end)."""
+    def __init__(self, model, q: queue.Queue, key: str):
+        super().__init__(model, full=True); self.q, self.key = q, key
+    def on_step(self, step, n_seen: int) -> None: self.q.put((self.key, "step", replace(step)))
+
+@dataclass
+class Live:
+    "A generation in progress as its stream draws it: the steps recorded so far (copies) and the steps it takes."
+    model: str                        # "model" (Heptapod) or "baseline"
+    T: int                            # the steps the generation takes
+    k: int                            # tokens committed per step
+    only_next: bool                   # the next-token baseline
+    kind: str                         # the token kind's name
+    grid: tuple
+    steps: list = field(default_factory=list)
+    def __len__(self): return self.T + 1                   # as a `Run`: every step, then the finished image
+
+    def n_seen(self, t: int) -> int:
+        "Tokens known before step `t` (a step not recorded yet: t * k, as the sampler commits them)."
+        return int(self.steps[t].seen[0].sum()) if t < len(self.steps) else min(t * self.k, self.grid[0] * self.grid[1])
+
+    def upto(self, t: int) -> Live:
+        "The generation as it stood at step `t` (the worker may be further on): what frame `t` draws, always the same."
+        return replace(self, steps=self.steps[:t + 1])
+
+    @property
+    def view(self) -> SimpleNamespace:
+        "The curves' data so far, shaped as a `TraceView`'s (all T steps; NaN where a step is not recorded yet)."
+        e, ch = np.full((self.T, *self.grid), np.nan, np.float32), np.zeros((self.T, *self.grid), bool)
+        for i, st in enumerate(self.steps): e[i], ch[i] = st.entropy[0].float().numpy(), st.chosen[0].numpy()
+        if self.only_next: e[~ch] = np.nan                        # as `TraceView`: the baseline knows its next cell
+        return SimpleNamespace(T=self.T, entropy=e, chosen=ch, only_next=self.only_next, n_seen=self.n_seen)
+
+class Feed:
+    """The stream's end of a live generation: takes the worker's steps, finished `Run`s and errors from its queue.
+    Every wait is at most `poll_s` long and checks that the worker is alive: a stream never blocks forever, and
+    it holds no lock (the worker does, while it computes)."""
+    def __init__(self, lives: dict, q: queue.Queue, thread: threading.Thread, poll_s: float = 0.5):
+        self.lives, self.q, self.thread, self.poll_s, self.runs = lives, q, thread, poll_s, {}
+
+    def _pull(self) -> None:
+        "Take the worker's next item: a step (appended to its `Live`), a finished `Run`, or the error it raised."
+        while True:
+            try: key, what, x = self.q.get(timeout=self.poll_s)
+            except queue.Empty:
+                if self.thread.is_alive() or not self.q.empty(): continue
+                raise RuntimeError("the generation thread ended without its result") from None
+            if what == "error": raise x
+            if what == "step": self.lives[key].steps.append(x)
+            else: self.runs[key] = x
+            return
+
+    def step(self, key: str, t: int):
+        "Step `t` of `key`'s generation, once the model has made it."
+        live = self.lives[key]
+        while len(live.steps) <= t:
+            if key in self.runs: raise RuntimeError(f"{key}: the generation took {len(live.steps)} steps, not {live.T}")
+            self._pull()
+        return live.steps[t]
+
+    def first_with(self, key: str, n: int) -> int:
+        "The first step of `key` with at least `n` tokens known (waiting for it), or its step count if none has."
+        live, i = self.lives[key], 0
+        while True:
+            while len(live.steps) <= i and key not in self.runs: self._pull()
+            if i >= len(live.steps): return live.T
+            if live.n_seen(i) >= n: return i
+            i += 1
+
+    def run(self, key: str) -> Run:
+        "`key`'s finished `Run` (the whole trace, decoded), once the worker has made it."
+        while key not in self.runs: self._pull()
+        run, live = self.runs[key], self.lives[key]
+        if len(run) != len(live): raise RuntimeError(f"{key}: the generation took {run.T} steps, not {live.T}")
+        return run
+
+def _start(self, jobs) -> Feed:
+    """Start the generations `jobs` [(key, (cls, seed, temperature, top_k, order, tokens_per_step))], checked here
+    (an `InputError` before anything runs), in a worker thread; returns the `Feed` a stream reads them from."""
+    q, lives, specs, N = queue.Queue(), {}, [], self.b.n_positions
+    for key, args in jobs:
+        m = self._model(key)
+        cls, seed, temperature, top_k, order, k = self._args(*args)
+        if is_next_token(m): k = 1                                  # a window-1 model commits one token per step
+        lives[key] = Live(key, math.ceil(N / k), k, is_next_token(m), token_kind(m.config).name, self.b.grid)
+        specs.append((key, m, (cls, seed, temperature, top_k, order, k)))
+    th = threading.Thread(target=self._work, args=(specs, q), daemon=True, name="heptapod-live")
+    th.start()
+    return Feed(lives, q, th)
+
+def _work(self, specs, q: queue.Queue) -> None:
+    """The worker: check out one model set for all the specs' models and hold its lock while they compute: the
+    first spec in this thread, each other in a thread of its own (different models of the set, so never one KV
+    cache twice; they run side by side, in step for Compare). Each step goes into `q` as it is recorded; once the
+    set is released, each spec's `Run` (decoded then) or its error. Nothing here waits on the reader: when a
+    stream is closed (the browser left), the generation still finishes and the set is released."""
+    traces, errors = {}, {}
+    def compute(key, m, args):
+        try: traces[key] = self._generate(m, *args, trace=LiveRecorder(m, q, key))[1]
+        except BaseException as e: errors[key] = e
+    try:
+        with self.using(*[m for _, m, _ in specs]) as ms:
+            ms = ms if len(specs) > 1 else (ms,)
+            subs = [threading.Thread(target=compute, args=(key, m, args), daemon=True)
+                    for (key, _, args), m in zip(specs[1:], ms[1:])]
+            for th in subs: th.start()
+            compute(specs[0][0], ms[0], specs[0][2])
+            for th in subs: th.join()                             # a generation always ends: no timeout needed
+    except BaseException as e:
+        errors.setdefault(specs[0][0], e)
+    for key, m, (cls, seed, temperature, *_) in specs:
+        try:
+            if key in errors: raise errors[key]
+            settings = dict(cls=int(cls), seed=int(seed), temperature=float(temperature))
+            q.put((key, "run", run_from_trace(m, traces[key], self.b.tokenizer, key, settings, self.scale)))
+        except BaseException as e: q.put((key, "error", e))
+
+def _live_figure(self, live: Live, t: int, heatmap: str = "entropy", overlay: bool = False, n_panels: int = 4) -> np.ndarray:
+    """Step `t` of a generation in progress, as `step_figure` draws a finished one: that step alone decoded now
+    (no model, no lock), p(final token) titled as pending (it is known only when the generation ends)."""
+    v = TraceView(SimpleNamespace(steps=[live.steps[t]], tokens=None, kind=live.kind), self.b.tokenizer,
+                  only_next=live.only_next, scale=self.scale)
+    if v.token_kind.entropy_max(self.b.tokenizer) is None:           # KL: no fixed scale; the steps' so far
+        e = live.view.entropy[:t + 1]
+        v.entropy_max = float(np.nanmax(e)) if np.isfinite(e).any() and np.nanmax(e) > 0 else 1.0
+    return render_figure(v, 0, _which(v, heatmap, n_panels), overlay, step_title(v, 0, n_panels < 4, t, live.T),
+                         _caption(v, n_panels), pending=("final_prob",))
+
+def _paced(self, make, steps):
+    "`make(t)` for each of `steps`, yielded at least `frame_s` apart (the pause counts the time spent making it)."
+    last = None
+    for t in steps:
+        out = make(t)
+        if last is not None and self.frame_s: time.sleep(max(0.0, last + self.frame_s - time.perf_counter()))
+        yield out
+        last = time.perf_counter()
+
+def _heatmaps(self) -> list[str]:
+    "The heatmaps the models' token kind has (checked before a generation starts, not at its first frame)."
+    return HEATMAPS if token_kind(self.b.model.config).has_likelihood else ["entropy"]
+
+HeptapodApp._start, HeptapodApp._work, HeptapodApp.live_figure, HeptapodApp._paced = _start, _work, _live_figure, _paced
+HeptapodApp.heatmaps = _heatmaps
+
 def _frame(self, run: Run, step=0, heatmap="entropy", overlay=False):
     "Step `step` of `run`: (panels figure, entropy plot). Only composes: no model, no lock."
     t = self._step(run, step)
@@ -456,11 +619,19 @@ def _frame(self, run: Run, step=0, heatmap="entropy", overlay=False):
 
 def _generate_stream(self, cls=0, seed=0, temperature=1.0, top_k=0, order="raster", tokens_per_step=1,
                      heatmap="entropy", overlay=False):
-    """Generate, then yield (run, t, panels, entropy plot) for the stream's steps. The generation computes under
-    `using` (inside `generate`); every yield is outside the lock."""
-    check_choice(heatmap, "heatmap", HEATMAPS); check_bool(overlay, "overlay")
-    run = self.generate(cls, seed, temperature, top_k, order, tokens_per_step)
-    yield from self.play(run, heatmap, overlay)
+    """Yield (live, t, panels, entropy plot) for the stream's steps as the model makes them (`Live`: the steps so
+    far), then (run, T, ...) for the finished image (`Run`: the whole trace, decoded). The model computes in a
+    worker thread under `using`; this generator only waits on the worker's queue and composes, holding no lock."""
+    check_choice(heatmap, "heatmap", self.heatmaps()); overlay = check_bool(overlay, "overlay")
+    feed = self._start([("model", (cls, seed, temperature, top_k, order, tokens_per_step))])
+    live = feed.lives["model"]
+    def make(t):
+        if t < live.T:
+            feed.step("model", t)
+            return (live, t, self.live_figure(live, t, heatmap, overlay), entropy_figure(live.upto(t), t))
+        run = feed.run("model")
+        return (run, t, *self.frame(run, t, heatmap, overlay))
+    yield from self._paced(make, stream_steps(len(live), self.stream_frames))
 
 def _play(self, run: Run, heatmap="entropy", overlay=False):
     "Replay a cached run's steps (no model): yields (run, t, panels, entropy plot), `frame_s` apart."
@@ -574,12 +745,24 @@ def _compare_frame(self, runs, step=0, heatmap="entropy"):
     return step_figure(a, t, heatmap, n_panels=3), step_figure(b, tb, heatmap, n_panels=3), compare_figure(runs, t)
 
 def _compare_stream(self, cls=0, seed=0, temperature=1.0, tokens_per_step=1, heatmap="entropy"):
-    "Compare, then yield (runs, t, Heptapod figure, baseline figure, curves) in step; every yield outside the lock."
-    check_choice(heatmap, "heatmap", HEATMAPS)
-    runs = self.compare(cls, seed, temperature, tokens_per_step)
-    for i, t in enumerate(stream_steps(len(runs[0]), self.stream_frames)):
-        if i and self.frame_s: time.sleep(self.frame_s)
-        yield (runs, t, *self.compare_frame(runs, t, heatmap))
+    """Both models generate side by side (one model set, a thread each); yield (lives, t, Heptapod figure, baseline
+    figure, curves) at Heptapod's steps as they are made, the baseline at its step with as many tokens known,
+    then (runs, T, ...) for the finished images. No lock is held here (see `generate_stream`)."""
+    check_choice(heatmap, "heatmap", self.heatmaps())
+    self._model("baseline")
+    args = (cls, seed, temperature, 0, "raster", tokens_per_step)
+    feed = self._start([("model", args), ("baseline", args)])
+    a, b = feed.lives["model"], feed.lives["baseline"]
+    def make(t):
+        if t < a.T:
+            feed.step("model", t)
+            tb = feed.first_with("baseline", a.n_seen(t))
+            fb = (self.live_figure(b, tb, heatmap, n_panels=3) if tb < b.T
+                  else step_figure(feed.run("baseline"), b.T, heatmap, n_panels=3))
+            return ((a, b), t, self.live_figure(a, t, heatmap, n_panels=3), fb, compare_figure((a.upto(t), b.upto(tb)), t))
+        runs = (feed.run("model"), feed.run("baseline"))
+        return (runs, t, *self.compare_frame(runs, t, heatmap))
+    yield from self._paced(make, stream_steps(len(a), self.stream_frames))
 
 HeptapodApp.compare, HeptapodApp.compare_frame, HeptapodApp.compare_stream = _compare, _compare_frame, _compare_stream
 
@@ -666,13 +849,13 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
     import gradio as gr
     nc, N = app.b.num_classes, app.b.n_positions
     h, w = app.b.grid
-    heats = HEATMAPS if token_kind(app.b.model.config).has_likelihood else ["entropy"]     # KL: no probabilities
+    heats = app.heatmaps()                                                                   # KL: no probabilities
     radio = [(HEAT_LABELS[k], k) for k in heats]                                            # (shown, sent)
 
     def gen(cls, seed, temp, top_k, order, tps, heat, overlay):
         for run, t, fig, plot in app.generate_stream(cls, seed, temp, top_k, order, tps, heat, overlay):
-            last = t == len(run) - 1
-            yield (fig, plot, gr.Slider(maximum=len(run) - 1, value=t), run,
+            last = isinstance(run, Run)                  # the finished image; before it, a `Live` generation
+            yield (fig, plot, gr.Slider(maximum=len(run) - 1, value=t), run if last else gr.skip(),
                    app.final_image(run) if last else None if t == 0 else gr.skip(),
                    filmstrip_image(run) if last else gr.skip(), trace_summary(run.view) if last else gr.skip())
 
@@ -694,7 +877,7 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
 
     def compare(cls, seed, temp, tps, heat):
         for runs, t, fa, fb, plot in app.compare_stream(cls, seed, temp, tps, heat):
-            yield fa, fb, plot, gr.Slider(maximum=len(runs[0]) - 1, value=t), runs
+            yield fa, fb, plot, gr.Slider(maximum=len(runs[0]) - 1, value=t), runs if isinstance(runs[0], Run) else gr.skip()
 
     def compare_scrub(runs, step, heat): return app.compare_frame(runs, step, heat)
 

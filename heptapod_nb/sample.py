@@ -30,7 +30,10 @@ def check_generate_args(model, device, temperature, top_k, top_p, tokens_per_ste
         raise ValueError(f"tokens_per_step must be an int >= 1, got {tokens_per_step!r}")
     why = commit_supported(c.window, c.targets_per_step, c.n_positions, tokens_per_step)
     if why: raise ValueError(f"tokens_per_step={tokens_per_step} {why}; use tokens_per_step=1")
-    if trace not in (False, True, "full", None, 0, 1): raise ValueError(f"trace must be False, True or 'full', got {trace!r}")
+    if isinstance(trace, TraceRecorder) and trace.trace.steps:
+        raise ValueError("trace: this TraceRecorder already holds a generation's steps; pass a new one per generate call")
+    if not isinstance(trace, NoTrace) and trace not in (False, True, "full", None, 0, 1):
+        raise ValueError(f"trace must be False, True, 'full' or a recorder (a NoTrace / TraceRecorder), got {trace!r}")
     if _is_confidence(order) and c.order != "random":
         raise ValueError("order='confidence' needs a model trained on random orders (config.order='random')")
     return device
@@ -227,6 +230,10 @@ class TraceRecorder(NoTrace):
         st.queries, st.query_valid = targets.pos_BSM.cpu(), targets.valid_BSM.cpu()
         st.sampled = out_BkO.to(torch.promote_types(out_BkO.dtype, torch.float32)).cpu()
         self.trace.steps.append(st); self.n_steps.append(cv.n)
+        self.on_step(st, cv.n)
+
+    def on_step(self, step: TraceStep, n_seen: int) -> None:
+        "Called with each step as soon as it is recorded (`n_seen` tokens known before it): a subclass watches live."
 
     def finish(self, model, cv: Canvas) -> None:
         "Teacher-forced: the probability each step gave to the final tokens (kinds with a likelihood only)."
@@ -257,7 +264,8 @@ def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top
     """Sample token grids (B, h, w) [KL: (B, C, h, w)] from `model`; with `trace` also a `Trace` of every step.
     `kv_cache=False` recomputes the whole prefix at every step instead (same samples, for speed comparisons).
     `tokens_per_step=k` commits the next k positions per step, each drawn from a query set of the kind training used
-    (`head.sampling_targets`); it is refused where offsets 1..k-1 were never supervised (k > window, or M = 1)."""
+    (`head.sampling_targets`); it is refused where offsets 1..k-1 were never supervised (k > window, or M = 1).
+    `trace` may also be a recorder instance (a `NoTrace` / `TraceRecorder` subclass) that watches each step."""
     device = check_generate_args(model, device, temperature, top_k, top_p, tokens_per_step, trace, order)
     B, labels_B = batch_labels(model, labels, batch, prompt)
     N, confidence = model.config.n_positions, _is_confidence(order)
@@ -267,7 +275,8 @@ def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top
                 else resolve_order(model.config.order if order is None else order, B, N, device, gen))
     cv = start_canvas(model, order_BN, prompt, prompt_len)
     settings = DrawSettings(temperature, top_k, top_p, diff_steps)
-    recorder = TraceRecorder(model, full=trace == "full") if trace else NoTrace()
+    recorder = (trace if isinstance(trace, NoTrace) else TraceRecorder(model, full=trace == "full") if trace
+                else NoTrace())
     with sampling_mode(model):
         if cv.n < N: prefill(model, cv, labels_B, kv_cache)
         while cv.n < N:

@@ -7,7 +7,8 @@ import torch
 torch.set_num_threads(1)   # on the shared 2-core box, 2 spinning OpenMP threads are many times slower (BENCHMARKS.md)
 from heptapod_nb.head import Targets, make_order, num_slots, window_size
 from heptapod_nb.model import Heptapod, HeptapodConfig
-from heptapod_nb.sample import (Trace, TraceStep, filter_logits, generate, predict_remaining, sample_logits)
+from heptapod_nb.sample import (NoTrace, Trace, TraceRecorder, TraceStep, filter_logits, generate, predict_remaining,
+                                sample_logits)
 
 SMALL = dict(vocab_size=8, grid=(4, 4), num_classes=8, dim=32, depth=2, n_heads=4, head_width=32, head_depth=2,
              head_heads=4, diff_width=32, diff_depth=2, diff_steps=4)
@@ -159,6 +160,43 @@ def test_trace_contract(vq):
         assert torch.allclose(st.probs[rem].float().sum(-1), torch.ones(int(rem.sum())), atol=1e-2)
         assert all(x.device.type == "cpu" for x in (st.seen, st.entropy, st.guess, st.probs))
     assert tr[0].probs is not None and generate(vq, [1], trace=True)[1][0].probs is None
+
+
+def _same(a, b) -> bool:
+    "Bit-equal tensors, NaN equal to NaN (trace maps are NaN on seen positions)."
+    return a.dtype == b.dtype and a.shape == b.shape and (torch.equal(a, b) or bool(
+        (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(0), b.nan_to_num(0))))
+
+
+class _Watch(TraceRecorder):
+    "Keeps a copy of every step as `generate` records it (what a live stream sees), with the tokens known then."
+    def __init__(self, model, full=False):
+        super().__init__(model, full); self.live = []
+    def on_step(self, step, n_seen):
+        self.live.append((n_seen, {k: v.clone() if torch.is_tensor(v) else v for k, v in vars(step).items()}))
+
+
+@pytest.mark.parametrize("kind, k", [("vq", 1), ("vq", 3), ("kl", 2)])
+def test_recorder_instance_sees_each_step_live(kind, k):
+    """A recorder passed as `trace=` sees every step as it is recorded: the steps observed live equal the final
+    trace's (p(final token) aside: it is known only after the last step), and the samples equal a plain call's."""
+    m = _model() if kind == "vq" else _model(token_kind="kl", token_channels=3)
+    kw = dict(seed=3, tokens_per_step=k, order="random")
+    w = _Watch(m, full=kind == "vq")
+    toks, tr = generate(m, [2, 5], trace=w, **kw)
+    ref_toks, ref = generate(m, [2, 5], trace="full" if kind == "vq" else True, **kw)
+    assert tr is w.trace and torch.equal(toks, ref_toks) and torch.equal(toks, generate(m, [2, 5], **kw))
+    assert [n for n, _ in w.live] == [int(s.seen[0].sum()) for s in ref] == [min(i * k, 16) for i in range(len(ref))]
+    for (_, got), want in zip(w.live, ref):
+        assert got["final_prob"].isnan().all()
+        for name, v in vars(want).items():
+            if name != "final_prob":
+                assert (_same(v, got[name]) if torch.is_tensor(v) else v == got[name]), name
+    assert len(w.live) == len(ref) and all(_same(a.final_prob, b.final_prob) for a, b in zip(tr, ref))
+    toks_none = generate(m, [2, 5], trace=NoTrace(), **kw)                  # a NoTrace instance: the tokens alone
+    assert torch.equal(toks_none, toks)
+    with pytest.raises(ValueError, match="already holds"): generate(m, [2, 5], trace=w, **kw)
+    with pytest.raises(ValueError, match="a recorder"): generate(m, [2, 5], trace="yes", **kw)
 
 
 def test_prompt_and_explicit_order(vq):
