@@ -7,6 +7,12 @@ peak. Sampling: `heptapod_nb.sample.generate` (KV cache), token grids only (the 
 
     .venv/bin/python bench/gpu.py --preset B --device cuda --batch 64 --steps 20 --out bench/results/gpu_B.json
     .venv/bin/python bench/gpu.py --preset tiny --device cpu --steps 3            # smoke test on a laptop
+
+The 16x16-grid miniature of issue 16 (bench/grid16.py) at a length the 2-core CPU cannot reach: `bench/gpu.py grid16
+[grid16 options]` runs it with GPU_GRID16 (training on the GPU, several runs in parallel; options given after `grid16`
+override them), writing bench/results/grid16_gpu.json; it resumes like grid16.py, so a timed-out call can be rerun:
+
+    timeout 540 .venv/bin/python bench/gpu.py grid16 --seeds 0,1,2
 """
 import argparse, contextlib, json, sys, time
 from pathlib import Path
@@ -104,7 +110,26 @@ def flops_only(a, mc, model, info, params, device):
     return res
 
 
+# about 8 minutes on one H200 with 16 CPU cores (sized, not yet measured: no GPU was lent when it was written): the
+# tokenizer (GPU), then 5 configs x 2 modes x the seeds given, 6 runs at a time; the probe, sampling and scoring of each
+# run happen on the CPU (2 threads per run)
+GPU_GRID16 = ["--configs", "w1,w16,global,global_m2_nw8,global_m2_nw8_last", "--modes", "uncond,cond", "--seeds", "0",
+              "--steps", "1500", "--batch", "64", "--samples", "500", "--curve_samples", "50", "--workers", "6",
+              "--threads", "2", "--tokenizer_minutes", "2", "--work", "runs/grid16_gpu", "--out", "bench/results/grid16_gpu.json"]
+
+
+def grid16(argv: list[str]) -> int:
+    "`bench/gpu.py grid16 ...`: bench/grid16.py with the GPU defaults `GPU_GRID16`, then `argv`."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_grid16", Path(__file__).with_name("grid16.py"))
+    g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)
+    if not torch.cuda.is_available(): print("bench/gpu.py grid16: warning: no CUDA device; the runs train on the CPU", file=sys.stderr)
+    return g.main(GPU_GRID16 + list(argv))
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "grid16": return grid16(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="model preset overrides (model.key=value also accepted)")
     p.add_argument("--preset", default="B")
@@ -159,4 +184,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    r = main()
+    sys.exit(r if isinstance(r, int) else 0)

@@ -9,7 +9,7 @@ an interrupted benchmark resumes where it stopped; a results file made with othe
         --workers 2 --out bench/results/probe_screen.json
 """
 from __future__ import annotations
-import argparse, contextlib, os, sys, time
+import argparse, contextlib, json, os, sys, time
 from pathlib import Path
 
 
@@ -30,16 +30,81 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--classifier", default=None, help="MNIST classifier .safetensors (default: the bundled one)")
     ap.add_argument("--tokens", default="runs/ablation_tokens", help="cache folder for the extracted token grids")
     ap.add_argument("--plot", default=None, help="write the plot to this PNG")
+    ap.add_argument("--keep", default=None, help="also save each trained model to KEEP/NAME_sSEED.safetensors")
+    ap.add_argument("--diagnose", default=None, metavar="KEEP",
+                    help="instead of training: next-position val CE by grid position (heptapod_nb.probe.ce_by_position) "
+                         "of every model saved in KEEP by --keep, written to --out")
+    ap.add_argument("--cost", type=int, default=0, metavar="ROUNDS",
+                    help="instead of training: time training steps of the configs in ROUNDS interleaved rounds "
+                         "(heptapod_nb.probe.step_cost, 5 steps per round) and write the ratios to the first config to --out")
     ap.add_argument("--out", default="bench/results/probe.json")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return ap
 
 
 def _job(args):
-    name, seed, kw = args
+    name, seed, kw, keep = args
     from heptapod_nb.probe import run_probe
+    from heptapod_nb.model import save_model
     r = run_probe(name, seed, **kw)
+    if keep: Path(keep).mkdir(parents=True, exist_ok=True); save_model(r["_model"], Path(keep) / f"{name}_s{seed}.safetensors")
     return {k: v for k, v in r.items() if not k.startswith("_")}
+
+
+def cost(a, argv: list[str], names: list[str], root) -> dict:
+    "The --cost mode: seconds per training step of each config (unconditional, tiny preset), interleaved; -> the document."
+    import torch
+    from heptapod_nb.config import write_json
+    from heptapod_nb.probe import probe_model, step_cost, token_grids
+    from heptapod_nb.train import TrainConfig, TrainData, model_config_for
+    if Path(a.out).exists(): raise FileExistsError(f"{a.out} exists: --cost does not resume; use another --out")
+    torch.set_num_threads(1)
+    info = TrainData(TrainConfig(data=str(Path(root) / "train")), torch.device("cpu")).info
+    cfgs = {n: model_config_for(TrainConfig(preset="tiny", model=probe_model(n)), info) for n in names}
+    res = step_cost(cfgs, token_grids(root, "train")[0], batch_size=a.batch, steps=5, rounds=a.cost)
+    for n, r in res.items():
+        print(f"{n:>20}: {1e3 * r['s_per_step']:7.1f} ms/step, {r['ratio']:.3f}x {names[0]} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]")
+    doc = dict(commands=["bench/probe.py " + " ".join(argv)], settings=dict(batch=a.batch, rounds=a.cost, steps_per_round=5),
+               machine=f"{os.cpu_count()} CPU cores, 1 thread", cost=res)
+    write_json(Path(a.out), doc, indent=1)
+    return doc
+
+
+def diagnose(a, argv: list[str], root) -> dict:
+    "The --diagnose mode: CE by position of the models in a --keep folder; -> the document (runs and per-config summary)."
+    import numpy as np, torch
+    from heptapod_nb.ablation import mean_std
+    from heptapod_nb.config import write_json
+    from heptapod_nb.model import load_model
+    from heptapod_nb.probe import ce_by_position, token_grids
+    files = sorted(Path(a.diagnose).glob("*_s*.safetensors"))
+    if not files: raise FileNotFoundError(f"no NAME_sSEED.safetensors models in {a.diagnose} (made by --keep)")
+    torch.set_num_threads(1)
+    vx, _ = token_grids(root, "val")
+    out = Path(a.out)
+    runs = json.loads(out.read_text())["runs"] if out.exists() else []    # resumes: models already in --out are kept
+    if any("ce_by_row" not in r for r in runs): raise ValueError(f"{out} is not a --diagnose result: use another --out")
+    have = {(r["name"], r["seed"]) for r in runs}
+    for f in files:
+        name, seed = f.stem.rsplit("_s", 1)
+        if (name, int(seed)) in have: continue
+        m = load_model(f).eval()
+        ce = ce_by_position(m, vx)
+        h, w = m.config.grid
+        runs.append(dict(name=name, seed=int(seed), ce_by_position=[round(float(v), 5) for v in ce],
+                         ce_by_row=[round(float(v), 5) for v in ce.reshape(h, w).mean(1)], val_next_ce=round(float(ce.mean()), 5)))
+        print(f"{name} seed {seed}: CE {ce.mean():.3f}, by row " + " ".join(f"{v:.2f}" for v in runs[-1]["ce_by_row"]), flush=True)
+    runs.sort(key=lambda r: (r["name"], r["seed"]))
+    summary = []
+    for name in dict.fromkeys(r["name"] for r in runs):
+        rs = [r for r in runs if r["name"] == name]
+        rows = np.array([r["ce_by_row"] for r in rs])
+        summary.append(dict(name=name, seeds=len(rs), ce_by_row=rows.mean(0).round(5).tolist(),
+                            ce_by_row_std=(rows.std(0, ddof=1) if len(rs) > 1 else 0 * rows[0]).round(5).tolist(),
+                            val_next_ce=mean_std([r["val_next_ce"] for r in rs])))
+    doc = dict(commands=["bench/probe.py " + " ".join(argv)], models=str(a.diagnose), runs=runs, summary=summary)
+    write_json(out, doc, indent=1)
+    return doc
 
 
 def run(a, argv: list[str]) -> dict:
@@ -47,7 +112,7 @@ def run(a, argv: list[str]) -> dict:
     import multiprocessing as mp
     import heptapod_nb.ablation as abl
     from heptapod_nb.config import write_json
-    from heptapod_nb.metrics import mnist_classifier
+    from heptapod_nb.classifier import mnist_classifier
     from heptapod_nb.probe import PROBE, probe_table, summarize_probe
     names = [n for n in a.configs.split(",") if n]
     unknown = [n for n in names if n not in PROBE]
@@ -57,6 +122,8 @@ def run(a, argv: list[str]) -> dict:
     if not names or not seeds: raise ValueError("--configs and --seeds must each name at least one")
     for k in ("steps", "batch", "samples", "workers"):
         if getattr(a, k) < 1: raise ValueError(f"--{k} must be >= 1, got {getattr(a, k)}")
+    if a.diagnose: return diagnose(a, argv, abl.ablation_tokens(a.tokens, a.tokenizer, progress=True))
+    if a.cost: return cost(a, argv, names, abl.ablation_tokens(a.tokens, a.tokenizer, progress=True))
     mnist_classifier("cpu", path=a.classifier)                    # a missing classifier fails before any training
     out = Path(a.out)
     settings = dict(steps=a.steps, batch=a.batch, lr=a.lr, samples=a.samples, curve_samples=a.curve_samples,
@@ -71,7 +138,7 @@ def run(a, argv: list[str]) -> dict:
     commands = doc.get("commands", [])
     commands += [this] if this not in commands else []             # the runs of one file may come from several calls
     have = {(r["name"], r["seed"]) for r in runs}
-    jobs = [(n, s, kw) for s in seeds for n in names if (n, s) not in have]
+    jobs = [(n, s, kw, a.keep) for s in seeds for n in names if (n, s) not in have]
     jobs.sort(key=lambda j: -PROBE[j[0]]["steps_mult"] * (1 + (PROBE[j[0]]["model"]["targets_per_step"] != 1)))  # dearest first
     print(f"{len(jobs)} runs to do ({len(have)} already in {out})", flush=True)
     machine = f"{os.cpu_count()} CPU cores, 1 thread per run, {a.workers} runs in parallel"

@@ -9,21 +9,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .ablation import ABLATION, _train_seconds, mean_std, next_position_ce
+from .classifier import mnist_classifier, mnist_fid
 from .config import DEMO_FILES, ConfigError, demo_dir, seed_everything
 from .data import TokenDataset
 from .evaluate import block_seed
-from .head import make_order, window_size
+from .head import make_order, select_targets, window_size
 from .model import Heptapod, HeptapodConfig
 from .sample import generate
+from .tokens import token_kind
 from .train import TrainConfig, TrainData, list_checkpoints, load_checkpoint, model_config_for, read_metrics, train
 
 # %% auto #0
 __all__ = ['PROBE', 'PROBE_METRICS', 'probe_model', 'probe_steps', 'backbone_states', 'probe_accuracy', 'probe_metrics',
            'classifier_probs', 'mnist_is', 'class_coverage', 'quality_metrics', 'unconditional_samples',
            'has_full_guess', 'commitment_curves', 'token_grids', 'run_probe', 'summarize_probe', 'probe_table',
-           'plot_probe']
+           'plot_probe', 'ce_by_position', 'step_cost']
 
 # %% ../nbs/15_probe.ipynb #cb022cc5
 PROBE: dict[str, dict] = {
@@ -126,7 +129,6 @@ def class_coverage(probs_NC) -> float:
 
 def quality_metrics(clf, images: torch.Tensor, fid: bool = True) -> dict:
     "mnist_fid (vs MNIST-5k val), mnist_is, mean_conf, coverage of images (N, 1, 32, 32) in [-1, 1]."
-    from heptapod_nb.metrics import mnist_fid
     p = classifier_probs(clf, images)
     out = dict(mnist_is=mnist_is(p), mean_conf=float(p.max(1).values.mean()), coverage=class_coverage(p))
     if fid: out = dict(mnist_fid=mnist_fid(images, "val", clf), **out)
@@ -159,7 +161,7 @@ def commitment_curves(model: Heptapod, decoder, clf, n: int = 100, seed: int = 0
     steps = list(range(0, N, max(1, N // 16))) if steps is None else sorted(set(steps))
     bad = [t for t in steps if not (isinstance(t, int) and 0 <= t < N)]
     if bad: raise ValueError(f"steps must be ints in [0, {N - 1}], got {bad}")
-    if greedy and c.token_kind != "vq": raise ValueError("greedy completion (argmax) needs VQ tokens; pass greedy=False")
+    if greedy and not token_kind(c).has_likelihood: raise ValueError("greedy completion (argmax) needs VQ tokens; pass greedy=False")
     t0 = time.perf_counter(); x = generate(model, batch=n, seed=seed, temperature=temperature)
     t1 = time.perf_counter()
     final = _readings(clf, decoder, x)
@@ -183,7 +185,7 @@ def token_grids(tokens_root, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     "Unaugmented token grids (VQ long / KL float) and labels of split `split` of `ablation_tokens`."
     ds = TokenDataset(Path(tokens_root) / split, aug="first")
     x = torch.from_numpy(np.array(ds.codes[:, 0]))                   # a copy: the memmap is read-only
-    return (x.long() if ds.kind == "vq" else x.float()), torch.from_numpy(ds.labels[:].astype("int64"))
+    return token_kind(ds.kind).cast(x), torch.from_numpy(ds.labels[:].astype("int64"))
 
 def run_probe(name: str, seed: int, tokens_root, *, steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
               warmup: int = 30, samples: int = 1000, curve_samples: int = 100, temperature: float = 1.0,
@@ -192,7 +194,6 @@ def run_probe(name: str, seed: int, tokens_root, *, steps: int = 300, batch_size
     """Train probe configuration `name` (or the explicit `model` overrides) with `seed`, unconditional; -> a result dict
     (one entry of `runs`; `_images` and `_model`, the trained model, are for the caller and not JSON). `classifier`:
     MNIST classifier file (default the bundled one); `probe_n` > 0 fits the probe on a fixed random `probe_n` train grids."""
-    from heptapod_nb.metrics import mnist_classifier
     from heptapod_nb.tokenizer import load_tokenizer
     overrides, tokens_root = probe_model(name, model), Path(tokens_root)
     mult = PROBE[name]["steps_mult"] if model is None else 1.0
@@ -297,3 +298,67 @@ def plot_probe(runs: list[dict], axes=None):
     axes[1].set(xlabel="tokens seen t", ylabel="agrees with the finished sample", title="when the model commits to a digit")
     for ax in axes: ax.legend(fontsize=7)
     return axes
+
+# %% ../nbs/15_probe.ipynb #b1e23d52
+@torch.no_grad()
+def ce_by_position(model: Heptapod, tokens: torch.Tensor, labels=None, batch_size: int = 100, seed: int = 0) -> np.ndarray:
+    """Next-position val cross-entropy (nats) of `model` on VQ token grids `tokens` (B, h, w) at each flat grid position,
+    mean over the grids: (N,) float64. Orders and target draws are those of `next_position_ce` (same `seed`), so the
+    mean over positions is its value; in raster order position p is predicted having seen the first p tokens."""
+    c, N = model.config, model.config.n_positions
+    if not token_kind(c).has_likelihood: raise ValueError(f"ce_by_position needs VQ tokens (a cross-entropy); this model's are {c.token_kind!r}")
+    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was = model.training; model.eval()
+    g, dev = torch.Generator().manual_seed(seed), model.device
+    total_N, count_N = torch.zeros(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64)
+    try:
+        for i in range(0, len(tokens), batch_size):
+            x = tokens[i:i + batch_size].to(dev)
+            flat_BN = model.check_tokens(x)
+            B = flat_BN.shape[0]
+            y = model.check_labels(None if labels is None else labels[i:i + batch_size], B)
+            order = make_order(c.order, B, N, generator=g)                # drawn on the CPU, as next_position_ce does
+            tg = select_targets(order, c.window, c.targets_per_step, generator=g)
+            tg = type(tg)(*(t.to(dev) for t in (tg.pos_BSM, tg.valid_BSM, tg.offset_BSM, tg.steps_S)))
+            logits_BSK = model(x, y, order=order.to(dev), targets=tg, return_outputs=True)["outputs"][:, :, 0]
+            pos_BS = tg.pos_BSM[..., 0]
+            ce_BS = F.cross_entropy(logits_BSK.flatten(0, 1).double(), flat_BN.gather(1, pos_BS).flatten(), reduction="none")
+            total_N.index_add_(0, pos_BS.flatten().cpu(), ce_BS.cpu())
+            count_N.index_add_(0, pos_BS.flatten().cpu(), torch.ones(ce_BS.numel(), dtype=torch.float64))
+    finally:
+        model.train(was)
+    return (total_N / count_N).numpy()
+
+def _train_step(model, opt, x, y):
+    loss = model(x, y)["loss"]
+    opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+
+def step_cost(configs: dict, tokens: torch.Tensor, batch_size: int = 32, steps: int = 5, rounds: int = 7,
+              lr: float = 2e-3, seed: int = 0, device="cpu") -> dict:
+    """Seconds per training step (forward, backward, AdamW) of each `HeptapodConfig` in `configs` ({name: config}) on
+    batches of VQ/KL grids `tokens`, timed in `rounds` interleaved rounds of `steps` steps per config after one
+    untimed warm-up round: {name: dict(s_per_step (median over rounds), ratio, ratio_min, ratio_max (median, min
+    and max over rounds of its time / the first config's time in the same round))}."""
+    if not configs: raise ValueError("step_cost needs at least one config")
+    if min(batch_size, steps, rounds) < 1: raise ValueError(f"batch_size, steps and rounds must be >= 1, got {batch_size}, {steps}, {rounds}")
+    if len(tokens) < batch_size: raise ValueError(f"{len(tokens)} token grids for batches of {batch_size}")
+    seed_everything(seed)
+    models = {n: Heptapod(c).to(device).train() for n, c in configs.items()}
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=lr) for n, m in models.items()}
+    g = torch.Generator().manual_seed(seed)
+    batches = [tokens[torch.randperm(len(tokens), generator=g)[:batch_size]].to(device) for _ in range(steps)]
+    sync = (lambda: torch.cuda.synchronize(device)) if torch.device(device).type == "cuda" else (lambda: None)
+    times = {n: [] for n in configs}
+    for r in range(rounds + 1):
+        for n, m in models.items():
+            y = m.check_labels(None if m.config.num_classes == 0 else torch.zeros(batch_size, dtype=torch.long), batch_size)
+            sync(); t0 = time.perf_counter()
+            for x in batches: _train_step(m, opts[n], x, y)
+            sync()
+            if r: times[n].append((time.perf_counter() - t0) / steps)     # round 0 warms up (allocator, kernels)
+    first = times[next(iter(configs))]
+    out = {}
+    for n, ts in times.items():
+        ratios = [t / f for t, f in zip(ts, first)]
+        out[n] = dict(s_per_step=statistics.median(ts), ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
+    return out

@@ -11,8 +11,10 @@ import torch.nn as nn
 
 from heptapod_nb.sample import generate
 from heptapod_nb.model import Heptapod, HeptapodConfig
-from heptapod_nb.probe import (backbone_states, class_coverage, commitment_curves, mnist_is, probe_accuracy, probe_model,
-                               probe_steps, probe_table, quality_metrics, summarize_probe)
+from heptapod_nb.ablation import next_position_ce
+from heptapod_nb.head import select_targets
+from heptapod_nb.probe import (backbone_states, ce_by_position, class_coverage, commitment_curves, mnist_is, probe_accuracy,
+                               probe_model, probe_steps, probe_table, quality_metrics, step_cost, summarize_probe)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,6 +144,45 @@ def test_commitment_curves_keep_the_prefix_and_end_at_one():
     with pytest.raises(ValueError, match="steps"): commitment_curves(m, dec, _ReadOnePosition(0), n=2, steps=[64])
 
 
+# ---- diagnosis ------------------------------------------------------------------------------------------------
+def test_ce_by_position_against_a_float64_reference_one_step_at_a_time():
+    # next-token head with random weights (non-degenerate logits), in float64: position p's CE recomputed from a
+    # forward pass that supervises step p alone, and the token read from the grid directly
+    m = _random_head(_model(1, 1)).double()
+    x = torch.randint(16, (6, 8, 8), generator=torch.Generator().manual_seed(2))
+    got = ce_by_position(m, x, batch_size=4)
+    order = torch.arange(64).expand(6, 64)
+    want = []
+    for p in range(64):
+        with torch.no_grad():
+            logits = m(x, None, order=order, targets=select_targets(order, 1, 1, steps=[p]), return_outputs=True)["outputs"]
+        want.append(float(nn.functional.cross_entropy(logits[:, 0, 0], x.flatten(1)[:, p]).double()))
+    assert got.shape == (64,) and got.dtype == np.float64
+    assert np.ptp(want) > 0.5                                       # the positions differ: a shuffled result would fail
+    np.testing.assert_allclose(got, want, rtol=1e-10)               # float64 both ways (measured max rel 2e-16)
+    # a global head with random extra targets: same draws as next_position_ce, so the mean is its value
+    g = _random_head(_model("global", 2)).double()
+    zeros = torch.zeros(6, dtype=torch.long)
+    assert ce_by_position(g, x, batch_size=4).mean() == pytest.approx(next_position_ce(g, x, zeros, batch_size=4), rel=1e-10)
+    with pytest.raises(ValueError, match="batch_size"): ce_by_position(m, x, batch_size=0)
+    kl = _model(1, 1, token_kind="kl", token_channels=4)
+    with pytest.raises(ValueError, match="needs VQ tokens"): ce_by_position(kl, torch.zeros(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="needs VQ tokens"): commitment_curves(kl, _TokensAsImage(), _ReadOnePosition(0), n=2)
+
+
+def test_step_cost_ranks_a_dearer_config_and_checks_its_input():
+    cfg = lambda **kw: _model(**kw).config
+    x = torch.randint(16, (8, 8, 8), generator=torch.Generator().manual_seed(0))
+    c = step_cost({"w1": cfg(window=1, M=1), "wide": cfg(window=1, M=1).replace(dim=256, head_width=256)}, x,
+                  batch_size=8, steps=2, rounds=3)
+    assert c["w1"]["ratio"] == 1.0 and c["w1"]["ratio_min"] == 1.0
+    # dim 32 -> 256: ~50x the backbone FLOPs; measured ratio 6-12x on one busy core (small kernels), so 2x is safe
+    assert c["wide"]["ratio"] > 2 and c["wide"]["ratio_min"] <= c["wide"]["ratio"] <= c["wide"]["ratio_max"]
+    assert c["wide"]["s_per_step"] > c["w1"]["s_per_step"] > 0
+    with pytest.raises(ValueError, match="at least one"): step_cost({}, x)
+    with pytest.raises(ValueError, match="token grids"): step_cost({"w1": cfg(window=1, M=1)}, x, batch_size=9)
+
+
 # ---- registry, tables, benchmark ------------------------------------------------------------------------------
 def test_probe_configs_are_unconditional_and_named_like_the_ablation():
     assert probe_model("w1") == dict(next_weight=1.0, window=1, targets_per_step=1, num_classes=0)
@@ -198,3 +239,96 @@ def test_bench_resumes_and_refuses_other_settings(tmp_path, capsys, monkeypatch)
     assert err.startswith("bench/probe.py: error:") and "other settings" in err and err.count("\n") == 1
     assert out.read_text() == before
     assert pb.main(args[:-4] + ["--configs", "w3", "--out", str(out)]) == 2 and "unknown config" in capsys.readouterr().err
+
+
+def test_bench_diagnose_writes_ce_by_row_of_kept_models(tmp_path, capsys, monkeypatch):
+    import heptapod_nb.ablation as abl, heptapod_nb.probe as pr
+    from heptapod_nb.model import save_model
+    monkeypatch.setattr(abl, "ablation_tokens", lambda root, tok, progress=False: Path(root))
+    x = torch.randint(16, (5, 8, 8), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(pr, "token_grids", lambda root, split: (x, torch.zeros(5, dtype=torch.long)))
+    keep = tmp_path / "keep"; keep.mkdir()
+    models = {("w1_last", 0): _random_head(_model(1, 1), 1), ("w1_last", 1): _random_head(_model(1, 1), 2),
+              ("global_m2_nw8", 0): _random_head(_model("global", 2), 3)}
+    for (n, s), m in models.items(): save_model(m, keep / f"{n}_s{s}.safetensors")
+    out = tmp_path / "d.json"
+    assert _bench().main(["--diagnose", str(keep), "--tokens", str(tmp_path / "tok"), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [(r["name"], r["seed"]) for r in doc["runs"]] == [("global_m2_nw8", 0), ("w1_last", 0), ("w1_last", 1)]
+    for r in doc["runs"]:
+        ce = ce_by_position(models[(r["name"], r["seed"])], x)
+        # the file holds the library's numbers rounded to 5 decimals; rows are means of 8 positions
+        np.testing.assert_allclose(r["ce_by_position"], ce, atol=1e-5)
+        np.testing.assert_allclose(r["ce_by_row"], ce.reshape(8, 8).mean(1), atol=1e-5)
+    s = {r["name"]: r for r in doc["summary"]}
+    assert s["w1_last"]["seeds"] == 2 and s["w1_last"]["ce_by_row"] == pytest.approx(
+        np.mean([doc["runs"][1]["ce_by_row"], doc["runs"][2]["ce_by_row"]], 0), abs=1e-5)
+    # a second call resumes: the runs in the file are kept (not recomputed), a new model is added
+    doc["runs"][0]["ce_by_row"][0] = 99.0; out.write_text(json.dumps(doc))
+    save_model(models[("w1_last", 0)], keep / "w1_s0.safetensors")
+    assert _bench().main(["--diagnose", str(keep), "--tokens", str(tmp_path / "tok"), "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["runs"][0]["ce_by_row"][0] == 99.0 and [r["name"] for r in again["runs"]] == ["global_m2_nw8", "w1", "w1_last", "w1_last"]
+    empty = tmp_path / "empty"; empty.mkdir()
+    assert _bench().main(["--diagnose", str(empty), "--tokens", str(tmp_path / "tok"), "--out", str(out)]) == 2
+    assert "no NAME_sSEED" in capsys.readouterr().err
+
+
+# ---- the 16x16-grid miniature (bench/grid16.py) ---------------------------------------------------------------
+def _grid16():
+    spec = importlib.util.spec_from_file_location("bench_grid16", ROOT / "bench" / "grid16.py")
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); return m
+
+
+def test_grid16_summary_groups_mode_and_config_and_checks_its_arguments(capsys):
+    g = _grid16()
+    runs = [dict(mode="uncond", name="w1", seed=s, steps=3, train_s=10.0 + s, probe_mean=0.5 + 0.1 * s, mnist_fid=30.0) for s in (0, 1)]
+    runs += [dict(mode="cond", name="w1", seed=0, steps=3, train_s=9.0, class_acc=0.8, mnist_fid=20.0, params={"total": 1})]
+    rows = g.summarize16(runs)
+    assert [(r["mode"], r["name"], r["seeds"]) for r in rows] == [("uncond", "w1", 2), ("cond", "w1", 1)]
+    assert rows[0]["probe_mean"] == pytest.approx(0.55) and rows[0]["probe_mean_std"] == pytest.approx(np.std([0.5, 0.6], ddof=1))
+    assert "seed" not in rows[0] and "params" not in rows[1] and rows[1]["class_acc"] == 0.8
+    t = g.table16(rows)
+    assert "| uncond | w1 | 3 | 2 | 0.550 +- 0.071 | - |" in t and "| cond | w1 | 3 | 1 | - | 0.800 |" in t
+    for bad, msg in ((["--modes", "both"], "unknown mode"), (["--configs", "w3"], "unknown config"), (["--samples", "15"], "multiple of 10")):
+        assert g.main(bad) == 2 and msg in capsys.readouterr().err
+
+
+def test_grid16_help_does_not_import_torch():
+    code = ("import runpy, sys; sys.argv = ['bench/grid16.py', '--help']\n"
+            "try: runpy.run_path('bench/grid16.py', run_name='__main__')\nexcept SystemExit as e: assert e.code == 0\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage:" in out.stdout and out.stdout.strip().endswith("False"), out.stderr
+
+
+def test_gpu_bench_grid16_section_passes_its_defaults_and_the_users_options(capsys):
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec); spec.loader.exec_module(gpu)
+    assert gpu.main(["grid16", "--modes", "both"]) == 2                  # the user's option reaches grid16's checks
+    assert "unknown mode(s) both" in capsys.readouterr().err
+    assert "--out" in gpu.GPU_GRID16 and gpu.GPU_GRID16[gpu.GPU_GRID16.index("--out") + 1] == "bench/results/grid16_gpu.json"
+
+
+def test_grid16_jobs_dispatch_modes_and_pass_registry_heads_to_the_conditional_ablation(monkeypatch):
+    import heptapod_nb.ablation as abl, heptapod_nb.probe as pr
+    calls = []
+    monkeypatch.setattr(pr, "run_probe", lambda name, seed, **kw: calls.append(("probe", name, seed, kw)) or dict(name=name, _model=1))
+    monkeypatch.setattr(abl, "run_ablation", lambda name, seed, model=None, **kw: calls.append(("abl", name, model, kw)) or dict(name=name))
+    kw = dict(common=dict(steps=3), uncond=dict(probe_n=7), cond=dict(evals=2))
+    g = _grid16()
+    r = g._job(("uncond", "w1", 0, kw)); r.pop("device", None)                     # (the GPU's name, on a GPU machine)
+    assert r == dict(name="w1", mode="uncond")                                         # private keys dropped, mode added
+    assert g._job(("cond", "w16", 1, kw))["mode"] == "cond"
+    g._job(("cond", "global_m2_nw8_last", 1, kw))
+    assert calls[0] == ("probe", "w1", 0, dict(steps=3, probe_n=7))
+    assert calls[1] == ("abl", "w16", None, dict(steps=3, evals=2))                     # an ablation name: its own registry
+    assert calls[2][2] == dict(window="global", targets_per_step=2, next_weight=8.0, head_context="last")   # a probe-only head
+
+
+def test_bench_cost_mode_refuses_to_overwrite(tmp_path, capsys, monkeypatch):
+    import heptapod_nb.ablation as abl
+    monkeypatch.setattr(abl, "ablation_tokens", lambda root, tok, progress=False: Path(root))
+    out = tmp_path / "c.json"; out.write_text("{}")
+    assert _bench().main(["--configs", "w1,global", "--cost", "2", "--tokens", str(tmp_path), "--out", str(out)]) == 2
+    assert "does not resume" in capsys.readouterr().err and out.read_text() == "{}"
