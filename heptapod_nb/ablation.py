@@ -110,7 +110,9 @@ def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_s
     if name not in ABLATION and model is None: raise ValueError(f"unknown ablation config {name!r}; known: {', '.join(ABLATION)}")
     if samples % 10 or curve_samples % 10: raise ValueError(f"samples must be multiples of 10 (class-balanced), got {samples}, {curve_samples}")
     spec, tokens_root = (ABLATION[name] if model is None else dict(model=model, steps_mult=1.0)), Path(tokens_root)
-    spec = dict(spec, model={"next_weight": 1.0, **spec["model"]})    # the grid predates the tiny preset's next_weight (8)
+    # the grid predates the tiny preset's next_weight (8) and the h_t-only default head: its configs mean weight 1 and
+    # the prefix head unless they say otherwise, so recorded results stay reproducible
+    spec = dict(spec, model={"next_weight": 1.0, "head_context": "prefix", **spec["model"]})
     n_steps = max(1, round(steps * spec["steps_mult"]))
     every = max(1, steps // evals)
     tmp = Path(tempfile.mkdtemp(prefix=f"abl_{name}_{seed}_", dir=work))

@@ -67,6 +67,9 @@ class Config:
     deprecated key to its new name, or to `(new name, fn(old value, the whole dict) -> new value)`: old config
     files, checkpoints and `key=value` overrides keep loading, with a one-line deprecation message."""
     RENAMED: typing.ClassVar[dict] = {}
+    # Fields whose default changed after configs were stored (field -> the old default): a *stored* config (a file,
+    # a checkpoint's metadata) without the key was made under the old default and is read with it (`from_stored`).
+    CHANGED_DEFAULTS: typing.ClassVar[dict] = {}
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -89,6 +92,11 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} keys {unknown}; valid keys: {cls.field_names()}")
         return cls(**d)
+
+    @classmethod
+    def from_stored(cls, d: dict):
+        "A config written earlier (file, checkpoint): like `from_dict`, but a key missing from `CHANGED_DEFAULTS` takes its old default."
+        return cls.from_dict({**cls.CHANGED_DEFAULTS, **d})
 
     @classmethod
     def _translate_renamed(cls, d: dict) -> dict:
@@ -118,7 +126,7 @@ class Config:
         if not path.exists(): raise FileNotFoundError(f"config file not found: {path}")
         try: d = json.loads(path.read_text())
         except json.JSONDecodeError as e: raise ConfigError(f"config file {path} is not valid JSON: {e}") from e
-        return cls.from_dict(d)
+        return cls.from_stored(d)
 
 # %% ../nbs/00_config.ipynb #0241e1c9
 def atomic_save(path, write_fn) -> Path:

@@ -33,7 +33,8 @@ class DemoRecipe(Config):
     tokenizer_steps: int = 1500
     tokenizer_minutes: float = 6.0
     model: dict = field(default_factory=lambda: dict(dim=128, depth=4, n_heads=4, head_width=128, head_depth=2,
-                                                     head_heads=4, targets_per_step=4, next_weight=1.0))
+                                                     head_heads=4, targets_per_step=4, next_weight=1.0,
+                                                     head_context="prefix"))   # the bundled weights' head
     steps: int = 600                     # of Heptapod and of the baseline alike
     model_minutes: float = 17.0          # caps (2 CPU cores: ~14 and ~5.5 minutes for 600 steps)
     baseline_minutes: float = 8.0

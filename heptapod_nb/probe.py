@@ -36,15 +36,20 @@ PROBE: dict[str, dict] = {
     "w1_last": dict(model=dict(window=1, targets_per_step=1, head_context="last"), steps_mult=1.0),
     "global_last": dict(model=dict(window="global", targets_per_step=4, head_context="last"), steps_mult=1.0),
     "global_m2_nw8_last": dict(model=dict(window="global", targets_per_step=2, next_weight=8.0, head_context="last"), steps_mult=1.0),
+    # the per-position MLP head (head_type="mlp", 06_head): sees h_t only, no attention; M="all" affordable
+    "global_m2_nw8_mlp": dict(model=dict(window="global", targets_per_step=2, next_weight=8.0, head_type="mlp",
+                                         head_context="last", head_queries="independent"), steps_mult=1.0),
+    "global_mall_nw8_mlp": dict(model=dict(window="global", targets_per_step="all", next_weight=8.0, head_type="mlp",
+                                           head_context="last", head_queries="independent"), steps_mult=1.0),
 }
 
 def probe_model(name: str, model: dict | None = None) -> dict:
-    "Model overrides of probe configuration `name` (or the explicit `model` dict), unconditional, next_weight 1 unless set."
+    "Model overrides of probe configuration `name` (or the explicit `model` dict), unconditional, next_weight 1 and the prefix head unless set."
     if model is None:
         if name not in PROBE: raise ValueError(f"unknown probe config {name!r}; known: {', '.join(PROBE)}")
         model = PROBE[name]["model"]
     if model.get("num_classes", 0) != 0: raise ValueError(f"the probe trains unconditional models: num_classes must be 0, got {model['num_classes']}")
-    return {"next_weight": 1.0, **model, "num_classes": 0}
+    return {"next_weight": 1.0, "head_context": "prefix", **model, "num_classes": 0}   # as measured (before "last" was the default)
 
 # %% ../nbs/15_probe.ipynb #fcba970a
 def probe_steps(n_positions: int) -> list[int]:

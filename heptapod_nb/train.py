@@ -24,7 +24,7 @@ from .optim import (DistInfo, EMA, TrainingDiverged, backward, barrier, broadcas
 from .data import ImageFolderDataset, TokenDataset, load_mnist5k
 from .tokenizer import load_tokenizer
 from .transformer import Block
-from .head import Head2D
+from .head import Head2D, MLPHead
 from .model import PRESETS, Heptapod, save_model
 from .tokens import token_kind
 
@@ -304,7 +304,7 @@ def set_rng_state(s: dict, device: torch.device):
     if device.type == "cuda" and s.get("cuda") is not None: torch.cuda.set_rng_state(s["cuda"], device)
 
 # %% ../nbs/09_train.ipynb #754f09d2
-FSDP_UNITS: tuple[type, ...] = (Block, Head2D)
+FSDP_UNITS: tuple[type, ...] = (Block, Head2D, MLPHead)
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     "The modules FSDP shards as units: every instance of a class in `FSDP_UNITS` (subclasses included)."
@@ -313,7 +313,7 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
 def _shard_fsdp(wrapper: LossModule, bf16: bool):
     """FSDP2: shard every backbone block and the 2D head as units, then the rest (embeddings, diffusion MLP) at the
     root. A unit must use its parameters only inside its own `forward` (FSDP gathers them in a forward hook): the
-    head's blocks are not units because `Head2D.forward` calls their adaLN layers itself."""
+    head's blocks are not units because `Head2D.forward` (and `MLPHead.forward`) call their adaLN layers themselves."""
     from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy   # lazy: only FSDP runs need it
     # bf16 compute reduces gradients in float32; otherwise in the parameters' own dtype (float32, or float64)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
@@ -379,6 +379,11 @@ def _cfg_dict(m: nn.Module):
     c = getattr(m, "config", None)
     return c.to_dict() if hasattr(c, "to_dict") else None
 
+def _check_same_model(ck_path, saved: dict, now: dict):
+    "Refuse to resume a checkpoint into another model; stored configs are read as their class reads them (old keys, defaults)."
+    diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+    if diff: raise CheckpointError(f"checkpoint {ck_path} was trained with another model config (saved, now): {diff}")
+
 # %% ../nbs/09_train.ipynb #84f8091f
 def _layout(cfg: TrainConfig, di: DistInfo) -> tuple[int, int]:
     "(micro-batch, accumulation steps) of each process: `batch_size` = world x accumulation x micro-batch."
@@ -410,8 +415,8 @@ def _build_model(cfg: TrainConfig, model, info: dict, dev, state, ck_path) -> nn
     seed_everything(cfg.seed)
     raw = (model if model is not None else Heptapod(model_config_for(cfg, info))).to(dev)
     if state is not None:
-        if hasattr(raw, "config") and state.get("model_config") not in (None, _cfg_dict(raw)):
-            raise CheckpointError(f"checkpoint {ck_path} was trained with model config {state['model_config']}, not {_cfg_dict(raw)}")
+        if hasattr(raw, "config") and state.get("model_config") is not None:
+            _check_same_model(ck_path, type(raw.config).from_stored(state["model_config"]).to_dict(), _cfg_dict(raw))
         check_state_dict(raw, state["model"], f"checkpoint {ck_path}")
         raw.load_state_dict(state["model"])
     return raw

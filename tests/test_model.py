@@ -10,7 +10,8 @@ from heptapod_nb.head import Targets, make_order, sampling_targets, select_targe
 from heptapod_nb.model import PRESETS, Heptapod, HeptapodConfig, load_model, save_model
 
 SMALL = dict(vocab_size=8, grid=(4, 4), num_classes=8, dim=32, depth=2, n_heads=4, head_width=32, head_depth=2,
-             head_heads=4, diff_width=32, diff_depth=2)
+             head_heads=4, diff_width=32, diff_depth=2,
+             head_context="prefix")   # METHOD.md's first head; the default ("last") and the others are variants below
 
 
 def _model(**kw):
@@ -301,7 +302,7 @@ def test_mlp_head_config_and_old_checkpoints(tmp_path):
     an "mlp" model round-trips; a checkpoint saved before head_type existed loads as the transformer head."""
     with pytest.raises(ConfigError, match="head_type must be one of"): HeptapodConfig(head_type="rnn")
     with pytest.raises(ConfigError, match="head_type='mlp'.*head_context='last'.*got head_context='prefix'"):
-        HeptapodConfig(head_type="mlp")
+        HeptapodConfig(head_type="mlp", head_context="prefix")
     with pytest.raises(ConfigError, match="head_queries='joint'"):
         PRESETS["tiny"].replace(head_type="mlp", head_context="last")
     assert HeptapodConfig().head_type == "transformer" and type(_model().head).__name__ == "Head2D"
@@ -311,10 +312,11 @@ def test_mlp_head_config_and_old_checkpoints(tmp_path):
     assert m2.config.head_type == "mlp" and type(m2.head).__name__ == "MLPHead"
     for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()): assert torch.equal(a, b), k
     old = _open_gates(_model()).eval()
-    cfg = old.config.to_dict(); del cfg["head_type"]                      # what a checkpoint from before looks like
+    cfg = old.config.to_dict(); del cfg["head_type"], cfg["head_context"]  # what a checkpoint from before looks like
     save_weights(tmp_path / "old.safetensors", old, cfg, kind="heptapod")
     o = load_model(tmp_path / "old.safetensors")
     assert o.config.head_type == "transformer" and type(o.head).__name__ == "Head2D"
+    assert o.config.head_context == "prefix" and HeptapodConfig().head_context == "last"   # stored before "last" was the default
     x, y = _data()
     r = make_order("raster", 4, 16); tg = select_targets(r, "global", "all")
     with torch.no_grad(): assert torch.equal(o(x, y, order=r, targets=tg)["loss"], old(x, y, order=r, targets=tg)["loss"])

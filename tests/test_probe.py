@@ -185,7 +185,9 @@ def test_step_cost_ranks_a_dearer_config_and_checks_its_input():
 
 # ---- registry, tables, benchmark ------------------------------------------------------------------------------
 def test_probe_configs_are_unconditional_and_named_like_the_ablation():
-    assert probe_model("w1") == dict(next_weight=1.0, window=1, targets_per_step=1, num_classes=0)
+    # the registry's configs were measured with the prefix head (before "last" became the default): pinned unless named
+    assert probe_model("w1") == dict(next_weight=1.0, head_context="prefix", window=1, targets_per_step=1, num_classes=0)
+    assert probe_model("w1_last")["head_context"] == "last" and probe_model("global_m2_nw8_mlp")["head_type"] == "mlp"
     assert probe_model("global_m2_nw8")["next_weight"] == 8.0 and probe_model("global_nw8")["targets_per_step"] == 4
     with pytest.raises(ValueError, match="unknown probe config"): probe_model("w3")
     with pytest.raises(ValueError, match="unconditional"): probe_model("x", dict(window=1, num_classes=10))

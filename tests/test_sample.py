@@ -11,7 +11,8 @@ from heptapod_nb.sample import (NoTrace, Trace, TraceRecorder, TraceStep, filter
                                 sample_logits)
 
 SMALL = dict(vocab_size=8, grid=(4, 4), num_classes=8, dim=32, depth=2, n_heads=4, head_width=32, head_depth=2,
-             head_heads=4, diff_width=32, diff_depth=2, diff_steps=4)
+             head_heads=4, diff_width=32, diff_depth=2, diff_steps=4,
+             head_context="prefix")   # METHOD.md's first head; the default ("last") and the others are variants
 
 
 def _model(**kw):
@@ -80,8 +81,10 @@ def test_sampler_draws_from_training_forward(kind, window, M):
 
 @pytest.mark.parametrize("kind", ["vq", "kl"])
 @pytest.mark.parametrize("window,M,variant", [(3, 2, dict(head_context="last")),
+                                              ("global", 2, dict(head_context="prefix", head_queries="independent")),
                                               ("global", 2, dict(head_context="last")),
-                                              ("global", "all", dict(head_context="last", head_queries="independent"))])
+                                              ("global", "all", dict(head_context="last", head_queries="independent")),
+                                              ("global", "all", dict(head_type="mlp", head_context="last", head_queries="independent"))])
 def test_sampler_draws_from_training_forward_head_variants(kind, window, M, variant):
     "The same equivalence for the head variants of issue 16 (head sees h_t only; queries decoded independently)."
     m = _model(window=window, targets_per_step=M, token_kind=kind, token_channels=3 if kind == "kl" else 0,

@@ -272,6 +272,10 @@ def test_resume_names_what_it_expects(tokens, tmp_path, capsys):
     assert "holds no training checkpoint" in capsys.readouterr().err
     assert main(run + ["steps=6", f"--resume={tmp_path / 'r'}"]) == 0               # the run folder: its newest checkpoint
     assert "resumed from" in capsys.readouterr().out and read_metrics(tmp_path / "r")[-1]["step"] == 6
+    # into another model: refused naming the differing field (the stored config is read as `from_stored` reads it)
+    assert main(run + ["steps=8", "model.head_context=prefix", f"--resume={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another model config" in err and "'head_context': ('last', 'prefix')" in err
 
 
 def test_user_errors_are_one_line_exit_2(tokens, tmp_path, capsys):
@@ -322,11 +326,11 @@ def test_unconditional_model_trains_on_a_labelled_token_set(tokens, tmp_path):
 
 def test_fsdp_units_are_found_by_class_not_by_name():
     "FSDP shards every Block and Head2D, subclasses included: a renamed or new head class cannot be left unsharded."
-    from heptapod_nb.head import Head2D
+    from heptapod_nb.head import Head2D, MLPHead
     from heptapod_nb.model import PRESETS, Heptapod
     from heptapod_nb.train import FSDP_UNITS, fsdp_units
     from heptapod_nb.transformer import Block
-    assert FSDP_UNITS == (Block, Head2D)
+    assert FSDP_UNITS == (Block, Head2D, MLPHead)
     m = Heptapod(PRESETS["tiny"].replace(dim=32, depth=3, n_heads=2, head_width=32, head_depth=1, head_heads=2))
     units = fsdp_units(m)
     assert sum(isinstance(u, Block) for u in units) == 3 and sum(isinstance(u, Head2D) for u in units) == 1
