@@ -26,7 +26,7 @@ from .viz import TraceView, view_for_model, trace_summary, is_next_token, filmst
 from .sample import TraceRecorder, generate, predict_remaining
 from .tokenizer import TOKENIZER_PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
 from .model import PRESETS, Heptapod, load_model
-from .tokens import token_kind
+from .tokens import DiscreteTokenizer, token_kind
 
 # %% auto #0
 __all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_NAMES', 'INK', 'PAPER', 'MUTED', 'TITLE_H',
@@ -88,8 +88,8 @@ def write_untrained_weights(folder, model_overrides: dict | None = None, seed: i
     tok = build_tokenizer(TOKENIZER_PRESETS[tokenizer], "cpu").eval()
     save_tokenizer(tok, folder / DEMO_FILES["tokenizer"])
     ov = dict(dim=64, depth=2, n_heads=2, head_width=64, head_depth=1, head_heads=2, **(model_overrides or {}))
-    kind = (dict(vocab_size=int(tok.vocab_size)) if tok.kind == "vq" else
-            dict(token_kind="kl", token_channels=int(tok.channels), diff_width=64, diff_depth=1, diff_steps=4))
+    kind = (dict(vocab_size=int(tok.vocab_size)) if isinstance(tok, DiscreteTokenizer) else
+            dict(token_kind=tok.kind, token_channels=int(tok.channels), diff_width=64, diff_depth=1, diff_steps=4))
     cfg = PRESETS["tiny"].replace(grid=tuple(tok.grid), **kind, **ov)
     for f, c in ((DEMO_FILES["model"], cfg), (DEMO_FILES["baseline"], cfg.replace(window=1, targets_per_step=1))):
         save_weights(folder / f, Heptapod(c), c, kind="heptapod")

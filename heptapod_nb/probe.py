@@ -18,7 +18,9 @@ from .data import TokenDataset
 from .evaluate import block_seed
 from .head import make_order, select_targets, window_size
 from .model import Heptapod, HeptapodConfig
+from .optim import backward_step
 from .sample import generate
+from .tokenizer import load_tokenizer
 from .tokens import token_kind
 from .train import TrainConfig, TrainData, list_checkpoints, load_checkpoint, model_config_for, read_metrics, train
 
@@ -199,7 +201,6 @@ def run_probe(name: str, seed: int, tokens_root, *, steps: int = 300, batch_size
     """Train probe configuration `name` (or the explicit `model` overrides) with `seed`, unconditional; -> a result dict
     (one entry of `runs`; `_images` and `_model`, the trained model, are for the caller and not JSON). `classifier`:
     MNIST classifier file (default the bundled one); `probe_n` > 0 fits the probe on a fixed random `probe_n` train grids."""
-    from heptapod_nb.tokenizer import load_tokenizer
     overrides, tokens_root = probe_model(name, model), Path(tokens_root)
     mult = PROBE[name]["steps_mult"] if model is None else 1.0
     n_steps = max(1, round(steps * mult))
@@ -335,8 +336,7 @@ def ce_by_position(model: Heptapod, tokens: torch.Tensor, labels=None, batch_siz
     return (total_N / count_N).numpy()
 
 def _train_step(model, opt, x, y):
-    loss = model(x, y)["loss"]
-    opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    backward_step(model(x, y)["loss"], opt, model.parameters(), where="step_cost")
 
 def step_cost(configs: dict, tokens: torch.Tensor, batch_size: int = 32, steps: int = 5, rounds: int = 7,
               lr: float = 2e-3, seed: int = 0, device="cpu") -> dict:

@@ -187,6 +187,10 @@ def test_a_new_kind_plugs_in_through_the_registry(monkeypatch):
 def test_no_kind_string_comparisons_outside_the_kind_module():
     "Model, sampler, evaluators, pictures, data and loaders ask the kind object; only tokens.py names the kinds."
     pkg = Path(heptapod_nb.__file__).parent
-    for mod in ("model", "sample", "evaluate", "viz", "ablation", "data", "pretrained"):
-        hits = [l for l in (pkg / f"{mod}.py").read_text().splitlines() if re.search(r"""["'](vq|kl)["']""", l)]
-        assert not hits, (mod, hits)
+    # every module but tokens.py; tokenizer.py may name its kinds where it declares and validates them (the class
+    # attribute `kind`, the presets, the TOKENIZERS registry, TokenizerConfig.validate), and the KL loss's "kl" entry
+    for p in sorted(pkg.glob("*.py")):
+        if p.name in ("tokens.py", "_modidx.py"): continue
+        hits = [l for l in p.read_text().splitlines() if re.search(r"""(==|!=|\bin\b)\s*\(?\s*["'](vq|kl)["']""", l)]
+        if p.name == "tokenizer.py": hits = [l for l in hits if "raise ConfigError" not in l]
+        assert not hits, (p.name, hits)
