@@ -65,7 +65,7 @@ def resolve_order(order, B: int, N: int, device, generator) -> torch.Tensor:
     if order in ("raster", "random"): return make_order(order, B, N, device=device, generator=generator)
     raise ValueError(f"order must be None, 'raster', 'random', 'confidence' or a permutation tensor, got {order!r}")
 
-_resolve_order = resolve_order   # the old private name
+
 
 # %% ../nbs/08_sampling.ipynb #e66372dc
 @dataclass
