@@ -18,7 +18,7 @@ from .tokens import TOKEN_KINDS, token_kind   # only the kind table (06a imports
 # %% auto #0
 __all__ = ['MNIST_VAL_PER_CLASS', 'IMG_EXTENSIONS', 'GRAY_MODES', 'ArrayDataset', 'stratified_split', 'load_mnist5k',
            'load_digits8', 'image_grid', 'show_images', 'center_crop_arr', 'mode_channels', 'to_8bit', 'scan_images',
-           'ImageFolderDataset', 'check_image_channels', 'TokenDataset']
+           'ImageFolderDataset', 'worker_error', 'check_image_channels', 'TokenDataset']
 
 # %% ../nbs/01_data.ipynb #da125556
 class ArrayDataset(Dataset):
@@ -207,6 +207,17 @@ class ImageFolderDataset(Dataset):
             if self.flip and torch.rand(()) < 0.5: x = x.flip(-1)
             return x, self.samples[k][1]
         raise OSError(f"no readable image in {self.root}")
+
+def worker_error(e: BaseException) -> BaseException:
+    """An exception re-raised from a DataLoader worker (its message is the worker's whole traceback) -> the same type
+    with the traceback's last line as its message (`"Name: "` dropped); any other exception as it is."""
+    msg = str(e)
+    if "DataLoader worker" not in msg: return e
+    last = [l.strip() for l in msg.splitlines() if l.strip()][-1]
+    head, sep, rest = last.partition(": ")
+    if sep and head.isidentifier(): last = rest
+    try: return type(e)(last)
+    except Exception: return e
 
 def _short_list(xs, n: int = 10) -> str:
     return ", ".join(map(str, xs[:n])) + (f", ... ({len(xs)} in all)" if len(xs) > n else "")

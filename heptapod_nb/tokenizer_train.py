@@ -17,15 +17,15 @@ from tqdm.auto import tqdm
 from .config import (Config, ConfigError, FAST, add_debug_arg, apply_overrides, atomic_save, cli_main,
                                 deprecated, one_line, write_json, get_preset, seed_everything)
 from .optim import DistInfo, backward_step, barrier, dist_env, lr_factor, setup_distributed
-from .data import ImageFolderDataset, TokenDataset, check_image_channels, load_mnist5k
+from .data import ImageFolderDataset, TokenDataset, check_image_channels, load_mnist5k, worker_error
 from .tokenizer import TOKENIZER_PRESETS, TokenizerConfig, build_tokenizer, load_tokenizer, psnr, save_tokenizer
 from .tokenizer_losses import LPIPS, PatchDiscriminator, adaptive_weight, hinge_d_loss, recon_loss
 
 # %% auto #0
-__all__ = ['TOKENIZER_RUN_FILES', 'TOKEN_FILES', 'load_images', 'data_channels', 'default_workers', 'check_out_dir',
-           'unwrap_worker_error', 'batches', 'TokenizerTrainConfig', 'evaluate', 'codebook_fingerprint',
-           'check_ranks_agree', 'fit_scale_factor', 'train_tokenizer', 'train_tokenizer_main', 'train_tokenizer_cli',
-           'extract_tokens', 'extract_main', 'extract_cli']
+__all__ = ['TOKENIZER_RUN_FILES', 'TOKEN_FILES', 'load_images', 'data_channels', 'default_workers', 'check_out_dir', 'batches',
+           'TokenizerTrainConfig', 'evaluate', 'codebook_fingerprint', 'check_ranks_agree', 'fit_scale_factor',
+           'train_tokenizer', 'train_tokenizer_main', 'train_tokenizer_cli', 'extract_tokens', 'extract_main',
+           'extract_cli']
 
 # %% ../nbs/04_tokenizer_train.ipynb #03233827
 def load_images(data: str, split: str = "train", image_size: int = 256, flip: bool = False, channels: int | None = None,
@@ -64,15 +64,6 @@ def check_out_dir(out, option: str = "--out") -> Path:
     except OSError as e:
         raise PermissionError(f"{option} {out}: cannot write in {a} ({e.strerror or e}): read-only or not yours") from e
     return out
-
-def unwrap_worker_error(e: BaseException) -> BaseException:
-    "A DataLoader worker's error, re-raised with the worker's whole traceback as its message -> its last line only."
-    msg = str(e)
-    if not msg.startswith("Caught "): return e
-    last = [l for l in msg.splitlines() if l.strip()][-1].strip()
-    name = type(e).__name__ + ": "
-    try: return type(e)(last[len(name):] if last.startswith(name) else last)
-    except TypeError: return e
 
 def batches(ds, batch_size: int, rank: int, world: int, seed: int, epoch: int = 0, num_workers: int = 0):
     "Endless (images, labels) batches of this rank's shard, reshuffled every epoch (same order on every run)."
@@ -394,7 +385,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
         if stop: break
         for g in run.opt.param_groups: g["lr"] = cfg.lr * lr_factor(p, run.step, cfg.warmup, cfg.min_lr / cfg.lr)
         try: x, _ = next(data)
-        except OSError as e: raise unwrap_worker_error(e) from e
+        except OSError as e: raise worker_error(e) from e
         run.train_step(x.to(di.device, non_blocking=True), p)
         bar.update(1)
         if run.step % 10 == 0: bar.set_postfix({k: f"{v:.3g}" for k, v in run.stats.items()})

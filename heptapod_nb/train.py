@@ -21,7 +21,7 @@ from .config import (Config, ConfigError, FAST, add_debug_arg, apply_overrides, 
                                 cli_main, parse_value, write_json, get_preset, seed_everything, check_state_dict, save_weights)
 from .optim import (DistInfo, EMA, TrainingDiverged, backward, barrier, broadcast_object, dist_env, lr_factor,
                                optimizer_step, param_groups, setup_distributed, step_progress)
-from .data import ImageFolderDataset, TokenDataset, load_mnist5k
+from .data import ImageFolderDataset, TokenDataset, load_mnist5k, worker_error
 from .tokenizer import load_tokenizer
 from .transformer import Block
 from .head import Head2D, MLPHead
@@ -366,15 +366,6 @@ def _worker_init(worker_id: int):
     for name in StopSignals.NAMES:
         if (sig := getattr(signal, name, None)) is not None: signal.signal(sig, signal.SIG_IGN)
 
-def _loader_error(e: BaseException) -> BaseException:
-    "An exception re-raised from a DataLoader worker, with the worker's traceback text cut down to its last line."
-    msg = str(e)
-    if "DataLoader worker" not in msg: return e
-    last = [l.strip() for l in msg.splitlines() if l.strip()][-1]
-    last = last.split(": ", 1)[1] if ":" in last and last.split(":", 1)[0].isidentifier() else last
-    try: return type(e)(last)
-    except Exception: return e
-
 def _cfg_dict(m: nn.Module):
     c = getattr(m, "config", None)
     return c.to_dict() if hasattr(c, "to_dict") else None
@@ -508,7 +499,7 @@ class _Run:
         for a in range(accum):
             try: x, y = next(it)
             except Exception as e:
-                if (clean := _loader_error(e)) is e: raise
+                if (clean := worker_error(e)) is e: raise
                 raise clean from None
             tokens, labels = self.data.to_tokens(x, dev), y.to(dev, non_blocking=True)
             last = a == accum - 1

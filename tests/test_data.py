@@ -194,3 +194,14 @@ def test_token_dataset_roundtrip_and_incomplete(tmp_path):
 def test_image_grid():
     g = image_grid(torch.zeros(5, 1, 4, 4), nrow=3, pad=1)
     assert g.shape == (2 * 5 + 1, 3 * 5 + 1, 3) and g.dtype == np.uint8
+
+
+def test_worker_error_keeps_the_last_line_and_the_type():
+    "A DataLoader worker's re-raised error (its message is the worker's traceback) -> its last line, same type."
+    from heptapod_nb.data import worker_error
+    tb = ("Caught OSError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+          "  File \"x.py\", line 3, in f\n    raise OSError(...)\nOSError: cannot read img/trunc.png: truncated\n")
+    e = worker_error(OSError(tb))
+    assert type(e) is OSError and str(e) == "cannot read img/trunc.png: truncated"
+    plain = ValueError("Caught nothing: no worker here")
+    assert worker_error(plain) is plain
