@@ -117,6 +117,11 @@ class Config:
 
     def replace(self, **changes): return self.from_dict({**self.to_dict(), **changes})
 
+    def diff(self, other) -> dict:
+        "The fields where `self` and `other` differ: {name: (self's value, other's value)} (empty when equal)."
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
     def save(self, path) -> None:
         write_json(path, self.to_dict())
 

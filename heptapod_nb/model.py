@@ -215,8 +215,7 @@ def load_model(path, device="cpu", config: HeptapodConfig | None = None) -> Hept
     "A `Heptapod` rebuilt from a checkpoint written by `save_model` (or into `config`, which must match)."
     sd, cfg = load_weights(path, kind="heptapod", device=device)
     saved = HeptapodConfig.from_stored(cfg)
-    if config is not None and config.to_dict() != saved.to_dict():
-        diff = {k: (v, saved.to_dict()[k]) for k, v in config.to_dict().items() if saved.to_dict()[k] != v}
+    if config is not None and (diff := config.diff(saved)):
         raise ConfigError(f"checkpoint {path} was saved with a different config: (given, saved) = {diff}")
     with torch.device("meta"): model = Heptapod(config or saved)
     check_state_dict(model, sd, what=f"checkpoint {path}")

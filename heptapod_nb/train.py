@@ -370,10 +370,7 @@ def _cfg_dict(m: nn.Module):
     c = getattr(m, "config", None)
     return c.to_dict() if hasattr(c, "to_dict") else None
 
-def _check_same_model(ck_path, saved: dict, now: dict):
-    "Refuse to resume a checkpoint into another model; stored configs are read as their class reads them (old keys, defaults)."
-    diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
-    if diff: raise CheckpointError(f"checkpoint {ck_path} was trained with another model config (saved, now): {diff}")
+
 
 # %% ../nbs/09_train.ipynb #84f8091f
 def _layout(cfg: TrainConfig, di: DistInfo) -> tuple[int, int]:
@@ -407,7 +404,9 @@ def _build_model(cfg: TrainConfig, model, info: dict, dev, state, ck_path) -> nn
     raw = (model if model is not None else Heptapod(model_config_for(cfg, info))).to(dev)
     if state is not None:
         if hasattr(raw, "config") and state.get("model_config") is not None:
-            _check_same_model(ck_path, type(raw.config).from_stored(state["model_config"]).to_dict(), _cfg_dict(raw))
+            # the stored config read as its class reads it (renamed keys, changed defaults), then field by field
+            if diff := type(raw.config).from_stored(state["model_config"]).diff(raw.config):
+                raise CheckpointError(f"checkpoint {ck_path} was trained with another model config (saved, now): {diff}")
         check_state_dict(raw, state["model"], f"checkpoint {ck_path}")
         raw.load_state_dict(state["model"])
     return raw
