@@ -22,9 +22,9 @@ from .tokenizer_train import extract_tokens
 from .tokens import token_kind
 
 # %% auto #0
-__all__ = ['ABLATION', 'ablation_label', 'ablation_tokens', 'val_grids', 'next_position_ce', 'run_ablation', 'mean_std',
-           'summarize', 'ablation_table', 'earlier_results', 'summarize_curves', 'curve_table', 'plot_curves',
-           'plot_ablation']
+__all__ = ['ABLATION', 'ablation_label', 'ablation_tokens', 'val_grids', 'next_position_ce', 'class_gain', 'run_ablation',
+           'mean_std', 'summarize', 'ablation_table', 'earlier_results', 'summarize_curves', 'curve_table',
+           'plot_curves', 'plot_ablation']
 
 # %% ../nbs/14_ablation.ipynb #ab962f1d
 ABLATION: dict[str, dict] = {
@@ -40,12 +40,18 @@ ABLATION: dict[str, dict] = {
     "global_m2_nw5": dict(model=dict(window="global", targets_per_step=2, next_weight=5.0), steps_mult=1.0),
     "global_m2_nw8": dict(model=dict(window="global", targets_per_step=2, next_weight=8.0), steps_mult=1.0),
     "global_m2_hd1": dict(model=dict(window="global", targets_per_step=2, head_depth=1), steps_mult=1.0),
+    # the head that sees only h_t (head_context="last", the default since issue 16), with each objective; and the
+    # window between them (the 16x16 grid's window ablation, bench/grid16.py)
+    "w1_last":   dict(model=dict(window=1, targets_per_step=1, head_context="last"), steps_mult=1.0),
+    "w16_m2_nw8_last": dict(model=dict(window=16, targets_per_step=2, next_weight=8.0, head_context="last"), steps_mult=1.0),
+    "global_m2_nw8_last": dict(model=dict(window="global", targets_per_step=2, next_weight=8.0, head_context="last"), steps_mult=1.0),
 }
 
 def ablation_label(name: str) -> str:
     "A short human label: window and M."
     m = ABLATION[name]["model"]
     s = f"window={m['window']}, M={m['targets_per_step']}" + "".join(f", {k}={m[k]:g}" for k in ("next_weight", "head_depth") if k in m)
+    s += ", head sees h_t only" if m.get("head_context") == "last" else ""
     return s + (f", {ABLATION[name]['steps_mult']}x steps" if ABLATION[name]["steps_mult"] != 1 else "")
 
 # %% ../nbs/14_ablation.ipynb #39103e46
@@ -91,6 +97,14 @@ def next_position_ce(model: Heptapod, tokens: torch.Tensor, labels: torch.Tensor
         total += model(x, y, order=order, targets=targets)["next_loss"].item() * len(x); n += len(x)
     model.train(was)
     return total / n
+
+def class_gain(model: Heptapod, tokens: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
+    """How much a class-conditional `model` uses its class: the next-position CE (nats) with every label replaced by a
+    *different* class (a fixed random one), minus the CE with the true labels. ~0: the class is ignored."""
+    k = model.config.num_classes
+    if k < 2: raise ValueError(f"class_gain needs a class-conditional model with >= 2 classes, got num_classes={k}")
+    wrong = (labels + torch.randint(1, k, labels.shape, generator=torch.Generator().manual_seed(seed))) % k
+    return next_position_ce(model, tokens, wrong, seed=seed) - next_position_ce(model, tokens, labels, seed=seed)
 
 # %% ../nbs/14_ablation.ipynb #33a29398
 def _train_seconds(metrics: list[dict], tokens_per_step: int) -> dict[int, float]:
@@ -139,11 +153,13 @@ def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_s
         t1 = time.time()
         s = score_samples(model, tok, clf, samples, seed, temperature=temperature)
         imgs, acc, fid = s["images"], s["class_acc"], s["mnist_fid"]
+        gain = class_gain(model, vx, vy) if mcfg.num_classes else None
         res = dict(name=name, window=mcfg.window, targets_per_step=mcfg.targets_per_step, seed=seed, steps=n_steps,
                    batch_size=batch_size, train_s=round(curve[-1]["train_s"], 1), wall_s=round(wall, 1),
                    val_next_ce=curve[-1]["val_next_ce"], class_acc=round(acc, 4), mnist_fid=round(fid, 3),
                    temperature=temperature, samples=samples, sample_s=round(time.time() - t1, 1),
                    params=model.num_params(), token_kind=mcfg.token_kind, curve=curve)
+        if gain is not None: res["class_gain"] = round(gain, 4)
         res["_images"] = imgs[:100]
         return res
     finally:
@@ -160,19 +176,21 @@ def summarize(runs: list[dict]) -> list[dict]:
     for name in [n for n in ABLATION if any(r["name"] == n for r in runs)]:
         rs = [r for r in runs if r["name"] == name]
         row = dict(name=name, label=ablation_label(name), seeds=len(rs), steps=rs[0]["steps"])
-        for k in ("mnist_fid", "class_acc", "val_next_ce", "train_s"):
-            row[k], row[k + "_std"] = mean_std([r[k] for r in rs])
+        for k in ("mnist_fid", "class_acc", "val_next_ce", "train_s", "class_gain"):
+            if all(k in r for r in rs): row[k], row[k + "_std"] = mean_std([r[k] for r in rs])
         rows.append(row)
     return rows
 
 def ablation_table(rows: list[dict]) -> str:
     "A markdown table of `summarize` rows."
-    out = ["| config | steps | seeds | MNIST-FID (lower is better) | class accuracy | next-position val CE | train s |",
-           "|---|---|---|---|---|---|---|"]
+    gain = any("class_gain" in r for r in rows)                      # runs before issue 16 did not record it
+    out = ["| config | steps | seeds | MNIST-FID (lower is better) | class accuracy | next-position val CE | "
+           + ("class gain (nats) | " if gain else "") + "train s |", "|---" * (7 + gain) + "|"]
     for r in rows:
+        g = (f"{r['class_gain']:.3f} +- {r['class_gain_std']:.3f} | " if "class_gain" in r else "- | ") if gain else ""
         out.append(f"| {r['label']} | {r['steps']} | {r['seeds']} | {r['mnist_fid']:.1f} +- {r['mnist_fid_std']:.1f} | "
                    f"{r['class_acc']:.1%} +- {r['class_acc_std']:.1%} | {r['val_next_ce']:.3f} +- {r['val_next_ce_std']:.3f} | "
-                   f"{r['train_s']:.0f} |")
+                   f"{g}{r['train_s']:.0f} |")
     return "\n".join(out)
 
 def earlier_results(path, settings: dict) -> dict:

@@ -34,14 +34,11 @@ __all__ = ['PROBE', 'PROBE_METRICS', 'probe_model', 'probe_steps', 'backbone_sta
 PROBE: dict[str, dict] = {
     **ABLATION,
     "global_nw8": dict(model=dict(window="global", targets_per_step=4, next_weight=8.0), steps_mult=1.0),
-    # the head variants of issue 16 item 3: the head sees only h_t (head_context="last")
-    "w1_last": dict(model=dict(window=1, targets_per_step=1, head_context="last"), steps_mult=1.0),
+    # the head variants of issue 16 item 3: the head sees only h_t (head_context="last"; w1_last, w16_m2_nw8_last and
+    # global_m2_nw8_last are in ABLATION, so they run class-conditional too)
     "global_last": dict(model=dict(window="global", targets_per_step=4, head_context="last"), steps_mult=1.0),
-    "global_m2_nw8_last": dict(model=dict(window="global", targets_per_step=2, next_weight=8.0, head_context="last"), steps_mult=1.0),
-    # the window ablation with that head (the 16x16 grid, bench/grid16.py): only the window differs from global_m2_nw8_last
-    "w16_m2_nw8_last": dict(model=dict(window=16, targets_per_step=2, next_weight=8.0, head_context="last"), steps_mult=1.0),
     # backbone width at a fixed head (issue 16 item 5: does the CE gap between the objectives close with width?)
-    **{f"{n}_d{d}": dict(model=dict(ABLATION[n]["model"], dim=d), steps_mult=1.0) for n in ("w1", "global_m2_nw8") for d in (96, 384)},
+    **{f"{n}_d{d}": dict(model=dict(ABLATION[n]["model"], dim=d), steps_mult=1.0) for n in ("w1", "global_m2_nw8") for d in (48, 96, 384)},
     # the per-position MLP head (head_type="mlp", 06_head): sees h_t only, no attention; M="all" affordable
     "global_m2_nw8_mlp": dict(model=dict(window="global", targets_per_step=2, next_weight=8.0, head_type="mlp",
                                          head_context="last", head_queries="independent"), steps_mult=1.0),

@@ -322,10 +322,10 @@ def test_grid16_jobs_dispatch_modes_and_pass_registry_heads_to_the_conditional_a
     r = g._job(("uncond", "w1", 0, kw)); r.pop("device", None)                     # (the GPU's name, on a GPU machine)
     assert r == dict(name="w1", mode="uncond")                                         # private keys dropped, mode added
     assert g._job(("cond", "w16", 1, kw))["mode"] == "cond"
-    g._job(("cond", "global_m2_nw8_last", 1, kw))
+    g._job(("cond", "global_m2_nw8_d96", 1, kw))
     assert calls[0] == ("probe", "w1", 0, dict(steps=3, probe_n=7))
     assert calls[1] == ("abl", "w16", None, dict(steps=3, evals=2))                     # an ablation name: its own registry
-    assert calls[2][2] == dict(window="global", targets_per_step=2, next_weight=8.0, head_context="last")   # a probe-only head
+    assert calls[2][2] == dict(window="global", targets_per_step=2, next_weight=8.0, dim=96)   # a probe-only config
 
 
 def test_bench_cost_mode_refuses_to_overwrite(tmp_path, capsys, monkeypatch):
