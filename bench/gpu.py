@@ -113,7 +113,7 @@ def flops_only(a, mc, model, info, params, device):
 # about 8 minutes on one H200 with 16 CPU cores (sized, not yet measured: no GPU was lent when it was written): the
 # tokenizer (GPU), then 5 configs x 2 modes x the seeds given, 6 runs at a time; the probe, sampling and scoring of each
 # run happen on the CPU (2 threads per run)
-GPU_GRID16 = ["--configs", "w1,w16,global,global_m2_nw8,global_m2_nw8_last", "--modes", "uncond,cond", "--seeds", "0",
+GPU_GRID16 = ["--configs", "w1_last,w16_m2_nw8_last,global_m2_nw8_last,w1,global_m2_nw8", "--modes", "uncond,cond", "--seeds", "0",
               "--steps", "1500", "--batch", "64", "--samples", "500", "--curve_samples", "50", "--workers", "6",
               "--threads", "2", "--tokenizer_minutes", "2", "--work", "runs/grid16_gpu", "--out", "bench/results/grid16_gpu.json"]
 
