@@ -215,9 +215,10 @@ def _bench():
     m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); return m
 
 
-def test_bench_help_does_not_import_torch():
-    code = ("import runpy, sys; sys.argv = ['bench/probe.py', '--help']\n"
-            "try: runpy.run_path('bench/probe.py', run_name='__main__')\nexcept SystemExit as e: assert e.code == 0\n"
+@pytest.mark.parametrize("script", ["bench/probe.py", "bench/grid16.py"])
+def test_bench_help_does_not_import_torch(script):
+    code = (f"import runpy, sys; sys.argv = ['{script}', '--help']\n"
+            f"try: runpy.run_path('{script}', run_name='__main__')\nexcept SystemExit as e: assert e.code == 0\n"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage:" in out.stdout and out.stdout.strip().endswith("False"), out.stderr
@@ -294,14 +295,6 @@ def test_grid16_summary_groups_mode_and_config_and_checks_its_arguments(capsys):
     assert "| uncond | w1 | 3 | 2 | 0.550 +- 0.071 | - |" in t and "| cond | w1 | 3 | 1 | - | 0.800 |" in t
     for bad, msg in ((["--modes", "both"], "unknown mode"), (["--configs", "w3"], "unknown config"), (["--samples", "15"], "multiple of 10")):
         assert g.main(bad) == 2 and msg in capsys.readouterr().err
-
-
-def test_grid16_help_does_not_import_torch():
-    code = ("import runpy, sys; sys.argv = ['bench/grid16.py', '--help']\n"
-            "try: runpy.run_path('bench/grid16.py', run_name='__main__')\nexcept SystemExit as e: assert e.code == 0\n"
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "usage:" in out.stdout and out.stdout.strip().endswith("False"), out.stderr
 
 
 def test_gpu_bench_grid16_section_passes_its_defaults_and_the_users_options(capsys):
