@@ -98,13 +98,15 @@ def next_position_ce(model: Heptapod, tokens: torch.Tensor, labels: torch.Tensor
     model.train(was)
     return total / n
 
-def class_gain(model: Heptapod, tokens: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
+def class_gain(model: Heptapod, tokens: torch.Tensor, labels: torch.Tensor, seed: int = 0, true_ce: float | None = None) -> float:
     """How much a class-conditional `model` uses its class: the next-position CE (nats) with every label replaced by a
-    *different* class (a fixed random one), minus the CE with the true labels. ~0: the class is ignored."""
+    *different* class (a fixed random one), minus the CE with the true labels (`true_ce`: that CE when the caller has
+    already computed it, `next_position_ce(model, tokens, labels, seed=seed)`). ~0: the class is ignored."""
     k = model.config.num_classes
     if k < 2: raise ValueError(f"class_gain needs a class-conditional model with >= 2 classes, got num_classes={k}")
     wrong = (labels + torch.randint(1, k, labels.shape, generator=torch.Generator().manual_seed(seed))) % k
-    return next_position_ce(model, tokens, wrong, seed=seed) - next_position_ce(model, tokens, labels, seed=seed)
+    if true_ce is None: true_ce = next_position_ce(model, tokens, labels, seed=seed)
+    return next_position_ce(model, tokens, wrong, seed=seed) - true_ce
 
 # %% ../nbs/14_ablation.ipynb #33a29398
 def _train_seconds(metrics: list[dict], tokens_per_step: int) -> dict[int, float]:
@@ -145,15 +147,15 @@ def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_s
         for ck in list_checkpoints(tmp / "checkpoints"):
             st = load_checkpoint(ck)
             model.load_state_dict(st["model"])
-            curve.append(dict(step=int(st["step"]), train_s=round(secs[int(st["step"])], 2),
-                              val_next_ce=round(next_position_ce(model, vx, vy), 4)))
+            ce = next_position_ce(model, vx, vy)
+            curve.append(dict(step=int(st["step"]), train_s=round(secs[int(st["step"])], 2), val_next_ce=round(ce, 4)))
             if curve_samples:
                 s = score_samples(model, tok, clf, curve_samples, seed, temperature=temperature)
                 curve[-1].update(class_acc=round(s["class_acc"], 4), mnist_fid=round(s["mnist_fid"], 3))
         t1 = time.time()
         s = score_samples(model, tok, clf, samples, seed, temperature=temperature)
         imgs, acc, fid = s["images"], s["class_acc"], s["mnist_fid"]
-        gain = class_gain(model, vx, vy) if mcfg.num_classes else None
+        gain = class_gain(model, vx, vy, true_ce=ce) if mcfg.num_classes else None     # ce: the last checkpoint's, this model
         res = dict(name=name, window=mcfg.window, targets_per_step=mcfg.targets_per_step, seed=seed, steps=n_steps,
                    batch_size=batch_size, train_s=round(curve[-1]["train_s"], 1), wall_s=round(wall, 1),
                    val_next_ce=curve[-1]["val_next_ce"], class_acc=round(acc, 4), mnist_fid=round(fid, 3),
