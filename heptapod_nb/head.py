@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -17,8 +18,8 @@ from .transformer import SwiGLU
 # %% auto #0
 __all__ = ['ORDERS', 'HEAD_CONTEXTS', 'HEAD_QUERIES', 'HEADS', 'make_order', 'window_size', 'num_slots', 'Targets',
            'select_targets', 'commit_supported', 'sampling_targets', 'modulate', 'head_hidden', 'check_head_variant',
-           'HeadBlock', 'Head2D', 'MLPHeadBlock', 'MLPHead', 'cosine_alpha_bar', 'timestep_embedding', 'ResBlockAdaLN',
-           'DiffusionMLP']
+           'HeadBlock', 'HeadBase', 'Head2D', 'MLPHeadBlock', 'MLPHead', 'HeadLoss', 'chunk_slices', 'FusedChunks',
+           'chunked_loss', 'cosine_alpha_bar', 'timestep_embedding', 'ResBlockAdaLN', 'DiffusionMLP']
 
 # %% ../nbs/06_head.ipynb #fee62557
 ORDERS = ("raster", "random")
@@ -189,7 +190,21 @@ class HeadBlock(nn.Module):
             i += 3
         return x_BSMD + mods[i + 2] * self.mlp(modulate(self.norm_m(x_BSMD), mods[i], mods[i + 1]))
 
-class Head2D(nn.Module):
+class HeadBase(nn.Module):
+    """What every 2D head shares. `forward(hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM)` gives the outputs (B, S, M,
+    out_dim) at the target positions (what the sampler reads); given `loss=HeadLoss(...)` it gives the training loss
+    instead, computed chunk by chunk so that no (B, S, M, out_dim) outputs are ever held (`chunked_loss`, below).
+    The loss is computed inside `forward` so that FSDP, which gathers a unit's parameters around its `forward`,
+    sees every use of them. A subclass defines `features` (the final features, (B, S, M, width)) and `out`."""
+    def forward(self, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM, loss: "HeadLoss | None" = None):
+        if loss is None: return self.outputs(hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM)
+        return chunked_loss(self, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM, loss)
+
+    def outputs(self, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM):
+        "Outputs (B, S, M, out_dim): logits over the codes (VQ) or the diffusion condition z (KL)."
+        return self.out(self.features(hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM))
+
+class Head2D(HeadBase):
     """The 2D prediction head: queries `mask_emb + pos2d(p)` through adaLN-Zero blocks modulated by h_t;
     `context="prefix"` cross-attends to h_0..h_t, `"last"` sees h_t only."""
     def __init__(self, cond_dim: int, width: int, depth: int, n_heads: int, n_positions: int, out_dim: int,
@@ -231,9 +246,10 @@ class Head2D(nn.Module):
         nn.init.zeros_(self.ada_f[1].weight); nn.init.zeros_(self.ada_f[1].bias)
         if self.zero_out: nn.init.zeros_(self.out.weight)
 
-    def forward(self, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM):
-        """Outputs (B, S, M, out_dim) for target positions `pos_BSM`; group s is conditioned on `cond_BSD[:, s]` and
-        (context "prefix") cross-attends to keys 0..steps_S[s] of `hk_BTD` (context "last" reads no keys)."""
+    def features(self, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM):
+        """Final features (B, S, M, width) for target positions `pos_BSM` (`out` maps them to the outputs); group s is
+        conditioned on `cond_BSD[:, s]` and (context "prefix") cross-attends to keys 0..steps_S[s] of `hk_BTD`
+        (context "last" reads no keys)."""
         B, S, M = pos_BSM.shape
         x = self.mask_emb + self.pos_emb[pos_BSM]                          # (B, S, M, D)
         xmask_QT = None
@@ -244,7 +260,7 @@ class Head2D(nn.Module):
         for b in self.blocks:
             x = b(x, hk_BTD, cond_BSD, b.ada(cond_BSD), xmask_QT, smask)
         shift, scale = self.ada_f(cond_BSD)[:, :, None].chunk(2, -1)
-        return self.out(modulate(self.norm_f(x), shift, scale))
+        return modulate(self.norm_f(x), shift, scale)
 
 # %% ../nbs/06_head.ipynb #0ff58b6f
 class MLPHeadBlock(nn.Module):
@@ -260,7 +276,7 @@ class MLPHeadBlock(nn.Module):
         shift, scale, gate = mod_Q3D.chunk(3, -1)
         return x_QD + gate * self.mlp(modulate(self.norm(x_QD), shift, scale))
 
-class MLPHead(nn.Module):
+class MLPHead(HeadBase):
     """Per-position decoder: query `pos_emb[p]` through adaLN-Zero MLP blocks modulated by h_t; no attention, so it
     sees h_t only and decodes each target position alone (cost O(M) per step)."""
     context, self_attn = "last", False          # what it sees, in Head2D's terms
@@ -300,24 +316,104 @@ class MLPHead(nn.Module):
         nn.init.zeros_(self.ada_f[1].weight); nn.init.zeros_(self.ada_f[1].bias)
         if self.zero_out: nn.init.zeros_(self.out.weight)
 
-    def forward(self, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM):
-        """Outputs (B, S, M, out_dim) for target positions `pos_BSM`, group s conditioned on `cond_BSD[:, s]` alone.
-        When a quarter or more of the slots are invalid (M="all" near the end of the sequence: about half of them),
-        only the valid ones are computed, packed, and the invalid slots' outputs are 0 (nothing reads them)."""
-        B, S, M = pos_BSM.shape
+    def _decode(self, cond_BSD, pos_BSM, valid_BSM):
+        """Final features of the queries: (B, S, M, width) and None, or, when a quarter or more of the slots are invalid
+        (M="all" near the end of the sequence: about half of them), only the valid ones, packed (V, width), and
+        their (b, s, m) indices."""
         packed = bool(4 * valid_BSM.sum() <= 3 * valid_BSM.numel())
         if packed:
-            b_V, s_V, m_V = valid_BSM.nonzero(as_tuple=True)
+            idx = b_V, s_V, m_V = valid_BSM.nonzero(as_tuple=True)
             x_QD, per_query = self.pos_emb[pos_BSM[b_V, s_V, m_V]], lambda t_BSL: t_BSL[b_V, s_V]   # (V, D), (V, L)
         else:
-            x_QD, per_query = self.pos_emb[pos_BSM], lambda t_BSL: t_BSL[:, :, None]              # broadcast over M
+            idx, x_QD, per_query = None, self.pos_emb[pos_BSM], lambda t_BSL: t_BSL[:, :, None]    # broadcast over M
         for b in self.blocks: x_QD = b(x_QD, per_query(b.ada(cond_BSD)))     # modulation computed once per step
         shift, scale = per_query(self.ada_f(cond_BSD)).chunk(2, -1)
-        y_QO = self.out(modulate(self.norm_f(x_QD), shift, scale))
-        if not packed: return y_QO
-        return y_QO.new_zeros(B, S, M, self.out_dim).index_put((b_V, s_V, m_V), y_QO)
+        return modulate(self.norm_f(x_QD), shift, scale), idx
 
-HEADS: dict[str, type[nn.Module]] = {"transformer": Head2D, "mlp": MLPHead}   # config `head_type` -> head class
+    def features(self, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM):
+        "Final features (B, S, M, width), group s conditioned on `cond_BSD[:, s]` alone (packed slots' features are 0)."
+        y_QD, idx = self._decode(cond_BSD, pos_BSM, valid_BSM)
+        return y_QD if idx is None else y_QD.new_zeros(*pos_BSM.shape, self.width).index_put(idx, y_QD)
+
+    def outputs(self, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM):
+        "Outputs (B, S, M, out_dim); when only the valid slots were computed, the invalid slots' outputs are 0 (nothing reads them)."
+        y_QD, idx = self._decode(cond_BSD, pos_BSM, valid_BSM)
+        y_QO = self.out(y_QD)
+        return y_QO if idx is None else y_QO.new_zeros(*pos_BSM.shape, self.out_dim).index_put(idx, y_QO)
+
+HEADS: dict[str, type[HeadBase]] = {"transformer": Head2D, "mlp": MLPHead}   # config `head_type` -> head class
+
+# %% ../nbs/06_head.ipynb #9cc389dd
+@dataclass
+class HeadLoss:
+    """What a head needs to compute the training loss itself: `per_target(out, b, s)` -> per-target losses (B_c,
+    S_c, M) of outputs `out` for the batch slice `b` and step slice `s`; `weight_BSM`, the weights of the weighted
+    sum (the model passes them normalised to sum to 1); at most `chunk` query slots per chunk; `params`, other
+    parameters `per_target` uses (the diffusion MLP's), whose gradients are computed with the head's."""
+    per_target: Callable
+    weight_BSM: torch.Tensor
+    chunk: int = 4096
+    params: tuple = ()
+
+def chunk_slices(B: int, S: int, M: int, chunk: int) -> list[tuple[slice, slice]]:
+    "(batch slice, step slice) chunks of at most `chunk` query slots covering (B, S) (at least one step of one image each)."
+    if chunk <= 0 or B * S * M <= chunk: return [(slice(0, B), slice(0, S))]
+    if S * M <= chunk:                                   # whole images
+        b = chunk // (S * M)
+        return [(slice(i, min(i + b, B)), slice(0, S)) for i in range(0, B, b)]
+    s = max(1, chunk // M)                               # runs of steps of one image
+    return [(slice(i, i + 1), slice(j, min(j + s, S))) for i in range(B) for j in range(0, S, s)]
+
+class FusedChunks(torch.autograd.Function):
+    """One autograd node for a loss whose gradients were computed in the forward pass: `run()` -> (loss, one
+    gradient or None per tensor passed); the backward pass multiplies the stored gradients by the incoming one."""
+    @staticmethod
+    def forward(ctx, run, *tensors):
+        loss, grads = run()
+        ctx.has = [g is not None for g in grads]
+        ctx.save_for_backward(*(g for g in grads if g is not None))   # visible to saved_tensors_hooks (memory accounting)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        saved = iter(ctx.saved_tensors)
+        return (None, *(next(saved) * g_loss if has else None for has in ctx.has))
+
+def chunked_loss(head: HeadBase, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM, spec: HeadLoss):
+    """(weighted loss, per-target losses (B, S, M), detached) of `head` at the targets, `spec.chunk` query slots at a
+    time. When a gradient is needed, each chunk's backward runs right after its forward and only the gradients for
+    the head's inputs and parameters are kept (`FusedChunks`): no chunk's outputs or activations outlive it."""
+    B, S, M = pos_BSM.shape
+    per_BSM = None
+    def chunk_loss(b, s, hk, cond):
+        nonlocal per_BSM
+        per = spec.per_target(head.outputs(hk, cond, steps_S[s], pos_BSM[b, s], valid_BSM[b, s]), b, s)
+        if per_BSM is None: per_BSM = per.new_zeros(B, S, M)
+        per_BSM[b, s] = per.detach()
+        return (spec.weight_BSM[b, s] * per).sum()
+    chunks = chunk_slices(B, S, M, spec.chunk)
+    inputs = [(t, i) for t, i in ((hk_BTD, 0), (cond_BSD, 1)) if t.requires_grad]
+    params = [p for p in (*head.parameters(), *spec.params) if p.requires_grad]
+    if not (torch.is_grad_enabled() and (inputs or params)):
+        return sum(chunk_loss(b, s, hk_BTD[b], cond_BSD[b, s]) for b, s in chunks), per_BSM
+
+    def run():
+        total, g_in, g_par = 0.0, [None, None], [None] * len(params)
+        for b, s in chunks:
+            where = ((b,), (b, s))                                     # each input's part this chunk reads
+            with torch.enable_grad():
+                leaves = [t[w].detach().requires_grad_(t.requires_grad) for t, w in zip((hk_BTD, cond_BSD), where)]
+                l = chunk_loss(b, s, *(x.view_as(x) for x in leaves))   # views: module hooks (FlopCounterMode) see non-leaves
+                grads = torch.autograd.grad(l, [leaves[i] for _, i in inputs] + params, allow_unused=True)
+            total = total + l.detach()
+            for (t, i), g in zip(inputs, grads):
+                if g is None: continue
+                if g_in[i] is None: g_in[i] = torch.zeros_like(t)
+                g_in[i][where[i]] += g
+            for j, g in enumerate(grads[len(inputs):]):
+                if g is not None: g_par[j] = g if g_par[j] is None else g_par[j] + g
+        return total, [g_in[i] for _, i in inputs] + g_par
+    return FusedChunks.apply(run, *(t for t, _ in inputs), *params), per_BSM
 
 # %% ../nbs/06_head.ipynb #becee7f8
 def cosine_alpha_bar(T: int = 1000, s: float = 0.008, floor: float = 1e-4, device=None):
@@ -383,12 +479,20 @@ class DiffusionMLP(nn.Module):
         ab = self.alpha_bar
         return ab if ab.dtype in (torch.float32, torch.float64) else cosine_alpha_bar(self.T, device=ab.device)
 
-    def loss(self, x0_VC, z_VZ, draws: int = 4, generator=None):
-        "Per-target epsilon MSE (V,), averaged over `draws` noise/time draws per target."
+    def draw_noise(self, V: int, draws: int, device=None, dtype=None, generator=None):
+        "Times (draws, V) and noise (draws, V, C) for the loss of V targets, drawn in this order (times, then noise)."
+        t = torch.randint(0, self.T, (V * draws,), device=device, generator=generator)
+        eps = torch.randn(V * draws, self.channels, device=device, generator=generator, dtype=dtype)
+        return t.view(draws, V), eps.view(draws, V, self.channels)
+
+    def loss(self, x0_VC, z_VZ, draws: int = 4, generator=None, noise=None):
+        """Per-target epsilon MSE (V,), averaged over `draws` noise/time draws per target; `noise` = (times, noise)
+        from `draw_noise` (drawn here when None: the chunked loss draws them once for all targets, then slices)."""
         V = x0_VC.shape[0]
+        t_DV, eps_DVC = noise if noise is not None else self.draw_noise(V, draws, x0_VC.device, x0_VC.dtype, generator)
+        draws = t_DV.shape[0]
         x0 = x0_VC.repeat(draws, 1); z = z_VZ.repeat(draws, 1)
-        t = torch.randint(0, self.T, (V * draws,), device=x0.device, generator=generator)
-        eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+        t, eps = t_DV.reshape(-1), eps_DVC.reshape(-1, self.channels)
         ab = self.schedule()[t][:, None].to(x0.dtype)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
         mse = (self(xt, t, z).to(eps.dtype) - eps).pow(2).mean(-1)

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .config import Config, ConfigError, check_state_dict, get_preset, load_weights, save_weights
 from .transformer import CausalTransformer, init_gpt_
-from .head import HEADS, Targets, cosine_alpha_bar, make_order, select_targets
+from .head import HEADS, HeadLoss, Targets, cosine_alpha_bar, make_order, select_targets
 from .tokens import TOKEN_KINDS, VQTokens, token_kind
 
 # %% auto #0
@@ -47,7 +47,9 @@ class HeptapodConfig(Config):
     diff_depth: int = 3
     diff_draws: int = 4
     diff_steps: int = 25
-    grad_checkpoint: bool = False
+    grad_checkpoint: bool = False          # recompute the backbone's blocks in the backward pass (less memory, more FLOPs)
+    loss_chunk: int = 4096                 # query slots per chunk of the head's loss, whose backward runs inside the
+                                           # forward (06_head, chunked_loss); 0 = the plain path (all outputs at once)
 
     @property
     def n_positions(self) -> int: return self.grid[0] * self.grid[1]
@@ -67,6 +69,7 @@ class HeptapodConfig(Config):
         if isinstance(self.targets_per_step, int) and self.targets_per_step < 1:
             raise ConfigError(f"targets_per_step must be >= 1 or 'all', got {self.targets_per_step}")
         if not self.next_weight > 0: raise ConfigError(f"next_weight must be > 0, got {self.next_weight}")
+        if self.loss_chunk < 0: raise ConfigError(f"loss_chunk must be >= 0 (0: the plain path), got {self.loss_chunk}")
         if min(self.depth, self.head_depth, self.diff_depth, self.diff_draws, self.diff_steps) < 1:
             raise ConfigError("depth, head_depth, diff_depth, diff_draws and diff_steps must be >= 1")
 
@@ -192,15 +195,30 @@ class Heptapod(nn.Module):
         self.check_targets(targets, B, N)
         pos, valid, steps = targets.pos_BSM, targets.valid_BSM, targets.steps_S.to(h_BND.device)
         cond = h_BND if steps.shape[0] == N and torch.equal(steps, torch.arange(N, device=steps.device)) else h_BND[:, steps]
-        out = self.head(h_BND, cond, steps, pos, valid)                             # (B, S, M, O)
-        lt = torch.promote_types(out.dtype, torch.float32)                          # loss dtype: float32, or float64
-        per = self.kind.loss(out, flat, pos, valid, lt, self.diffusion)              # (B, S, M): CE, or diffusion MSE
+        lt = torch.promote_types(h_BND.dtype, torch.float32)                        # loss dtype: float32, or float64
         w = valid.to(lt)
         w[..., 0] *= c.next_weight
-        loss = (w * per).sum() / w.sum()
-        res = {"loss": loss, "next_loss": per[..., 0].mean(), "n_targets": int(valid.sum())}
-        if return_outputs: res["outputs"] = out
-        return res
+        res = {"n_targets": int(valid.sum())}
+        if return_outputs or not c.loss_chunk:   # the plain path: every output at once, then the loss
+            out = self.head(h_BND, cond, steps, pos, valid)                         # (B, S, M, O)
+            per = self.kind.loss(out, flat, pos, valid, lt, self.diffusion)          # (B, S, M): CE, or diffusion MSE
+            loss = (w * per).sum() / w.sum()
+            if return_outputs: res["outputs"] = out
+        else:                                    # chunk by chunk, no (B, S, M, O) outputs held (06_head, chunked_loss)
+            loss, per = self.head(h_BND, cond, steps, pos, valid, loss=self.head_loss(flat, pos, valid, w / w.sum()))
+        return {"loss": loss, "next_loss": per[..., 0].mean(), **res}
+
+    def head_loss(self, flat, pos_BSM, valid_BSM, weight_BSM) -> HeadLoss:
+        """What the head needs to compute the loss in chunks: the token kind's per-target loss on a (batch, step)
+        slice, with any random draws it makes (KL: diffusion times and noise) drawn once, as the plain path draws them."""
+        noise = self.kind.loss_noise(valid_BSM, flat, self.diffusion)
+        row_BSM = valid_BSM.flatten().cumsum(0).view_as(valid_BSM) - 1              # each valid target's row in `noise`
+        def per_target(out, b, s):
+            v = valid_BSM[b, s]
+            rows = None if noise is None else tuple(n[:, row_BSM[b, s][v]] for n in noise)
+            return self.kind.loss(out, flat[b], pos_BSM[b, s], v, weight_BSM.dtype, self.diffusion, noise=rows)
+        params = tuple(self.diffusion.parameters()) if self.diffusion is not None else ()
+        return HeadLoss(per_target, weight_BSM, self.config.loss_chunk, params)
 
     def loss(self, tokens, labels=None) -> torch.Tensor:
         "Scalar training loss for a batch of token grids and class labels."

@@ -117,6 +117,10 @@ class TokenKind:
 
     def _expand(self, flat, idx_BL): return idx_BL
 
+    def loss_noise(self, valid_BSM, flat, diffusion):
+        "The random draws the loss of the valid targets needs, drawn once before a chunked loss (None: a deterministic loss)."
+        return None
+
 # %% ../nbs/06a_tokens.ipynb #faa23574
 class VQTokens(TokenKind):
     "Code indices in [0, vocab_size): embedding lookup, cross-entropy, temperature / top-k / top-p draws."
@@ -178,8 +182,8 @@ class VQTokens(TokenKind):
     zero_out_head: ClassVar[bool] = True          # logits start at 0: a uniform first guess
     def make_diffusion(self, config): return None
 
-    def loss(self, out_BSMO, flat_BN, pos_BSM, valid_BSM, loss_dtype, diffusion=None):
-        "Per-target cross-entropy (B, S, M) of logits `out_BSMO` against the codes at `pos_BSM`."
+    def loss(self, out_BSMO, flat_BN, pos_BSM, valid_BSM, loss_dtype, diffusion=None, noise=None):
+        "Per-target cross-entropy (B, S, M) of logits `out_BSMO` against the codes at `pos_BSM` (`noise`: unused)."
         tgt_BSM = flat_BN.gather(1, pos_BSM.flatten(1)).view_as(pos_BSM)
         return F.cross_entropy(out_BSMO.flatten(0, 2).to(loss_dtype), tgt_BSM.flatten(), reduction="none").view_as(pos_BSM)
 
@@ -294,13 +298,19 @@ class KLTokens(TokenKind):
     def make_diffusion(self, config):
         return DiffusionMLP(config.token_channels, self.head_out_dim(config), config.diff_width, config.diff_depth)
 
-    def loss(self, out_BSMZ, flat_BNC, pos_BSM, valid_BSM, loss_dtype, diffusion=None):
-        "Per-target diffusion loss (B, S, M) of conditions `out_BSMZ` for the latents at `pos_BSM` (0 where invalid)."
+    def loss(self, out_BSMZ, flat_BNC, pos_BSM, valid_BSM, loss_dtype, diffusion=None, noise=None):
+        """Per-target diffusion loss (B, S, M) of conditions `out_BSMZ` for the latents at `pos_BSM` (0 where invalid);
+        `noise`: the valid targets' diffusion times and noise (`loss_noise`, rows in (B, S, M) order), else drawn here."""
         C = flat_BNC.shape[-1]
         x0_BSMC = flat_BNC.gather(1, pos_BSM.flatten(1)[..., None].expand(-1, -1, C)).view(*pos_BSM.shape, -1)
         per_BSM = out_BSMZ.new_zeros(pos_BSM.shape, dtype=loss_dtype)
-        per_BSM[valid_BSM] = diffusion.loss(x0_BSMC[valid_BSM], out_BSMZ[valid_BSM], self.diff_draws).to(loss_dtype)
+        per_BSM[valid_BSM] = diffusion.loss(x0_BSMC[valid_BSM], out_BSMZ[valid_BSM], self.diff_draws, noise=noise).to(loss_dtype)
         return per_BSM
+
+    def loss_noise(self, valid_BSM, flat_BNC, diffusion):
+        """Every valid target's diffusion times (draws, V) and noise (draws, V, C), drawn as `loss` would draw them,
+        so a loss computed in chunks (each taking its targets' columns) equals the loss computed at once."""
+        return diffusion.draw_noise(int(valid_BSM.sum()), self.diff_draws, flat_BNC.device, flat_BNC.dtype)
 
     # ---- sampling and its statistics ------------------------------------------------------------------------
     def draw(self, out_BKZ, settings: DrawSettings, generator=None, diffusion=None):
