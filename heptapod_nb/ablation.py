@@ -45,12 +45,19 @@ ABLATION: dict[str, dict] = {
     "w1_last":   dict(model=dict(window=1, targets_per_step=1, head_context="last"), steps_mult=1.0),
     "w16_m2_nw8_last": dict(model=dict(window=16, targets_per_step=2, next_weight=8.0, head_context="last"), steps_mult=1.0),
     "global_m2_nw8_last": dict(model=dict(window="global", targets_per_step=2, next_weight=8.0, head_context="last"), steps_mult=1.0),
+    # what the head costs, at equal training FLOPs (issue 23 part 4, bench/equal_flops.py): the h_t-only head at
+    # M = 4 and 16, and every one of them at half the head's width (the tiny preset's 128 -> 64)
+    **{f"global_m{M}_nw8_last": dict(model=dict(window="global", targets_per_step=M, next_weight=8.0, head_context="last"),
+                                     steps_mult=1.0) for M in (4, 16)},
+    "w1_last_hw64": dict(model=dict(window=1, targets_per_step=1, head_context="last", head_width=64), steps_mult=1.0),
+    **{f"global_m{M}_nw8_last_hw64": dict(model=dict(window="global", targets_per_step=M, next_weight=8.0, head_context="last",
+                                                     head_width=64), steps_mult=1.0) for M in (2, 4, 16)},
 }
 
 def ablation_label(name: str) -> str:
     "A short human label: window and M."
     m = ABLATION[name]["model"]
-    s = f"window={m['window']}, M={m['targets_per_step']}" + "".join(f", {k}={m[k]:g}" for k in ("next_weight", "head_depth") if k in m)
+    s = f"window={m['window']}, M={m['targets_per_step']}" + "".join(f", {k}={m[k]:g}" for k in ("next_weight", "head_depth", "head_width") if k in m)
     s += ", head sees h_t only" if m.get("head_context") == "last" else ""
     return s + (f", {ABLATION[name]['steps_mult']}x steps" if ABLATION[name]["steps_mult"] != 1 else "")
 

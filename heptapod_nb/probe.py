@@ -25,10 +25,11 @@ from .tokens import token_kind
 from .train import TrainConfig, TrainData, list_checkpoints, load_checkpoint, model_config_for, read_metrics, train
 
 # %% auto #0
-__all__ = ['PROBE', 'PROBE_METRICS', 'probe_model', 'probe_steps', 'backbone_states', 'probe_accuracy', 'probe_metrics',
-           'classifier_probs', 'mnist_is', 'class_coverage', 'quality_metrics', 'unconditional_samples',
-           'has_full_guess', 'commitment_curves', 'token_grids', 'run_probe', 'summarize_probe', 'probe_table',
-           'plot_probe', 'ce_by_position', 'step_cost']
+__all__ = ['PROBE', 'PROBE_METRICS', 'EQUAL_FLOPS_METRICS', 'probe_model', 'probe_steps', 'backbone_states', 'probe_accuracy',
+           'probe_metrics', 'classifier_probs', 'mnist_is', 'class_coverage', 'quality_metrics',
+           'unconditional_samples', 'has_full_guess', 'commitment_curves', 'token_grids', 'run_probe',
+           'summarize_probe', 'probe_table', 'plot_probe', 'summarize_equal_flops', 'equal_flops_table',
+           'plot_equal_flops', 'ce_by_position', 'step_cost']
 
 # %% ../nbs/15_probe.ipynb #cb022cc5
 PROBE: dict[str, dict] = {
@@ -198,21 +199,25 @@ def token_grids(tokens_root, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 def run_probe(name: str, seed: int, tokens_root, *, steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
               warmup: int = 30, samples: int = 1000, curve_samples: int = 100, temperature: float = 1.0,
               threads: int = 1, tokenizer=None, classifier=None, preset: str = "tiny", work=None,
-              progress: bool = False, model: dict | None = None, probe_n: int = 0) -> dict:
+              progress: bool = False, model: dict | None = None, probe_n: int = 0, evals: int = 1,
+              eval_samples: int = 0) -> dict:
     """Train probe configuration `name` (or the explicit `model` overrides) with `seed`, unconditional; -> a result dict
     (one entry of `runs`; `_images` and `_model`, the trained model, are for the caller and not JSON). `classifier`:
-    MNIST classifier file (default the bundled one); `probe_n` > 0 fits the probe on a fixed random `probe_n` train grids."""
+    MNIST classifier file (default the bundled one); `probe_n` > 0 fits the probe on a fixed random `probe_n` train grids.
+    `evals` > 1 also scores `evals` checkpoints along the run (`checkpoints`: step, next-position val CE and, with
+    `eval_samples` > 0, the MNIST-FID of that many samples): quality against training compute."""
     overrides, tokens_root = probe_model(name, model), Path(tokens_root)
     mult = PROBE[name]["steps_mult"] if model is None else 1.0
     n_steps = max(1, round(steps * mult))
     if samples < 2 or curve_samples < 0: raise ValueError(f"samples must be >= 2 and curve_samples >= 0, got {samples}, {curve_samples}")
+    if evals < 1 or eval_samples < 0: raise ValueError(f"evals must be >= 1 and eval_samples >= 0, got {evals}, {eval_samples}")
     clf = mnist_classifier("cpu", path=classifier)                    # before training: a missing file fails fast
     tok = load_tokenizer(tokenizer or demo_dir() / DEMO_FILES["tokenizer"]).eval()
     tmp = Path(tempfile.mkdtemp(prefix=f"probe_{name}_{seed}_", dir=work))
     try:
         cfg = TrainConfig(preset=preset, model=dict(overrides), data=str(tokens_root / "train"), out=str(tmp),
                           steps=n_steps, batch_size=batch_size, lr=lr, min_lr=lr / 10, warmup=warmup,
-                          ema=0.0, seed=seed, threads=threads, ckpt_every=n_steps, keep=1, log_every=max(1, math.gcd(50, n_steps)),
+                          ema=0.0, seed=seed, threads=threads, ckpt_every=max(1, n_steps // evals), keep=evals + 1, log_every=max(1, math.gcd(50, n_steps)),
                           num_workers=0, progress=progress, aug="first")
         mcfg = model_config_for(cfg, TrainData(cfg, torch.device("cpu")).info)
         seed_everything(seed)
@@ -232,6 +237,15 @@ def run_probe(name: str, seed: int, tokens_root, *, steps: int = 300, batch_size
         t1 = time.time()
         res = dict(name=name, seed=seed, steps=n_steps, batch_size=batch_size, model=overrides, train_s=round(secs[n_steps], 1),
                    wall_s=round(wall, 1), val_next_ce=round(next_position_ce(trained, vx, torch.zeros_like(vy)), 4))
+        if evals > 1:                                                # quality along the run (the last point is `trained`)
+            ck_model, res["checkpoints"] = Heptapod(mcfg).eval(), []
+            for ck in list_checkpoints(tmp / "checkpoints"):
+                st = load_checkpoint(ck); ck_model.load_state_dict(st["model"])
+                pt = dict(step=int(st["step"]), val_next_ce=round(next_position_ce(ck_model, vx, torch.zeros_like(vy)), 4))
+                if eval_samples:
+                    ims = unconditional_samples(ck_model, tok, eval_samples, seed, temperature=temperature)
+                    pt["mnist_fid"] = round(quality_metrics(clf, ims)["mnist_fid"], 3)
+                res["checkpoints"].append(pt)
         res.update(probe_metrics(trained, tx, ty, vx, vy))
         res.update(probe_metrics(floor, tx, ty, vx, vy, prefix="floor_probe_"))
         res["probe_s"] = round(time.time() - t1, 1)
@@ -304,6 +318,65 @@ def plot_probe(runs: list[dict], axes=None):
     axes[0].set(xlabel="tokens seen t", ylabel="linear-probe val accuracy", title="digit readable from h_t (dashed: random init)")
     axes[1].set(xlabel="tokens seen t", ylabel="agrees with the finished sample", title="when the model commits to a digit")
     for ax in axes: ax.legend(fontsize=7)
+    return axes
+
+# %% ../nbs/15_probe.ipynb #3a009862
+EQUAL_FLOPS_METRICS = {"uncond": ("probe_mean", "mnist_fid", "val_next_ce"), "cond": ("class_acc", "mnist_fid", "val_next_ce")}
+_EQF_KEYS = ("probe_mean", "class_acc", "mnist_fid", "mnist_is", "coverage", "val_next_ce", "class_gain", "train_s")
+_EQF_LABEL = dict(probe_mean="probe, mean state (higher is better)", class_acc="class accuracy of samples (higher is better)",
+                  mnist_fid="MNIST-FID (lower is better)", val_next_ce="next-position val CE (lower is better)")
+
+def summarize_equal_flops(runs: list[dict]) -> list[dict]:
+    """Per (mode, config), uncond first, configs in order of appearance: seeds, steps, FLOPs per step and per run, the
+    FLOPs ratio to next-token, and mean / std over seeds of every measure all its runs hold."""
+    rows = []
+    keys = sorted(dict.fromkeys((r["mode"], r["name"]) for r in runs), key=lambda k: list(EQUAL_FLOPS_METRICS).index(k[0]))
+    for mode, name in keys:
+        rs = [r for r in runs if (r["mode"], r["name"]) == (mode, name)]
+        if len({r["steps"] for r in rs}) > 1: raise ValueError(f"{mode} runs of {name!r} have different step counts")
+        row = dict(mode=mode, name=name, seeds=len(rs), **{k: rs[0][k] for k in ("steps", "flops_per_step", "train_flops", "flops_ratio")})
+        for k in _EQF_KEYS:
+            if all(r.get(k) is not None for r in rs): row[k], row[k + "_std"] = mean_std([r[k] for r in rs])
+        rows.append(row)
+    return rows
+
+def equal_flops_table(rows: list[dict]) -> str:
+    "A markdown table of `summarize_equal_flops` rows."
+    keys = [("probe_mean", "{:.3f}"), ("class_acc", "{:.3f}"), ("mnist_fid", "{:.1f}"), ("val_next_ce", "{:.3f}"), ("class_gain", "{:.3f}")]
+    out = ["| mode | config | FLOPs/image vs next-token | steps | train TFLOP | seeds | " + " | ".join(k for k, _ in keys) + " |",
+           "|---" * (6 + len(keys)) + "|"]
+    for r in rows:
+        cells = [(f.format(r[k]) + (f" +- {f.format(r[k + '_std'])}" if r["seeds"] > 1 else "")) if k in r else "-" for k, f in keys]
+        out.append(f"| {r['mode']} | {r['name']} | {r['flops_ratio']:.3f} | {r['steps']} | {r['train_flops'] / 1e12:.1f} | "
+                   f"{r['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+def plot_equal_flops(runs: list[dict], axes=None):
+    """Quality against training FLOPs: a row per mode present (uncond: probe, MNIST-FID, CE; cond: class accuracy,
+    MNIST-FID, CE), one colour per config; lines: means over seeds at the checkpoints, points: the final values
+    (mean +- std over seeds; the probe is measured at the end only)."""
+    import matplotlib.pyplot as plt
+    modes = [m for m in EQUAL_FLOPS_METRICS if any(r["mode"] == m for r in runs)]
+    if axes is None: _, axes = plt.subplots(len(modes), 3, figsize=(14, 3.6 * len(modes)), squeeze=False)
+    axes = np.asarray(axes).reshape(len(modes), 3)
+    names = list(dict.fromkeys(r["name"] for r in runs))
+    rows = {(r["mode"], r["name"]): r for r in summarize_equal_flops(runs)}
+    for i, mode in enumerate(modes):
+        for j, k in enumerate(EQUAL_FLOPS_METRICS[mode]):
+            ax = axes[i, j]
+            for c, name in enumerate(names):
+                row, rs = rows.get((mode, name)), [r for r in runs if (r["mode"], r["name"]) == (mode, name)]
+                if row is None: continue
+                style = dict(color=f"C{c % 10}", ls="--" if name.endswith("_hw64") else "-")
+                cks = [r.get("checkpoints") or [] for r in rs]
+                if cks[0] and all(len(ck) == len(cks[0]) and k in ck[0] for ck in cks):
+                    ax.plot([p["train_flops"] / 1e12 for p in cks[0]], np.mean([[p[k] for p in ck] for ck in cks], 0), alpha=0.6, **style)
+                if k in row:
+                    ax.errorbar(row["train_flops"] / 1e12, row[k], yerr=row[k + "_std"], fmt="o" if style["ls"] == "-" else "s",
+                                capsize=3, color=style["color"], label=f"{name} ({row['flops_ratio']:.2f}x, {row['steps']} steps)")
+            ax.set(xlabel="training TFLOP (forward + backward)", title=f"{mode}: {_EQF_LABEL[k]}")
+            ax.title.set_fontsize(9)
+        axes[i, 0].legend(fontsize=6)
     return axes
 
 # %% ../nbs/15_probe.ipynb #b1e23d52

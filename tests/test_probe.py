@@ -1,6 +1,7 @@
 """The semantics probe (heptapod_nb.probe, bench/probe.py): the linear probe reads a label that the features hold and
 not one they do not; the IS analogue and coverage have their textbook values; backbone states are the model's own
-and see no later token; the commitment curves keep the prefix and end at 1; the benchmark resumes and refuses."""
+and see no later token; the commitment curves keep the prefix and end at 1; the benchmark resumes and refuses; the
+equal-FLOPs benchmark (bench/equal_flops.py) counts, allots and records training FLOPs."""
 import importlib.util, json, subprocess, sys
 from pathlib import Path
 
@@ -215,7 +216,7 @@ def _bench():
     m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); return m
 
 
-@pytest.mark.parametrize("script", ["bench/probe.py", "bench/grid16.py"])
+@pytest.mark.parametrize("script", ["bench/probe.py", "bench/grid16.py", "bench/equal_flops.py"])
 def test_bench_help_does_not_import_torch(script):
     code = (f"import runpy, sys; sys.argv = ['{script}', '--help']\n"
             f"try: runpy.run_path('{script}', run_name='__main__')\nexcept SystemExit as e: assert e.code == 0\n"
@@ -327,3 +328,99 @@ def test_bench_cost_mode_refuses_to_overwrite(tmp_path, capsys, monkeypatch):
     out = tmp_path / "c.json"; out.write_text("{}")
     assert _bench().main(["--configs", "w1,global", "--cost", "2", "--tokens", str(tmp_path), "--out", str(out)]) == 2
     assert "does not resume" in capsys.readouterr().err and out.read_text() == "{}"
+
+
+# ---- equal training FLOPs (bench/equal_flops.py; issue 23 part 4) ------------------------------------------------
+def _eqf():
+    spec = importlib.util.spec_from_file_location("bench_equal_flops", ROOT / "bench" / "equal_flops.py")
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); return m
+
+
+def test_equal_flops_configs_are_registered_and_differ_only_in_m_and_head_width():
+    from heptapod_nb.ablation import ABLATION, ablation_label
+    from heptapod_nb.model import PRESETS
+    names = _eqf().CONFIGS.split(",")
+    assert len(names) == 8 and all(n in ABLATION for n in names)
+    tiny = PRESETS["tiny"]
+    for n in names:
+        m = probe_model(n)                                              # the unconditional model as run_probe builds it
+        cfg = tiny.replace(**m)                                         # a valid tiny-preset config (validate raises otherwise)
+        assert cfg.head_context == "last" and cfg.head_width == (64 if n.endswith("_hw64") else 128) and cfg.head_heads == 4, n
+        if n.startswith("w1"): assert (cfg.window, cfg.targets_per_step) == (1, 1), n
+        else:
+            M = int(n.split("_")[1][1:])
+            assert (cfg.window, cfg.targets_per_step, cfg.next_weight) == ("global", M, 8.0), n
+        assert set(m) - {"window", "targets_per_step", "next_weight", "head_context", "head_width", "num_classes"} == set(), n
+        assert ("head_width=64" in ablation_label(n)) == n.endswith("_hw64")
+    assert tiny.next_weight == 8.0 and tiny.head_context == "last" and tiny.head_width == 128   # the values the names copy
+
+
+def test_flops_per_step_is_linear_in_batch_and_ranks_the_heads():
+    eq = _eqf()
+    info = dict(kind="vq", grid=(8, 8), num_classes=10, vocab_size=16)
+    cfg = lambda **kw: HeptapodConfig(vocab_size=16, grid=(8, 8), num_classes=0, dim=32, depth=2, n_heads=2, head_width=32,
+                                      head_depth=1, head_heads=2, head_context="last", **kw)
+    f = lambda c, b=4: eq.flops_per_step(c, info, b)
+    w1, g2, g16 = cfg(window=1, targets_per_step=1), cfg(window="global", targets_per_step=2), cfg(window="global", targets_per_step=16)
+    assert f(w1, 4) == 2 * f(w1, 2) and f(g16, 4) == 2 * f(g16, 2)      # matmul FLOPs: proportional to the batch
+    assert 0 < f(w1) < f(g2) < f(g16) and f(g2.replace(head_width=16, head_heads=2)) < f(g2)
+    assert f(g2.replace(num_classes=10)) == f(g2)                       # a class token instead of a start token: same work
+
+
+def test_allot_gives_each_config_the_base_budget():
+    eq = _eqf()
+    p = eq.allot({"w1": 40, "g2": 50, "g16": 135, "w1h": 36}, "w1", 600, 30)
+    assert p["w1"] == dict(flops_per_step=40, flops_ratio=1.0, steps=600, warmup=30)
+    assert [p[n]["steps"] for n in ("g2", "g16", "w1h")] == [480, 178, 667]      # round(24000 / f)
+    assert [p[n]["warmup"] for n in ("g2", "g16", "w1h")] == [24, 9, 33]         # 5% of each run, as the base's 30 of 600
+    assert all(abs(q["steps"] * q["flops_per_step"] - 24000) <= q["flops_per_step"] / 2 for q in p.values())
+    assert eq.allot({"w1": 40, "huge": 10 ** 9}, "w1", 600, 30)["huge"]["steps"] == 1
+
+
+def test_equal_flops_jobs_record_flops_beside_every_measure(monkeypatch):
+    import heptapod_nb.ablation as abl, heptapod_nb.probe as pr
+    calls = []
+    monkeypatch.setattr(pr, "run_probe", lambda name, seed, **kw: calls.append(("probe", kw)) or dict(
+        name=name, seed=seed, steps=kw["steps"], _model=1, checkpoints=[dict(step=2, val_next_ce=3.0), dict(step=4, val_next_ce=2.5)]))
+    monkeypatch.setattr(abl, "run_ablation", lambda name, seed, **kw: calls.append(("abl", kw)) or dict(
+        name=name, seed=seed, steps=kw["steps"], _images=1, curve=[dict(step=4, val_next_ce=2.0)]))
+    p = dict(flops_per_step=10, flops_ratio=1.25, steps=4, warmup=1)
+    kw = dict(common=dict(lr=1.0), uncond=dict(probe_n=7), cond=dict(curve_samples=20))
+    eq = _eqf()
+    u, c = eq._job(("uncond", "g2", 0, p, kw)), eq._job(("cond", "g2", 1, p, kw))
+    assert calls == [("probe", dict(lr=1.0, steps=4, warmup=1, probe_n=7)), ("abl", dict(lr=1.0, steps=4, warmup=1, curve_samples=20))]
+    assert u["mode"] == "uncond" and c["mode"] == "cond" and "_model" not in u and "_images" not in c and "curve" not in c
+    assert (u["train_flops"], u["flops_per_step"], u["flops_ratio"]) == (40, 10, 1.25)
+    assert [q["train_flops"] for q in u["checkpoints"]] == [20, 40] and c["checkpoints"] == [dict(step=4, val_next_ce=2.0, train_flops=40)]
+
+
+def test_equal_flops_bench_resumes_and_refuses_other_settings_or_flops(tmp_path, capsys, monkeypatch):
+    import heptapod_nb.ablation as abl
+    monkeypatch.setattr(abl, "ablation_tokens", lambda root, tok, progress=False: Path(root))     # no extraction
+    eq, out = _eqf(), tmp_path / "e.json"
+    plan = {m: {"w1_last": dict(flops_per_step=10, flops_ratio=1.0, steps=6, warmup=1),
+                "global_m4_nw8_last": dict(flops_per_step=15, flops_ratio=1.5, steps=4, warmup=1)} for m in ("uncond", "cond")}
+    monkeypatch.setattr(eq, "plan", lambda a, names, modes, root: {m: {n: plan[m][n] for n in names} for m in modes})
+    args = ["--configs", "w1_last,global_m4_nw8_last", "--seeds", "0", "--base-steps", "6", "--samples", "10", "--evals", "2",
+            "--eval-samples", "10", "--tokens", str(tmp_path / "tok"), "--out", str(out)]
+    a = eq.parser().parse_args(args)
+    settings = dict(base="w1_last", base_steps=6, batch=32, lr=2e-3, warmup=30, samples=10, probe_n=0, evals=2, eval_samples=10,
+                    temperature=1.0, tokenizer=None)
+    assert settings == {k: getattr(a, k) for k in settings}
+    run = lambda mode, n, v: dict(mode=mode, name=n, seed=0, steps=plan[mode][n]["steps"], train_s=1.0, wall_s=1.0, mnist_fid=40.0,
+                                  val_next_ce=v, **({"probe_mean": 0.7} if mode == "uncond" else {"class_acc": 0.5}),
+                                  **{k: plan[mode][n][k] for k in ("flops_per_step", "flops_ratio")},
+                                  train_flops=plan[mode][n]["flops_per_step"] * plan[mode][n]["steps"])
+    runs = [run(m, n, 3.0) for m in ("uncond", "cond") for n in ("w1_last", "global_m4_nw8_last")]
+    out.write_text(json.dumps(dict(settings=settings, plan=plan, runs=runs)))
+    assert eq.main(args) == 0                                       # everything is done already: nothing is trained
+    text = capsys.readouterr().out
+    assert "0 runs to do (4 already" in text and "| uncond | global_m4_nw8_last | 1.500 | 4 | 0.0 | 1 | 0.700 | - | 40.0 |" in text
+    before = out.read_text()
+    assert eq.main([x if x != "6" else "5" for x in args]) == 2     # another budget: refused in one line, file untouched
+    err = capsys.readouterr().err
+    assert err.startswith("bench/equal_flops.py: error:") and "other settings" in err and err.count("\n") == 1
+    plan["cond"]["w1_last"] = dict(plan["cond"]["w1_last"], flops_per_step=11)           # the FLOP count moved under the runs
+    assert eq.main(args) == 2 and "FLOP count changed" in capsys.readouterr().err and out.read_text() == before
+    for bad, msg in ((["--modes", "both"], "unknown mode"), (["--configs", "w3"], "unknown config"), (["--samples", "15"], "multiples of 10")):
+        assert eq.main(args + bad) == 2 and msg in capsys.readouterr().err
