@@ -13,8 +13,8 @@ import torch
 # %% auto #0
 __all__ = ['FAST', 'DEMO_FILES', 'USER_ERRORS', 'get_device', 'seed_everything', 'demo_dir', 'ConfigError', 'deprecated',
            'Config', 'atomic_save', 'atomic_write_bytes', 'write_json', 'to_uint8', 'parse_value', 'apply_overrides',
-           'get_preset', 'check_state_dict', 'save_weights', 'load_weights', 'add_debug_arg', 'cli_convention',
-           'one_line', 'cli_main']
+           'get_preset', 'check_state_dict', 'weights_sha256', 'nonfinite_tensors', 'save_weights', 'load_weights',
+           'add_debug_arg', 'cli_convention', 'one_line', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #8fe41d5e
 FAST: bool = os.environ.get("HEPTAPOD_FAST", "0") not in ("", "0", "false", "False")
@@ -196,8 +196,23 @@ def check_state_dict(module_or_sd, sd: dict, what: str = "checkpoint") -> None:
         if shapes: msg.append(f"  wrong shapes ({len(shapes)}): {fmt(shapes)}")
         raise ConfigError("\n".join(msg))
 
+def weights_sha256(sd: dict, meta: dict) -> str:
+    """sha256 of what a weights file means: its metadata (config, kind; not the checksums) and every tensor's name,
+    dtype, shape and bytes, in name order. Moving a tensor's offsets in the header, renaming it or editing the stored
+    config changes it, as does changing a byte; the file's layout does not."""
+    h = hashlib.sha256(json.dumps({k: meta[k] for k in sorted(meta) if not k.endswith("sha256")}, sort_keys=True).encode())
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(json.dumps([k, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+def nonfinite_tensors(sd: dict) -> list[str]:
+    "Names of the floating-point tensors of `sd` holding a NaN or an infinity."
+    return [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
 def _data_sha256(blob_or_path) -> str:
-    "sha256 of the tensor bytes of a safetensors file (everything after its JSON header), from bytes or a path."
+    "sha256 of the tensor bytes of a safetensors file (everything after its JSON header): the check of files saved before `weights_sha256`."
     h = hashlib.sha256()
     if isinstance(blob_or_path, (bytes, bytearray)):
         n = struct.unpack("<Q", blob_or_path[:8])[0]
@@ -209,39 +224,58 @@ def _data_sha256(blob_or_path) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""): h.update(chunk)
     return h.hexdigest()
 
-def save_weights(path, module_or_sd, config: Config | dict | None = None, kind: str = "") -> Path:
-    "Save tensors to `path` (.safetensors) atomically, with `config` (and `kind`) in metadata and a .json beside."
+def save_weights(path, module_or_sd, config: Config | dict | None = None, kind: str = "", where: str = "") -> Path:
+    """Save tensors to `path` (.safetensors) atomically, with `config` (and `kind`) in metadata, their `weights_sha256`,
+    and a .json beside. Weights holding NaN or inf are refused (`where`, e.g. "at step 120", goes into the message)."""
     from safetensors.torch import save as st_save
     sd = module_or_sd.state_dict() if isinstance(module_or_sd, torch.nn.Module) else module_or_sd
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    path = Path(path)
+    if bad := nonfinite_tensors(sd):
+        raise FloatingPointError(f"refusing to save {path}{' ' + where if where else ''}: {bad[0]} holds NaN or inf values"
+                                 + (f" ({len(bad) - 1} more tensors too)" if len(bad) > 1 else "")
+                                 + "; the run diverged: resume from an earlier checkpoint with a lower lr")
     cfg = config.to_dict() if isinstance(config, Config) else (config or {})
     meta = {"config": json.dumps(cfg), "kind": kind, "format": "heptapod_nb"}
-    data = st_save(sd, metadata=meta)
-    meta["tensors_sha256"] = _data_sha256(data)             # the tensor bytes do not move when metadata grows
-    path = Path(path)
+    meta["sha256"] = weights_sha256(sd, meta)
     atomic_write_bytes(path, st_save(sd, metadata=meta))
     write_json(path.with_suffix(".json"), {"kind": kind, "config": cfg})
     return path
 
 def load_weights(path, kind: str | None = None, device="cpu", verify: bool = True) -> tuple[dict, dict]:
     """`(state_dict, config_dict)` from a file written by `save_weights`; clear errors for missing/corrupt files.
-    With `verify` (default) the tensors are checked against the sha256 stored at save time (files without one load as is)."""
+    With `verify` (default): the file must match its `weights_sha256` (tensors, names, dtypes, shapes and stored
+    config); a file saved before that checksum is checked on its tensor bytes, one without any checksum loads with a
+    one-line notice; and weights holding NaN or inf are refused."""
     from safetensors import safe_open
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.is_dir(): raise ConfigError(f"{path} is a folder; expected a .safetensors weights file")
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise ConfigError(f"checkpoint {path} is corrupt or not a safetensors file ({type(e).__name__}: {e})") from e
     if kind is not None and meta.get("kind") != kind:
         raise ConfigError(f"checkpoint {path} holds a {meta.get('kind')!r}, expected a {kind!r}")
-    if verify and "tensors_sha256" in meta and _data_sha256(path) != meta["tensors_sha256"]:
-        raise ConfigError(f"checkpoint {path} fails its checksum: its tensors changed after it was saved "
-                          "(a damaged copy or an edited file); restore it from a good copy")
-    return sd, json.loads(meta.get("config", "{}"))
+    try: cfg = json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError as e: raise ConfigError(f"checkpoint {path} has a stored config that is not JSON: {e}") from None
+    if verify:
+        if "sha256" in meta: ok = weights_sha256(sd, meta) == meta["sha256"]
+        elif "tensors_sha256" in meta: ok = _data_sha256(path) == meta["tensors_sha256"]
+        else: ok = None
+        if ok is False:
+            raise ConfigError(f"checkpoint {path} fails its checksum: its tensors, their names, shapes or dtypes, or its "
+                              "stored config changed after it was saved (a damaged copy or an edited file); restore it from a good copy")
+        if ok is None or "sha256" not in meta:
+            print(f"heptapod_nb: note: {path} " + ("has no checksum: loaded unchecked" if ok is None else
+                  "was saved before whole-file checksums: only its tensor bytes were checked"), file=sys.stderr, flush=True)
+        if bad := nonfinite_tensors(sd):
+            raise ConfigError(f"checkpoint {path} holds NaN or inf values in {bad[0]}" + (f" and {len(bad) - 1} more tensors"
+                              if len(bad) > 1 else "") + ": it was saved from a diverged run; use an earlier checkpoint")
+    if str(device) != "cpu": sd = {k: v.to(device) for k, v in sd.items()}
+    return sd, cfg
 
 # %% ../nbs/00_config.ipynb #285f78a4
 # ConfigError is a ValueError; OSError covers missing, unreadable and unwritable files; FloatingPointError a NaN loss
