@@ -84,3 +84,45 @@ def test_renamed_keys_load_with_one_line_each(capsys):
     err = capsys.readouterr().err.splitlines()
     assert err == ["heptapod_nb: deprecated: C key 'max_steps' is now 'steps'",
                    "heptapod_nb: deprecated: C key 'min_lr_ratio' is now 'min_lr' (converted)"]
+
+
+def _rewrite(path, fn):
+    "Rewrite a safetensors file's JSON header with `fn(header)` (the data bytes untouched), as a hand edit would."
+    import json, struct
+    from pathlib import Path
+    blob = Path(path).read_bytes(); n = struct.unpack("<Q", blob[:8])[0]
+    hdr = json.loads(blob[8:8 + n]); fn(hdr)
+    new = json.dumps(hdr).encode(); new += b" " * (-len(new) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(new)) + new + blob[8 + n:])
+
+
+def test_model_files_that_lie_are_refused(tmp_path):
+    """Issue 24: a model file whose stored config was edited (n_heads 6 -> 3: the same weights read as another
+    network), or whose header swaps two tensors' offsets (every data byte intact), loaded cleanly and sampled other
+    images when the checksum covered tensor bytes only; both are refused now, and so are NaN weights (save and load)."""
+    import json
+    from heptapod_nb.model import Heptapod, HeptapodConfig, load_model, save_model
+    torch.manual_seed(0)
+    m = Heptapod(HeptapodConfig(dim=48, depth=1, n_heads=6, head_width=32, head_heads=4, head_depth=1))
+    p = save_model(m, tmp_path / "m.safetensors")
+    load_model(p)                                                            # the file as saved loads
+
+    def edit_config(h):
+        cfg = json.loads(h["__metadata__"]["config"]); cfg["n_heads"] = 3; h["__metadata__"]["config"] = json.dumps(cfg)
+    _rewrite(p, edit_config)
+    with pytest.raises(ConfigError, match="fails its checksum"): load_model(p)
+
+    p = save_model(m, tmp_path / "m.safetensors")
+    sd = m.state_dict()
+    pairs = [(x, y) for x in sd for y in sd if x < y and sd[x].shape == sd[y].shape and sd[x].dtype == sd[y].dtype
+             and not torch.equal(sd[x], sd[y])]
+    a, b = pairs[0]
+
+    def swap(h): h[a]["data_offsets"], h[b]["data_offsets"] = h[b]["data_offsets"], h[a]["data_offsets"]
+    _rewrite(p, swap)
+    assert torch.equal(load_weights(p, verify=False)[0][a], sd[b])           # the swap took: the names now lie
+    with pytest.raises(ConfigError, match="fails its checksum"): load_model(p)
+
+    with torch.no_grad(): m.head.out.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="head.out.weight holds NaN"): save_model(m, tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists()
