@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import (DEMO_FILES, FAST, Config, ConfigError, demo_dir, write_json, get_device, save_weights,
-                                 seed_everything, add_debug_arg, cli_main)
+                                 seed_everything, add_debug_arg, arg_float, arg_int, cli_main)
 from .viz import TraceView, view_for_model, trace_summary, is_next_token, filmstrip, images_to_uint8, _up
 from .sample import TraceRecorder, generate, predict_remaining
 from .tokenizer import TOKENIZER_PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
@@ -1023,16 +1023,16 @@ def _parser(prog: str, retrain: bool = False) -> argparse.ArgumentParser:
                    help="port to serve on (default: the GRADIO_SERVER_PORT environment variable, else 7860)")
     p.add_argument("--weights", default=None, help="folder with tokenizer/heptapod/baseline .safetensors (default: bundled demo)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=2, help="generations that run at once, each on its own copy of "
+    p.add_argument("--workers", type=arg_int(1), default=2, help="generations that run at once, each on its own copy of "
                    "the models (default 2, the best median latency measured on 2 cores; 1: one at a time)")
     if retrain:
         p.add_argument("--retrain", action="store_true", help="remake the demo weights with the project's recipe first")
-        p.add_argument("--minutes", type=float, default=None, help="wall-clock cap for the whole retrain in minutes (scales each stage's cap)")
-        p.add_argument("--threads", type=int, default=None, help="CPU threads for retraining (default: the recipe's 2; "
+        p.add_argument("--minutes", type=arg_float(0, lo_open=True), default=None, help="wall-clock cap for the whole retrain in minutes (scales each stage's cap)")
+        p.add_argument("--threads", type=arg_int(1), default=None, help="CPU threads for retraining (default: the recipe's 2; "
                        "use 1 on a machine shared with other jobs)")
         p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
         p.add_argument("--no-launch", action="store_true", help="only (re)train, do not start the app")
-        p.add_argument("--eval-samples", type=int, default=None, dest="eval_samples",
+        p.add_argument("--eval-samples", type=arg_int(0), default=None, dest="eval_samples",
                        help="samples per model and temperature for the class-accuracy check that ends a retrain "
                             "(default: the recipe's 200; 0 skips it)")
     return add_debug_arg(p)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #d3643763
 from __future__ import annotations
-import dataclasses, hashlib, json, os, random, struct, sys, tempfile, traceback, types, typing
+import argparse, dataclasses, hashlib, json, math, os, random, struct, sys, tempfile, traceback, types, typing
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +12,9 @@ import torch
 
 # %% auto #0
 __all__ = ['FAST', 'DEMO_FILES', 'USER_ERRORS', 'get_device', 'seed_everything', 'demo_dir', 'ConfigError', 'deprecated',
-           'Config', 'atomic_save', 'atomic_write_bytes', 'write_json', 'to_uint8', 'parse_value', 'apply_overrides',
-           'get_preset', 'check_state_dict', 'weights_sha256', 'nonfinite_tensors', 'save_weights', 'load_weights',
-           'add_debug_arg', 'cli_convention', 'one_line', 'cli_main']
+           'Config', 'make_parent', 'atomic_save', 'atomic_write_bytes', 'write_json', 'to_uint8', 'parse_value',
+           'apply_overrides', 'get_preset', 'check_state_dict', 'weights_sha256', 'nonfinite_tensors', 'save_weights',
+           'load_weights', 'add_debug_arg', 'arg_int', 'arg_float', 'cli_convention', 'one_line', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #8fe41d5e
 FAST: bool = os.environ.get("HEPTAPOD_FAST", "0") not in ("", "0", "false", "False")
@@ -134,10 +134,20 @@ class Config:
         return cls.from_stored(d)
 
 # %% ../nbs/00_config.ipynb #0241e1c9
+def make_parent(path, what: str = "") -> Path:
+    "Make the folder `path` goes in; a file in the way is a `NotADirectoryError` naming it (and `what`, e.g. '--out')."
+    path = Path(path)
+    try: path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        a = path.parent
+        while not a.is_file() and a.parent != a: a = a.parent
+        raise NotADirectoryError(f"{what + ' ' if what else ''}{path}: cannot make its folder, {a} is a file") from None
+    return path
+
 def atomic_save(path, write_fn) -> Path:
     """Write `path` atomically: `write_fn(f)` writes to a binary file `f` (a temp file in the same folder), which is
     then fsynced and renamed over `path`; on any error the temp file is removed and `path` is left as it was."""
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = make_parent(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f: write_fn(f); f.flush(); os.fsync(f.fileno())
@@ -313,15 +323,57 @@ def _respell(argv, old: dict, prog: str) -> list:
         out.append(a)
     return out
 
+def arg_int(lo: int | None = None, hi: int | None = None):
+    "An argparse `type`: an integer in [lo, hi] (either bound optional), refused in one line otherwise."
+    def parse(s):
+        try: v = int(s)
+        except (TypeError, ValueError): raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}, got {v}")
+        return v
+    parse.range_checked = True
+    return parse
+
+def arg_float(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+    "An argparse `type`: a finite number in [lo, hi] (`lo_open`: (lo, hi]; either bound optional), refused in one line otherwise."
+    def parse(s):
+        try: v = float(s)
+        except (TypeError, ValueError): raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        low = lo is not None and (v <= lo if lo_open else v < lo)
+        if not math.isfinite(v) or low or (hi is not None and v > hi):
+            rng = " and ".join(x for x in ((f"> {lo}" if lo_open else f">= {lo}") if lo is not None else "",
+                                           f"<= {hi}" if hi is not None else "") if x)
+            raise argparse.ArgumentTypeError(f"must be a finite number{' ' + rng if rng else ''}, got {s}")
+        return v
+    parse.range_checked = True
+    return parse
+
+def _check_ranges(parser):
+    "Every number a console script takes is range-checked up front: a bare `type=int` / `type=float` is a bug here."
+    for a in parser._actions:
+        if a.type in (int, float):
+            raise TypeError(f"{parser.prog}: option {'/'.join(a.option_strings) or a.dest} has type={a.type.__name__} "
+                            "without a range check: use config.arg_int / arg_float")
+
+def _one_line_error(parser):
+    "argparse's usage errors as one line on stderr (not the whole usage block), exit status 2."
+    def error(message):
+        print(f"{parser.prog}: error: {one_line(message)} (see {parser.prog} --help)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    return error
+
 def cli_convention(parser, renamed: dict | None = None):
     """The one CLI convention of the console scripts: long options are spelled with dashes (`--batch-size`,
     `--no-progress`; argparse's dest is `batch_size`). Options a parser declares with underscores are respelled when
     it first parses (so options added later count too) and the old spellings keep working, with a one-line
     deprecation message on stderr; so do the options of `renamed` ({old: new}, e.g. {"--max-steps": "--steps"},
-    in either spelling). Returns the parser."""
+    in either spelling). A usage error is one line (`prog: error: ... (see prog --help)`), and every numeric option
+    must be range-checked (`arg_int`, `arg_float`). Returns the parser."""
     parse = parser.parse_known_args
     old = {}
     for o, n in (renamed or {}).items(): old[o] = old[o.replace("-", "_").replace("__", "--", 1)] = n
+    parser.error = _one_line_error(parser)
     def parse_known_args(args=None, namespace=None):
         parser._deprecated_spellings = {**getattr(parser, "_deprecated_spellings", {}), **_dash_options(parser), **old}
         args = list(sys.argv[1:] if args is None else args)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, add_debug_arg, atomic_write_bytes, cli_main, write_json, get_device
+from .config import ConfigError, add_debug_arg, arg_float, arg_int, make_parent, atomic_write_bytes, cli_main, write_json, get_device
 from .model import load_model
 from .optim import dist_env
 from .pretrained import TOKENIZER_FORMATS, load_tokenizer_as
@@ -128,14 +128,14 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint used to decode the tokens")
     p.add_argument("--tokenizer-format", default="heptapod", choices=sorted(TOKENIZER_FORMATS))
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--per-class", type=int, default=50, help="samples per class (50 x 1000 = ImageNet's 50k)")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the model's num_classes")
-    p.add_argument("--batch-size", type=int, default=32, help="images per generate call (= one seeded block)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--tokens-per-step", type=int, default=1)
+    p.add_argument("--per-class", type=arg_int(1), default=50, help="samples per class (50 x 1000 = ImageNet's 50k)")
+    p.add_argument("--num-classes", type=arg_int(1), default=None, help="default: the model's num_classes")
+    p.add_argument("--batch-size", type=arg_int(1), default=32, help="images per generate call (= one seeded block)")
+    p.add_argument("--seed", type=arg_int(0), default=0)
+    p.add_argument("--temperature", type=arg_float(0, lo_open=True), default=1.0)
+    p.add_argument("--top-k", type=arg_int(1), default=None)
+    p.add_argument("--top-p", type=arg_float(0, 1, lo_open=True), default=None)
+    p.add_argument("--tokens-per-step", type=arg_int(1), default=1)
     p.add_argument("--order", default=None, choices=["raster", "random", "confidence"],
                    help="default: the model's order (confidence needs a model trained on random orders)")
     p.add_argument("--no-png", action="store_true", help="write only the .npz")
@@ -258,7 +258,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", default=None, help="imagenet: pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
     p.add_argument("--ref", default=None, help="imagenet: reference .npz (ADM VIRTUAL_imagenet256_labeled.npz or "
                    "{mu, sigma}); mnist: 'val' (default) or 'train'")
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=arg_int(1), default=50)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -286,11 +286,14 @@ def eval_cli(argv=None) -> dict:
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"--out {out} exists: pass --overwrite to replace it, or choose another file")
         if out.is_dir(): raise IsADirectoryError(f"--out {out} is a folder; expected a .json file path")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(out, "--out")
         if not os.access(out.parent, os.W_OK): raise PermissionError(f"--out {out}: folder {out.parent} is not writable")
     t0 = time.time()
     if args.dataset == "mnist":
         x, labels = _read_samples(path)
+        if labels is not None and (labels.shape != (len(x),) or labels.min(initial=0) < 0 or labels.max(initial=0) >= 10):
+            raise ValueError(f"samples file {path}: arr_1 must hold one MNIST class id in [0, 10) per image ({len(x)}), "
+                             f"got shape {labels.shape}, range [{labels.min(initial=0)}, {labels.max(initial=0)}]")
         images = mnist_images_from_uint8(x)
         ref = args.ref or "val"
         res = evaluate_mnist(images, labels, args.classifier, ref, device)

@@ -225,6 +225,7 @@ def load_npz_images(path) -> np.ndarray:
         x = z["arr_0"]
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
+    if len(x) == 0: raise ValueError(f"{path} holds no images (arr_0 is empty)")
     return x
 
 # %% ../nbs/10a_inception.ipynb #b0fcf64c

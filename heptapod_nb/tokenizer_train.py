@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import (Config, ConfigError, FAST, add_debug_arg, apply_overrides, atomic_save, cli_main,
+from .config import (Config, ConfigError, FAST, add_debug_arg, arg_float, arg_int, apply_overrides, atomic_save, cli_main,
                                 deprecated, one_line, write_json, get_preset, seed_everything)
 from .optim import DistInfo, backward_step, barrier, dist_env, lr_factor, setup_distributed
 from .data import ImageFolderDataset, TokenDataset, check_image_channels, load_mnist5k, worker_error
@@ -421,7 +421,9 @@ def _add_config_args(p: argparse.ArgumentParser, cls, skip=()):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             p.add_argument(flag, dest=f.name, type=_bool_arg, nargs="?", const=True, default=f.default, metavar="BOOL", help=h)
-        else: p.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=h)
+        else:   # numbers: parsed as numbers here (finite), their ranges are the config's own checks
+            typ = {int: arg_int(), float: arg_float()}.get(type(f.default), type(f.default))
+            p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=h)
 
 def _report_skipped(prog: str, skipped) -> None:
     if skipped:
@@ -436,9 +438,9 @@ def train_tokenizer_main(argv=None) -> dict:
                    help="tokenizer config override, e.g. -o ch=32 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/tokenizer.safetensors + train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--threads", type=arg_int(0), default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--min-lr-ratio", type=float, help=argparse.SUPPRESS)          # deprecated: --min-lr (an lr, not a ratio)
+    p.add_argument("--min-lr-ratio", type=arg_float(0, 1), help=argparse.SUPPRESS)          # deprecated: --min-lr (an lr, not a ratio)
     add_debug_arg(p, renamed={"--max-steps": "--steps", "--warmup-steps": "--warmup"})
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
@@ -524,17 +526,17 @@ def extract_main(argv=None) -> dict:
     p.add_argument("--data", default="mnist5k", help="'mnist5k' or an image folder")
     p.add_argument("--split", default="train", help="train | val (mnist5k; a folder uses <data>/<split> if present)")
     p.add_argument("--out", required=True, help="output TokenDataset folder")
-    p.add_argument("--augs", type=int, default=1, help="1, or 2 to add a horizontal-flip copy")
-    p.add_argument("--batch-size", type=int, default=256, help="per process")
+    p.add_argument("--augs", type=arg_int(1, 2), default=1, help="1, or 2 to add a horizontal-flip copy")
+    p.add_argument("--batch-size", type=arg_int(1), default=256, help="per process")
     p.add_argument("--sample", action="store_true", help="KL: store a posterior sample instead of the mean")
-    p.add_argument("--channels", type=int, default=0, choices=(0, 1, 3),
+    p.add_argument("--channels", type=arg_int(), default=0, choices=(0, 1, 3),
                    help="load folder images as 1 (grayscale) or 3 (RGB) channels; 0: detect, and they must match the tokenizer")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave unreadable images out and list them at the end (default: stop and name the first one)")
     p.add_argument("--resume", action="store_true", help="continue the extraction already in --out")
     p.add_argument("--overwrite", action="store_true", help="delete the tokens already in --out and start again")
     p.add_argument("--device", default="", help="'' picks CUDA when available")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=arg_int(0), default=0)
     p.add_argument("--no-progress", action="store_true")
     add_debug_arg(p)
     a = p.parse_args(argv)

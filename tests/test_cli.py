@@ -150,3 +150,42 @@ def test_old_config_keys_load_with_a_deprecation_line(capsys):
     assert TokenizerTrainConfig(max_steps=5).steps == 5                  # the old constructor keyword too
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 4 and all(": deprecated: TokenizerTrainConfig key" in l for l in err)
+
+
+def _one_line_exit_2(main, argv, capsys, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for n in needles: assert n in err[0], err[0]
+    return err[0]
+
+
+def test_sizes_and_counts_are_range_checked_up_front(tmp_path, capsys):
+    """Issue 24: `heptapod-extract --batch-size 0` hung for minutes rewriting meta.json and `heptapod-eval --batch-size 0`
+    was accepted; every size/count is now refused by the parser, in one line naming the option, before any work."""
+    from heptapod_nb.evaluate import eval_main, sample_main
+    from heptapod_nb.tokenizer_train import extract_cli
+    t0 = time.time()
+    for main, argv, opt in ((extract_cli, ["--tokenizer", "x", "--out", str(tmp_path / "t"), "--batch-size", "0"], "--batch-size"),
+                            (extract_cli, ["--tokenizer", "x", "--out", str(tmp_path / "t"), "--batch-size", "-4"], "--batch-size"),
+                            (extract_cli, ["--tokenizer", "x", "--out", str(tmp_path / "t"), "--augs", "3"], "--augs"),
+                            (eval_main, ["--samples", "x", "--batch-size", "0"], "--batch-size"),
+                            (sample_main, ["--model", "m", "--tokenizer", "t", "--out-dir", "o", "--temperature", "nan"], "--temperature"),
+                            (sample_main, ["--model", "m", "--tokenizer", "t", "--out-dir", "o", "--top-p", "0"], "--top-p")):
+        line = _one_line_exit_2(main, argv, capsys, f"argument {opt}", "(see ")
+        assert "usage:" not in line
+    assert time.time() - t0 < 30
+
+
+def test_eval_names_what_is_wrong_with_its_inputs(tmp_path, capsys):
+    """Issue 24: an empty .npz said "torch.cat(): expected a non-empty list"; `--out afile/x.json` said "File exists:
+    afile"; labels outside the 10 MNIST classes were scored. Each is one line naming the problem now."""
+    import numpy as np
+    from heptapod_nb.evaluate import eval_main
+    empty = tmp_path / "empty.npz"; np.savez(empty, arr_0=np.zeros((0, 28, 28, 3), np.uint8))
+    _one_line_exit_2(eval_main, ["--samples", str(empty)], capsys, "holds no images")
+    good = tmp_path / "s.npz"; np.savez(good, arr_0=np.zeros((4, 28, 28, 3), np.uint8), arr_1=np.array([0, 1, 2, 12]))
+    _one_line_exit_2(eval_main, ["--samples", str(good)], capsys, "class id in [0, 10)", "range [0, 12]")
+    (tmp_path / "afile").write_text("not a folder")
+    _one_line_exit_2(eval_main, ["--samples", str(good), "--out", str(tmp_path / "afile" / "x.json")], capsys,
+                     f"{tmp_path / 'afile'} is a file")
