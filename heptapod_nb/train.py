@@ -8,7 +8,7 @@ import argparse, contextlib, hashlib, json, random, re, signal, sys, threading, 
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import Literal, Union
 
 import numpy as np
 import torch
@@ -27,13 +27,15 @@ from .transformer import Block
 from .head import Head2D, MLPHead
 from .model import PRESETS, Heptapod, save_model
 from .tokens import token_kind
+from .cost import per_image
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'FSDP_UNITS', 'TrainConfig', 'split_overrides', 'make_config', 'epoch_permutation', 'rank_batches',
-           'TrainData', 'model_config_for', 'token_info', 'random_tokens', 'LossModule', 'lr_lambda', 'CheckpointError',
-           'save_checkpoint', 'verify_checkpoint', 'load_checkpoint', 'list_checkpoints', 'latest_good_checkpoint',
-           'resolve_resume', 'prune_checkpoints', 'rng_state', 'set_rng_state', 'fsdp_units', 'StopSignals', 'train',
-           'build_parser', 'main', 'read_metrics', 'plot_metrics']
+__all__ = ['CKPT_FORMAT', 'FSDP_UNITS', 'AUTO_MARGIN', 'TrainConfig', 'split_overrides', 'make_config', 'epoch_permutation',
+           'rank_batches', 'TrainData', 'model_config_for', 'token_info', 'random_tokens', 'LossModule', 'lr_lambda',
+           'CheckpointError', 'save_checkpoint', 'verify_checkpoint', 'load_checkpoint', 'list_checkpoints',
+           'latest_good_checkpoint', 'resolve_resume', 'prune_checkpoints', 'rng_state', 'set_rng_state', 'fsdp_units',
+           'StopSignals', 'resident_bytes', 'plan_micro_batch', 'probe_step_memory', 'train', 'build_parser', 'main',
+           'read_metrics', 'plot_metrics']
 
 # %% ../nbs/09_train.ipynb #54ebf55c
 @dataclass
@@ -49,7 +51,8 @@ class TrainConfig(Config):
     max_minutes: float = 0.0             # > 0: stop (checkpoint and weights written) after this many minutes
     epochs: float = 0.0                  # > 0: sets steps = round(epochs * steps per epoch) (overrides steps)
     batch_size: int = 64                 # global batch per optimizer step
-    micro_batch: int = 0                 # per-rank batch per forward (0 = the whole per-rank share)
+    micro_batch: Union[int, Literal["auto"]] = 0   # per-rank batch per forward (0 = the whole per-rank share; "auto": the largest that fits)
+    memory_budget_gb: float = 0.0        # micro_batch="auto": GiB to fit in (0 = the CUDA device's memory; required on the CPU)
     lr: float = 4e-4
     min_lr: float = 4e-5                 # cosine floor
     warmup: int = 100                    # linear warmup steps
@@ -75,8 +78,10 @@ class TrainConfig(Config):
     def validate(self):
         for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every"):
             if getattr(self, k) < 1: raise ConfigError(f"TrainConfig.{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("epochs", "max_minutes", "micro_batch", "image_size", "threads", "warmup", "num_workers", "weight_decay", "grad_clip", "lr", "min_lr"):
+        for k in ("epochs", "max_minutes", "memory_budget_gb", "image_size", "threads", "warmup", "num_workers", "weight_decay", "grad_clip", "lr", "min_lr"):
             if getattr(self, k) < 0: raise ConfigError(f"TrainConfig.{k} must be >= 0, got {getattr(self, k)}")
+        if self.micro_batch != "auto" and (not isinstance(self.micro_batch, int) or self.micro_batch < 0):
+            raise ConfigError(f"TrainConfig.micro_batch must be an int >= 0 or \"auto\", got {self.micro_batch!r}")
         if not 0 <= self.ema < 1: raise ConfigError(f"TrainConfig.ema must be in [0, 1), got {self.ema}")
         if self.min_lr > self.lr: raise ConfigError(f"TrainConfig.min_lr={self.min_lr} is above lr={self.lr}")
 
@@ -372,14 +377,76 @@ def _cfg_dict(m: nn.Module):
 
 
 
+# %% ../nbs/09_train.ipynb #314b7e57
+AUTO_MARGIN = 0.8       # micro_batch="auto" plans for at most this fraction of the memory budget
+
+def resident_bytes(model: nn.Module, ema: bool, ddp: bool = False, optimizer_states: int = 2) -> int:
+    """Bytes a training run holds whatever its micro-batch: weights and buffers, a gradient per trainable weight, the
+    optimizer's `optimizer_states` copies (AdamW: 2), the float32 EMA copy and DDP's gradient buckets."""
+    ps = list(model.parameters())
+    train_b = sum(p.numel() * p.element_size() for p in ps if p.requires_grad)
+    held = sum(p.numel() * p.element_size() for p in ps) + sum(b.numel() * b.element_size() for b in model.buffers())
+    return held + train_b * (1 + optimizer_states + int(ddp)) + (4 * sum(p.numel() for p in ps) if ema else 0)
+
+def plan_micro_batch(per_image: float, fixed: float, resident: float, budget: float, per_rank: int,
+                     margin: float = AUTO_MARGIN) -> int:
+    """The largest divisor `mb` of `per_rank` with resident + fixed + per_image * mb <= margin * budget (bytes);
+    `ConfigError` when one image does not fit."""
+    room = margin * budget - resident - fixed
+    if per_image > room:
+        gib = lambda b: f"{b / 2**30:.2f} GiB"
+        raise ConfigError(f"micro_batch=auto: one image does not fit the memory budget of {gib(budget)}: a step of one "
+                          f"image needs {gib(resident + fixed + per_image)} (run state {gib(resident)}, step {gib(fixed + per_image)}), "
+                          f"over the {margin:.0%} planned; raise memory_budget_gb, use a smaller model or shard it (--fsdp)")
+    return max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d * per_image <= room)
+
+def probe_step_memory(model: nn.Module, info: dict, device, amp=contextlib.nullcontext, batches=(1, 2), seed: int = 0) -> dict:
+    """Peak memory of forward + backward on random batches of `batches` images (`info`: the token facts), in train
+    mode under `amp`; -> `cost.per_image`'s dict(per_image, fixed) in bytes. RNG states are restored and gradients
+    cleared afterwards."""
+    device = torch.device(device)
+    net, saved, was = LossModule(model), rng_state(device), model.training
+    g = torch.Generator().manual_seed(seed)
+    def loss_fn(b):
+        x, y = random_tokens(info, b, device, g)
+        with amp(): return net(x, y)
+    model.train()
+    try: return per_image(loss_fn, model.parameters(), device, batches, flops=False)["peak_bytes"]
+    finally: set_rng_state(saved, device); model.train(was)
+
+def _auto_micro_batch(cfg: TrainConfig, di: DistInfo, raw: nn.Module, info: dict, bf16: bool, state, per_rank: int) -> tuple[int, str]:
+    "micro_batch=auto: the checkpoint's (same world size) or the planned micro-batch; -> (it, what the run header adds)."
+    kept = state.get("micro_batch") if state is not None else None
+    if kept and state.get("world_size") == di.world and per_rank % kept == 0:
+        return kept, f" (micro_batch=auto: {kept}, kept from the checkpoint)"
+    dev = di.device
+    budget = cfg.memory_budget_gb * 2**30 if cfg.memory_budget_gb else torch.cuda.get_device_properties(dev).total_memory
+    amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    peak = probe_step_memory(raw, info, dev, amp, seed=cfg.seed)
+    resident = resident_bytes(raw, cfg.ema > 0, ddp=di.initialized and not cfg.fsdp)
+    mb = plan_micro_batch(peak["per_image"], peak["fixed"], resident, budget, per_rank)
+    if di.initialized:                                   # every process must cut its share alike: the smallest choice
+        t = torch.tensor([mb], device=dev); dist.all_reduce(t, op=dist.ReduceOp.MIN); mb = int(t)
+    need = resident + peak["fixed"] + peak["per_image"] * mb
+    return mb, (f" (micro_batch=auto: {peak['per_image'] / 1e6:,.1f} MB per image measured, {need / 2**30:.2f} of "
+                f"{budget / 2**30:.2f} GiB planned)")
+
 # %% ../nbs/09_train.ipynb #84f8091f
-def _layout(cfg: TrainConfig, di: DistInfo) -> tuple[int, int]:
-    "(micro-batch, accumulation steps) of each process: `batch_size` = world x accumulation x micro-batch."
+def _per_rank(cfg: TrainConfig, di: DistInfo) -> int:
+    "Each process's share of the global batch (checked before anything slow)."
     B, world = cfg.batch_size, di.world
     if B % world: raise ConfigError(f"batch_size={B} is not divisible by the {world} processes")
-    per_rank = B // world; mb = cfg.micro_batch or per_rank
-    if per_rank % mb: raise ConfigError(f"micro_batch={mb} does not divide the per-process batch {per_rank} (= batch_size / world size)")
     if cfg.fsdp and not di.initialized: raise ConfigError("fsdp=true needs several processes: launch with torchrun --nproc_per_node=N")
+    if cfg.micro_batch == "auto" and di.device.type != "cuda" and not cfg.memory_budget_gb:
+        raise ConfigError(f"micro_batch=auto on {di.device.type} needs memory_budget_gb (the GiB a step may use; "
+                          "on CUDA it defaults to the device's memory)")
+    return B // world
+
+def _layout(cfg: TrainConfig, di: DistInfo, mb: int | None = None) -> tuple[int, int]:
+    "(micro-batch, accumulation steps) of each process: `batch_size` = world x accumulation x micro-batch."
+    per_rank = _per_rank(cfg, di)
+    mb = mb or cfg.micro_batch or per_rank
+    if per_rank % mb: raise ConfigError(f"micro_batch={mb} does not divide the per-process batch {per_rank} (= batch_size / world size)")
     return mb, per_rank // mb
 
 def _choose_checkpoint(resume, ckdir: Path, di: DistInfo, say) -> Path | None:
@@ -481,7 +548,7 @@ class _Run:
         rng_all = [None] * di.world
         if di.initialized: dist.all_gather_object(rng_all, rng_state(dev))
         else: rng_all = [rng_state(dev)]
-        st = dict(format=CKPT_FORMAT, step=self.step, epoch=self.epoch, index=self.index, batch_size=cfg.batch_size,
+        st = dict(format=CKPT_FORMAT, step=self.step, epoch=self.epoch, index=self.index, batch_size=cfg.batch_size, micro_batch=self.mb,
                   world_size=di.world, model=_full_model_state(self.raw, self.wrapper, cfg.fsdp),
                   optimizer=_full_optim_state(self.wrapper, self.opt, cfg.fsdp), scheduler=self.sched.state_dict(),
                   ema=self.ema.full_state() if self.ema else None, rng=rng_all, model_config=_cfg_dict(self.raw),
@@ -566,6 +633,7 @@ class _Run:
 
     def summary(self, **extra) -> dict:
         return dict(step=self.step, epoch=self.epoch, index=self.index, loss=self.last_loss, grad_norm=self.gn, out=str(self.out),
+                    micro_batch=self.mb, accumulation=self.accum,
                     checkpoint=str(self.last_ckpt) if self.last_ckpt else None, stopped_by=self.stopped_by, **extra)
 
     def finish(self) -> dict:
@@ -600,7 +668,8 @@ def train(cfg: TrainConfig, resume: str | None = None, model: nn.Module | None =
 
 def _setup(cfg: TrainConfig, resume, model, di: DistInfo, say, stop) -> _Run:
     "Everything before the first step: batch layout, checkpoint, data, model, wrapping, optimizer, restored state, log."
-    mb, accum = _layout(cfg, di)
+    per_rank = _per_rank(cfg, di)
+    mb, accum = _layout(cfg, di) if cfg.micro_batch != "auto" else (None, None)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and di.device.type == "cuda")
     out = Path(cfg.out)
     ck_path = _choose_checkpoint(resume, out / "checkpoints", di, say)
@@ -610,6 +679,10 @@ def _setup(cfg: TrainConfig, resume, model, di: DistInfo, say, stop) -> _Run:
     if spe == 0: raise ConfigError(f"the dataset has {n} examples, fewer than one batch of {B}")
     if cfg.epochs > 0: cfg = cfg.replace(steps=max(1, round(cfg.epochs * spe)))
     raw = _build_model(cfg, model, data.info, di.device, state, ck_path)
+    auto = ""
+    if cfg.micro_batch == "auto":                       # measured on the model before it is wrapped (no trace left)
+        mb, auto = _auto_micro_batch(cfg, di, raw, data.info, bf16, state, per_rank)
+        mb, accum = _layout(cfg, di, mb)
     wrapper, net, ddp = _wrap(raw, cfg, di, bf16)
     opt, sched, ema = _optimizer(raw, cfg, di.device)
     pos = (0, 0, 0)
@@ -619,7 +692,7 @@ def _setup(cfg: TrainConfig, resume, model, di: DistInfo, say, stop) -> _Run:
     elif di.world > 1: seed_everything(cfg.seed + di.rank)                       # independent target draws per rank
     nparams = sum(p.numel() for p in raw.parameters())                          # a DTensor's numel is the global one
     say(f"heptapod-train: {cfg.preset} ({nparams / 1e6:.2f}M params), {di.world} process(es) on {di.device.type}"
-        f"{' FSDP' if cfg.fsdp else ' DDP' if ddp else ''}, {'bf16' if bf16 else 'fp32'}, global batch {B} = {di.world} x {accum} x {mb}, "
+        f"{' FSDP' if cfg.fsdp else ' DDP' if ddp else ''}, {'bf16' if bf16 else 'fp32'}, global batch {B} = {di.world} x {accum} x {mb}{auto}, "
         f"{n} examples, {spe} steps/epoch, {cfg.steps} steps")
     if di.main: _start_log(out, cfg, raw, state, pos[0])
     return _Run(cfg, di, data, raw, wrapper, net, ddp, opt, sched, ema, pos, mb, accum, bf16, out, ck_path, state, say, stop)

@@ -346,3 +346,70 @@ def test_time_cap_ends_the_run_like_its_last_step(tokens, tmp_path):
                           out=str(tmp_path / "r"), progress=False), log=lambda m: None)
     assert r["stopped_by"] == "time" and r["step"] == 1 and Path(r["ema"]).exists() and Path(r["model"]).exists()
     assert [p.name for p in list_checkpoints(tmp_path / "r" / "checkpoints")] == ["step_00000001.pt"]
+
+
+# ---- micro_batch="auto" (issue 23) -------------------------------------------------------------------------------
+def _auto_setup(tokens, tmp_path, *extra):
+    "The run's model (built as the run builds it), its per-image step memory and run state, for the auto tests."
+    from heptapod_nb.train import TrainData, model_config_for, probe_step_memory, resident_bytes, token_info
+    from heptapod_nb.model import Heptapod
+    from heptapod_nb.config import seed_everything
+    cfg = make_config([*COMMON, *STEPS4, *extra], preset="tiny", data=tokens, out=str(tmp_path / "x"))
+    seed_everything(cfg.seed)
+    model = Heptapod(model_config_for(cfg, TrainData(cfg, torch.device("cpu")).info))
+    return model, probe_step_memory(model, token_info(model.config), "cpu"), resident_bytes(model, ema=True)
+
+
+def test_auto_micro_batch_fits_the_budget_and_keeps_the_batch(tokens, tmp_path, capsys):
+    """micro_batch=auto with a CPU budget that holds 6 images' steps: of the per-process batch 8's divisors it takes 4
+    (8 would not fit), the global batch stays 8 by accumulating 2, the header says so, and a measured step of 4
+    images (cost.PeakMemory) plus the run's state fits the budget. Random orders: the probe's draws would show."""
+    from heptapod_nb.cost import measure_step
+    from heptapod_nb.train import AUTO_MARGIN, random_tokens, token_info
+    rand = "model.order=random"
+    model, peak, resident = _auto_setup(tokens, tmp_path, rand)
+    budget = (resident + peak["fixed"] + 6 * peak["per_image"]) / AUTO_MARGIN
+    gb = budget / 2**30
+    r = train(make_config([*COMMON, *STEPS4, rand, "steps=2", "micro_batch=auto", f"memory_budget_gb={gb!r}"], preset="tiny",
+                          data=tokens, out=str(tmp_path / "auto"), progress=False))
+    header = capsys.readouterr().out
+    assert (r["micro_batch"], r["accumulation"]) == (4, 2) and "global batch 8 = 1 x 2 x 4 (micro_batch=auto: " in header
+    assert f"of {gb:.2f} GiB planned" in header
+    fixed = train(make_config([*COMMON, *STEPS4, rand, "steps=2", "micro_batch=4"], preset="tiny", data=tokens,
+                              out=str(tmp_path / "four"), progress=False))
+    for f in ("model", "ema"):                    # the probe left no trace: the same run as micro_batch=4, bit for bit
+        assert max_diff(weights(r[f]), weights(fixed[f])) == 0.0
+    x, y = random_tokens(token_info(model.config), 4, "cpu", torch.Generator().manual_seed(1))
+    step = measure_step(lambda b: model.loss(x[:b], y[:b]), 4, model.parameters(), flops=False)
+    assert resident + step.peak_bytes <= budget
+    assert resident + peak["fixed"] + 8 * peak["per_image"] > AUTO_MARGIN * budget          # why not the whole share
+
+
+def test_auto_micro_batch_refuses_a_budget_too_small_and_a_cpu_without_one(tokens, tmp_path, capsys):
+    assert main(args(tokens, tmp_path / "a", *STEPS4, "micro_batch=auto", "memory_budget_gb=1e-6")) == 2
+    err = capsys.readouterr().err
+    assert "one image does not fit the memory budget of 0.00 GiB" in err and len(err.strip().splitlines()) == 1
+    assert main(args(tokens, tmp_path / "b", *STEPS4, "micro_batch=auto")) == 2
+    assert "micro_batch=auto on cpu needs memory_budget_gb" in capsys.readouterr().err
+    assert main(args(tokens, tmp_path / "c", *STEPS4, "micro_batch=many")) == 2
+    assert "micro_batch" in capsys.readouterr().err
+
+
+def test_auto_micro_batch_resumes_with_its_checkpoints_layout(tokens, tmp_path, capsys):
+    """A run with micro_batch=auto stopped after 2 steps and resumed to 4 with a budget that would now allow the whole
+    share keeps the checkpoint's micro-batch (the random draws depend on it) and ends bit for bit where the
+    uninterrupted run ends. (schedule=constant: the first 2 steps do not depend on the run's length.)"""
+    model, peak, resident = _auto_setup(tokens, tmp_path)
+    gb = (resident + peak["fixed"] + 2.5 * peak["per_image"]) / 0.8 / 2**30            # 2 of 8 per micro-batch
+    big = 100 * gb
+    common = [*STEPS4, "schedule=constant", "micro_batch=auto"]
+    assert main(args(tokens, tmp_path / "whole", *common, f"memory_budget_gb={gb!r}")) == 0
+    assert "global batch 8 = 1 x 4 x 2 (micro_batch=auto" in capsys.readouterr().out
+    assert main(args(tokens, tmp_path / "parts", *common, "steps=2", f"memory_budget_gb={gb!r}")) == 0
+    assert main(args(tokens, tmp_path / "parts", *common, f"memory_budget_gb={big!r}", "--resume")) == 0
+    assert "global batch 8 = 1 x 4 x 2 (micro_batch=auto: 2, kept from the checkpoint)" in capsys.readouterr().out
+    for f in ("model.safetensors", "ema.safetensors"):
+        assert max_diff(weights(tmp_path / "parts" / f), weights(tmp_path / "whole" / f)) == 0.0
+    assert [x["loss"] for x in read_metrics(tmp_path / "parts")] == [x["loss"] for x in read_metrics(tmp_path / "whole")]
+    assert main(args(tokens, tmp_path / "fresh", *common, f"memory_budget_gb={big!r}")) == 0   # a fresh run takes it all
+    assert "global batch 8 = 1 x 1 x 8 (micro_batch=auto" in capsys.readouterr().out
