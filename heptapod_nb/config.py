@@ -131,6 +131,8 @@ class Config:
         if not path.exists(): raise FileNotFoundError(f"config file not found: {path}")
         try: d = json.loads(path.read_text())
         except json.JSONDecodeError as e: raise ConfigError(f"config file {path} is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {path} holds a JSON {type(d).__name__}, not an object of {cls.__name__} keys")
         return cls.from_stored(d)
 
 # %% ../nbs/00_config.ipynb #0241e1c9
@@ -252,7 +254,7 @@ def save_weights(path, module_or_sd, config: Config | dict | None = None, kind: 
     write_json(path.with_suffix(".json"), {"kind": kind, "config": cfg})
     return path
 
-def load_weights(path, kind: str | None = None, device="cpu", verify: bool = True) -> tuple[dict, dict]:
+def load_weights(path, kind: str | tuple | None = None, device="cpu", verify: bool = True) -> tuple[dict, dict]:
     """`(state_dict, config_dict)` from a file written by `save_weights`; clear errors for missing/corrupt files.
     With `verify` (default): the file must match its `weights_sha256` (tensors, names, dtypes, shapes and stored
     config); a file saved before that checksum is checked on its tensor bytes, one without any checksum loads with a
@@ -267,8 +269,9 @@ def load_weights(path, kind: str | None = None, device="cpu", verify: bool = Tru
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise ConfigError(f"checkpoint {path} is corrupt or not a safetensors file ({type(e).__name__}: {e})") from e
-    if kind is not None and meta.get("kind") != kind:
-        raise ConfigError(f"checkpoint {path} holds a {meta.get('kind')!r}, expected a {kind!r}")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and meta.get("kind") not in kinds:
+        raise ConfigError(f"checkpoint {path} holds a {meta.get('kind')!r}, expected a " + " or a ".join(map(repr, kinds)))
     try: cfg = json.loads(meta.get("config", "{}"))
     except json.JSONDecodeError as e: raise ConfigError(f"checkpoint {path} has a stored config that is not JSON: {e}") from None
     if verify:

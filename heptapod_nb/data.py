@@ -163,7 +163,7 @@ class ImageFolderDataset(Dataset):
         bad = [(p, why) for (p, _), (_, why) in zip(samples, probes) if why is not None]
         if bad and not skip_bad:
             more = f" (and {len(bad) - 1} more unreadable)" if len(bad) > 1 else ""
-            raise OSError(f"cannot read image {bad[0][0]}: {bad[0][1]}{more}; skip_bad (--skip_bad) leaves unreadable images out")
+            raise OSError(f"cannot read image {bad[0][0]}: {bad[0][1]}{more}; skip_bad (--skip-bad) leaves unreadable images out")
         self.samples = [s for s, (_, why) in zip(samples, probes) if why is None]
         self.skipped = [str(p) for p, _ in bad]
         if self.skipped:
@@ -244,7 +244,11 @@ class TokenDataset(Dataset):
         self.root = Path(root)
         meta_path = self.root / "meta.json"
         if not meta_path.exists(): raise FileNotFoundError(f"not a token dataset (no meta.json): {self.root}")
-        self.meta = json.loads(meta_path.read_text())
+        try: self.meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+        if not isinstance(self.meta, dict) or (missing := [k for k in ("kind", "n", "grid", "num_classes") if k not in self.meta]):
+            raise ValueError(f"{meta_path} is not a token dataset's meta.json: " + (f"missing {missing}" if isinstance(
+                self.meta, dict) else f"a JSON {type(self.meta).__name__}, not an object"))
         if self.meta.get("kind") not in TOKEN_KINDS:
             raise ValueError(f"{meta_path}: kind must be one of {sorted(TOKEN_KINDS)}, got {self.meta.get('kind')!r}")
         n, done = self.meta["n"], self.meta.get("done", 0)

@@ -60,6 +60,11 @@ class HeptapodConfig(Config):
         token_kind(self).check_config(self)
         if len(self.grid) != 2 or min(self.grid) < 1: raise ConfigError(f"grid must be (h, w) >= 1, got {self.grid}")
         if self.num_classes < 0: raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
+        sizes = ("dim", "depth", "n_heads", "head_width", "head_depth", "head_heads", "diff_width", "diff_depth",
+                 "diff_draws", "diff_steps")
+        if bad := [f"{k}={getattr(self, k)}" for k in sizes if getattr(self, k) < 1]:
+            raise ConfigError(f"sizes must be >= 1, got {', '.join(bad)}")
+        if not self.head_mlp_ratio > 0: raise ConfigError(f"head_mlp_ratio must be > 0, got {self.head_mlp_ratio}")
         if self.dim % self.n_heads: raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.head_type not in HEADS: raise ConfigError(f"head_type must be one of {sorted(HEADS)}, got {self.head_type!r}")
         HEADS[self.head_type].check_config(self)
@@ -70,8 +75,6 @@ class HeptapodConfig(Config):
             raise ConfigError(f"targets_per_step must be >= 1 or 'all', got {self.targets_per_step}")
         if not self.next_weight > 0: raise ConfigError(f"next_weight must be > 0, got {self.next_weight}")
         if self.loss_chunk < 0: raise ConfigError(f"loss_chunk must be >= 0 (0: the plain path), got {self.loss_chunk}")
-        if min(self.depth, self.head_depth, self.diff_depth, self.diff_draws, self.diff_steps) < 1:
-            raise ConfigError("depth, head_depth, diff_depth, diff_draws and diff_steps must be >= 1")
 
 # the ImageNet presets keep METHOD.md's first choices (next_weight 1, the prefix head) until they are measured at scale
 _IMAGENET = dict(vocab_size=16384, grid=(16, 16), num_classes=1000, targets_per_step=16, head_context="prefix")

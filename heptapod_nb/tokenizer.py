@@ -280,6 +280,7 @@ class _TokenizerBase(nn.Module):
 
     # what a trainer needs to know about the kind, answered by the kind (no `kind == ...` in the trainers)
     has_scale_factor: bool = False          # a latent scale fitted after training (`set_scale_factor`)
+    can_sample: bool = False                # `encode(sample=True)` draws from a posterior (else it has no effect)
     def training_loss(self, rec: torch.Tensor, info: dict, x_BCHW: torch.Tensor) -> torch.Tensor:
         "The autoencoder's objective: the reconstruction loss `rec` plus this kind's regulariser from `forward`'s `info`."
         raise NotImplementedError
@@ -365,6 +366,7 @@ class KLTokenizer(_TokenizerBase):
         self.decoder = Decoder(cfg)
 
     has_scale_factor = True
+    can_sample = True
     @property
     def scale_factor(self) -> float: return self.config.scale_factor
 
@@ -423,7 +425,7 @@ def save_tokenizer(tok: VQTokenizer | KLTokenizer, path) -> Path:
 
 def load_tokenizer(path, device="cpu") -> VQTokenizer | KLTokenizer:
     "A tokenizer saved by `save_tokenizer`, in eval mode; a mismatching file is a `ConfigError` listing the problems."
-    sd, cfg = load_weights(path, device="cpu")
+    sd, cfg = load_weights(path, kind=tuple(f"tokenizer-{k}" for k in TOKENIZERS), device="cpu")
     if not cfg: raise ConfigError(f"{path} has no tokenizer config in its metadata: was it written by save_tokenizer?")
     tok = build_tokenizer(TokenizerConfig.from_dict(cfg))
     check_state_dict(tok, sd, what=str(path))

@@ -553,6 +553,9 @@ def extract_main(argv=None) -> dict:
             raise FileNotFoundError(f"--resume: no extraction to continue in {out} (no meta.json)")
         if world > 1: dist.barrier()                 # every rank has looked before rank 0 writes anything
         tok = load_tokenizer(a.tokenizer, device)
+        if a.sample and not tok.can_sample:
+            raise ConfigError(f"--sample stores a draw from a KL tokenizer's posterior, but {a.tokenizer} is a {tok.kind} "
+                              "tokenizer, whose codes are deterministic: drop --sample")
         ds = load_images(a.data, a.split, tok.image_shape[1], channels=a.channels, skip_bad=a.skip_bad)
         check_image_channels(ds, tok.image_shape[0], who=f"the tokenizer {a.tokenizer}")
         if tuple(ds[0][0].shape) != tok.image_shape:

@@ -31,6 +31,9 @@ def test_config_file_roundtrip(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         C.load(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text('["steps=5"]')       # issue 24: a JSON list gave a traceback
+    with pytest.raises(ConfigError, match="holds a JSON list, not an object of C keys"):
+        C.load(tmp_path / "list.json")
     with pytest.raises(ConfigError, match="unknown preset"):
         get_preset({"a": C()}, "z")
 

@@ -160,9 +160,12 @@ def test_save_load_round_trip_and_mismatch(tmp_path, mnist):
     save_weights(tmp_path / "bad.safetensors", sd, tok.config, kind="tokenizer-vq")
     with pytest.raises(ConfigError, match=r"missing keys \(1\): decoder.conv_out.bias"):
         load_tokenizer(tmp_path / "bad.safetensors")
-    save_weights(tmp_path / "nocfg.safetensors", tok.state_dict())
+    save_weights(tmp_path / "nocfg.safetensors", tok.state_dict(), kind="tokenizer-vq")
     with pytest.raises(ConfigError, match="no tokenizer config"):
         load_tokenizer(tmp_path / "nocfg.safetensors")
+    save_weights(tmp_path / "nokind.safetensors", tok.state_dict())            # not written as a tokenizer at all
+    with pytest.raises(ConfigError, match="holds a '', expected a 'tokenizer-vq' or a 'tokenizer-kl'"):
+        load_tokenizer(tmp_path / "nokind.safetensors")
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "missing.safetensors")
 

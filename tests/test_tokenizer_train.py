@@ -278,7 +278,20 @@ def test_extract_cli_errors_refusal_resume_overwrite_and_channels(vq_run, tmp_pa
     E(["--tokenizer", ck, "--channels", "3", "--out", str(tmp_path / "t")], "mnist5k is grayscale")
     E(["--tokenizer", ck, "--resume", "--out", str(tmp_path / "t")], "no extraction to continue")
     E(["--tokenizer", ck, "--resume", "--overwrite", "--out", str(tmp_path / "t")], "pass one of them")
+    # issue 24: --sample with a VQ tokenizer was accepted (and did nothing); a model file given as the tokenizer said
+    # "unknown TokenizerConfig keys"; a bad meta.json was not named
+    E(["--tokenizer", ck, "--sample", "--out", str(tmp_path / "t")], "is a vq tokenizer, whose codes are deterministic")
+    from heptapod_nb.model import Heptapod, HeptapodConfig, save_model
+    model_file = save_model(Heptapod(HeptapodConfig(dim=32, depth=1, n_heads=2, head_width=32, head_heads=2, head_depth=1)),
+                            tmp_path / "model.safetensors")
+    E(["--tokenizer", str(model_file), "--out", str(tmp_path / "t")], "holds a 'heptapod', expected a 'tokenizer-vq' or a 'tokenizer-kl'")
     assert not (tmp_path / "t").exists()
+    from heptapod_nb.data import TokenDataset
+    (tmp_path / "m").mkdir(); (tmp_path / "m" / "meta.json").write_text("{oops")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'm' / 'meta.json'} is not valid JSON"): TokenDataset(tmp_path / "m")
+    (tmp_path / "m" / "meta.json").write_text('{"kind": "vq"}')
+    with pytest.raises(ValueError, match="is not a token dataset's meta.json: missing \\['n', 'grid', 'num_classes'\\]"):
+        TokenDataset(tmp_path / "m")
     # --channels 1: the RGB folder is converted to grayscale for the 1-channel tokenizer
     t = tmp_path / "t"
     assert _run(extract_cli, ["--tokenizer", ck, "--data", str(rgb), "--channels", "1", "--out", str(t), *QUIET], capsys)[0] == 0
