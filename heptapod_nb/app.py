@@ -26,17 +26,18 @@ from .viz import TraceView, view_for_model, trace_summary, is_next_token, filmst
 from .sample import TraceRecorder, generate, predict_remaining
 from .tokenizer import TOKENIZER_PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
 from .model import PRESETS, Heptapod, load_model
+from .evaluate import check_compatible
 from .tokens import DiscreteTokenizer, token_kind
 
 # %% auto #0
 __all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_NAMES', 'INK', 'PAPER', 'MUTED', 'TITLE_H',
            'PTITLE_H', 'CAPTION_H', 'MARGIN', 'GAP', 'BAR_W', 'COLOURS', 'ORDERS', 'HEATMAPS', 'CAPTION',
-           'CAPTION_BASE', 'TRACE_FIELDS', 'Bundle', 'missing_demo_files', 'load_bundle', 'write_untrained_weights',
-           'InputError', 'image_to_input', 'check_int', 'check_class', 'check_temperature', 'check_choice',
-           'check_bool', 'Layout', 'layout', 'render_figure', 'titled', 'curve_plot', 'entropy_curves', 'heatmaps_for',
-           'stream_steps', 'Run', 'run_from_trace', 'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure',
-           'compare_figure', 'LiveRecorder', 'Live', 'Feed', 'filmstrip_image', 'build_blocks', 'check_port', 'launch',
-           'default_port', 'serve', 'main']
+           'CAPTION_BASE', 'TRACE_FIELDS', 'Bundle', 'missing_demo_files', 'check_weights_folder', 'load_bundle',
+           'write_untrained_weights', 'InputError', 'image_to_input', 'check_int', 'check_class', 'check_temperature',
+           'check_choice', 'check_bool', 'Layout', 'layout', 'render_figure', 'titled', 'curve_plot', 'entropy_curves',
+           'heatmaps_for', 'stream_steps', 'Run', 'run_from_trace', 'HeptapodApp', 'step_title', 'step_figure',
+           'entropy_figure', 'compare_figure', 'LiveRecorder', 'Live', 'Feed', 'filmstrip_image', 'build_blocks',
+           'check_port', 'launch', 'default_port', 'serve', 'main']
 
 # %% ../nbs/13_app.ipynb #1bb36eb5
 MAX_UPLOAD_SIDE = 1024
@@ -63,20 +64,24 @@ def missing_demo_files(weights=None) -> list[str]:
     d = Path(weights) if weights is not None else demo_dir()
     return [f for f in DEMO_FILES.values() if not (d / f).is_file()]
 
-def load_bundle(weights=None, device=None, need_baseline: bool = True) -> Bundle:
-    "Load tokenizer, Heptapod and baseline from `weights` (a folder; default: the bundled demo weights)."
-    d, device = Path(weights) if weights is not None else demo_dir(), get_device(device)
+def check_weights_folder(weights=None, need_baseline: bool = True) -> Path:
+    "The weights folder (default: the bundled demo weights), or `FileNotFoundError` naming the files it lacks."
+    d = Path(weights) if weights is not None else demo_dir()
     missing = missing_demo_files(d)
     if not need_baseline and missing == [DEMO_FILES["baseline"]]: missing = []
     if missing:
         raise FileNotFoundError(f"weights folder {d} lacks {missing}: run `heptapod-demo --retrain` to make the demo weights")
+    return d
+
+def load_bundle(weights=None, device=None, need_baseline: bool = True) -> Bundle:
+    "Load tokenizer, Heptapod and baseline from `weights` (a folder; default: the bundled demo weights)."
+    d, device = check_weights_folder(weights, need_baseline), get_device(device)
     tok = load_tokenizer(d / DEMO_FILES["tokenizer"], device)
     model = load_model(d / DEMO_FILES["model"], device).float().eval()
     base = (load_model(d / DEMO_FILES["baseline"], device).float().eval()
             if (d / DEMO_FILES["baseline"]).is_file() else None)
-    g = getattr(tok, "grid", None)
-    if g is not None and tuple(g) != tuple(model.config.grid):
-        raise ValueError(f"tokenizer grid {tuple(g)} does not match the model grid {tuple(model.config.grid)}")
+    for name, m in ((DEMO_FILES["model"], model), (DEMO_FILES["baseline"], base)):   # before serving, as heptapod-sample does
+        if m is not None: check_compatible(m, tok, f"model {d / name}", f"tokenizer {d / DEMO_FILES['tokenizer']}")
     meta = json.loads((d / "demo_meta.json").read_text()) if (d / "demo_meta.json").is_file() else {}
     return Bundle(tok, model, base, device, meta)
 
@@ -1047,6 +1052,7 @@ def _serve_args(args) -> tuple[torch.device, int]:
 def serve(argv: list[str]) -> None:
     "`heptapod-app` with `argv`: check the arguments, load the weights, serve until interrupted."
     args = _parser("heptapod-app").parse_args(argv)
+    check_weights_folder(args.weights)           # before the port: a missing folder is the error, whatever holds the port
     device, port = _serve_args(args)
     bundle = load_bundle(args.weights, device)
     print(f"heptapod-app: serving on http://{args.host}:{port}", file=sys.stderr, flush=True)

@@ -164,10 +164,6 @@ def demo(argv: list[str]) -> None:
     d = Path(args.weights) if args.weights else demo_dir()
     if d.exists() and not d.is_dir(): raise NotADirectoryError(f"--weights {d} is a file, not a folder")
     device, port = _serve_args(args) if not args.no_launch else (_device(args.device), None)   # fail before retraining
-    if args.minutes is not None and not args.minutes > 0: raise ValueError(f"--minutes must be > 0, got {args.minutes}")
-    if args.threads is not None and args.threads < 1: raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.eval_samples is not None and args.eval_samples < 0:
-        raise ValueError(f"--eval-samples must be >= 0, got {args.eval_samples}")
     if args.retrain or missing_demo_files(d):
         if not args.retrain: print(f"demo weights missing in {d}: making them now (about 30 minutes on 2 CPU cores)", flush=True)
         recipe = DemoRecipe()

@@ -271,10 +271,12 @@ def test_click_on_a_cell_vq_codes_and_kl_draws(server, tmp_path):
         assert "finished image" in app.cell_topk(run, run.T, x, y)[0]
 
 
-def test_cli_defaults_and_missing_weights(tmp_path, capsys):
+def test_cli_defaults_and_missing_weights(tmp_path, capsys, monkeypatch):
     args = _parser("heptapod-app").parse_args([])
     assert args.host == "127.0.0.1"
-    assert main(["--weights", str(tmp_path)]) == 2
+    held, port = _port_in_use()                # issue 24: another app holding the port must not change the answer
+    monkeypatch.setenv("GRADIO_SERVER_PORT", str(port))
+    with held: assert main(["--weights", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("heptapod-app: error: weights folder") and "heptapod-demo --retrain" in err and err.count("\n") == 1
     assert set(missing_demo_files(tmp_path)) == {"tokenizer.safetensors", "heptapod.safetensors", "baseline.safetensors"}
@@ -289,10 +291,10 @@ def _port_in_use():
 @pytest.mark.parametrize("cli, argv, msg", [
     (main, ["--device", "tpu"], "--device: device 'tpu' is not a device torch knows"),
     (main, ["--port", "0"], "argument --port: must be an integer from 1 to 65535, got 0"),
-    (main, ["--workers", "0"], "--workers must be >= 1, got 0"),
+    (main, ["--workers", "0"], "argument --workers: must be an integer >= 1, got 0"),
     (demo_cli, ["--device", "tpu", "--no-launch"], "--device: device 'tpu' is not a device torch knows"),
     (demo_cli, ["--weights", __file__, "--no-launch"], "is a file, not a folder"),
-    (demo_cli, ["--minutes", "-1", "--no-launch"], "--minutes must be > 0"),
+    (demo_cli, ["--minutes", "-1", "--no-launch"], "argument --minutes: must be a finite number > 0, got -1"),
 ])
 def test_cli_user_errors_exit_2_with_one_line(cli, argv, msg, capsys):
     assert cli(argv) == 2
@@ -443,3 +445,15 @@ def test_bundled_demo_weights_fit_and_load():
     b = load_bundle(d, "cpu")
     assert b.baseline is not None and b.baseline.config.window == 1 and b.model.config.window == "global"
     assert b.grid == tuple(b.tokenizer.grid) and 0 < HeptapodApp(b).temperature <= 2
+
+
+def test_mismatched_tokenizer_is_refused_before_serving(tmp_path, capsys):
+    """Issue 24: a weights folder whose model makes codes the tokenizer cannot decode printed "serving on" and then
+    failed on the first generation with a token-id range error; it is refused before serving, naming both files."""
+    from heptapod_nb.model import PRESETS, Heptapod, save_model
+    d = write_untrained_weights(tmp_path / "w")
+    save_model(Heptapod(PRESETS["tiny"].replace(vocab_size=700, dim=32, depth=1, n_heads=2, head_width=32, head_heads=2)),
+               d / "heptapod.safetensors")                    # the tokenizer has 512 codes
+    assert main(["--weights", str(d), "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot decode model" in err and "700 codes" in err and "serving on" not in err
