@@ -12,9 +12,10 @@ import torch
 
 # %% auto #0
 __all__ = ['FAST', 'DEMO_FILES', 'USER_ERRORS', 'get_device', 'seed_everything', 'demo_dir', 'ConfigError', 'deprecated',
-           'Config', 'make_parent', 'atomic_save', 'atomic_write_bytes', 'write_json', 'to_uint8', 'parse_value',
-           'apply_overrides', 'get_preset', 'check_state_dict', 'weights_sha256', 'nonfinite_tensors', 'save_weights',
-           'load_weights', 'add_debug_arg', 'arg_int', 'arg_float', 'cli_convention', 'one_line', 'cli_main']
+           'Config', 'make_parent', 'atomic_save', 'RunLock', 'atomic_write_bytes', 'write_json', 'to_uint8',
+           'parse_value', 'apply_overrides', 'get_preset', 'check_state_dict', 'weights_sha256', 'nonfinite_tensors',
+           'save_weights', 'load_weights', 'add_debug_arg', 'arg_int', 'arg_float', 'cli_convention', 'one_line',
+           'cli_main']
 
 # %% ../nbs/00_config.ipynb #8fe41d5e
 FAST: bool = os.environ.get("HEPTAPOD_FAST", "0") not in ("", "0", "false", "False")
@@ -157,6 +158,35 @@ def atomic_save(path, write_fn) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
     return path
+
+class RunLock:
+    """One run per output folder: an exclusive OS lock (`flock`) on `folder/.heptapod.lock`, held while the run
+    lives. A second run on the folder is refused at once, naming the first one's pid; the OS releases the lock when
+    the holder exits or is killed, so a crashed run never blocks the next. A folder the lock made, left holding
+    nothing but the lock (a run refused at once), is removed again. Use it as a context manager."""
+    NAME = ".heptapod.lock"
+    def __init__(self, folder, what: str = "--out"): self.folder, self.what, self.f = Path(folder), what, None
+
+    def __enter__(self):
+        try: import fcntl
+        except ImportError: return self                       # no flock on this OS: runs are not locked
+        self.made = not self.folder.exists()
+        path = make_parent(self.folder / self.NAME, self.what)
+        f = open(path, "a+")
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0); pid = f.read().strip() or "?"; f.close()
+            raise FileExistsError(f"{self.what} {self.folder} is in use by another run (pid {pid}): wait for it to end "
+                                  "or choose another folder (one run per folder)") from None
+        f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
+        self.f = f
+        return self
+
+    def __exit__(self, *exc):
+        if self.f is None: return
+        if self.made and [p.name for p in self.folder.iterdir()] == [self.NAME]:
+            (self.folder / self.NAME).unlink(); self.folder.rmdir()
+        self.f.close(); self.f = None                         # closing releases the lock
 
 def atomic_write_bytes(path, data: bytes) -> Path:
     "Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."

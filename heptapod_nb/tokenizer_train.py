@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_tokenizer_train.ipynb #ec7170e4
 from __future__ import annotations
-import argparse, dataclasses, io, json, os, sys, tempfile, time
+import argparse, contextlib, dataclasses, io, json, os, sys, tempfile, time
 from dataclasses import InitVar, dataclass
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import (Config, ConfigError, FAST, add_debug_arg, arg_float, arg_int, apply_overrides, atomic_save, cli_main,
+from .config import (Config, ConfigError, FAST, RunLock, add_debug_arg, arg_float, arg_int, apply_overrides, atomic_save, cli_main,
                                 deprecated, one_line, write_json, get_preset, seed_everything)
 from .optim import DistInfo, backward_step, barrier, dist_env, lr_factor, setup_distributed
 from .data import ImageFolderDataset, TokenDataset, check_image_channels, load_mnist5k, worker_error
@@ -374,7 +374,16 @@ def train_tokenizer(cfg: TokenizerTrainConfig, overrides=None, resume: bool = Fa
     """Train a tokenizer as `cfg` says (tokenizer preset + `overrides`); -> (tokenizer, summary dict).
     A `cfg.out` that already holds a run is refused unless `resume` (continue it) or `overwrite` (start again)."""
     di = setup_distributed(cfg.device)
-    run = _setup_tokenizer_run(cfg, overrides, resume, overwrite, di)
+    with RunLock(check_out_dir(cfg.out)) if di.main else contextlib.nullcontext():   # one run per --out
+        run = _setup_tokenizer_run(cfg, overrides, resume, overwrite, di)
+        try: return _train_loop(run, cfg, di, progress)
+        except BaseException:
+            if di.main and not resume and not (run.out / "tokenizer.safetensors").exists():
+                for f in TOKENIZER_RUN_FILES: (run.out / f).unlink(missing_ok=True)   # nothing left to block a retry
+            raise
+
+def _train_loop(run: _TokenizerRun, cfg: TokenizerTrainConfig, di: DistInfo, progress: bool):
+    "The steps of a set-up run, its last checkpoint and summary; -> (tokenizer, summary)."
     tok, log_path = run.tok, run.out / "log.jsonl"
     bar = tqdm(total=cfg.steps, initial=run.step, disable=not progress or not di.main, desc=f"train {run.tcfg.kind}", dynamic_ncols=True)
     run.t0 = time.time()
@@ -546,29 +555,30 @@ def extract_main(argv=None) -> dict:
     rank, world, device = di.rank, di.world, di.device
     try:
         out = check_out_dir(a.out)
-        if any((out / f).exists() for f in TOKEN_FILES) and not (a.resume or a.overwrite):
-            raise FileExistsError(f"--out {out} already holds tokens ({_token_state(out)}): pass --resume to continue "
-                                  f"that extraction or --overwrite to replace it")
-        if a.resume and not (out / "meta.json").exists():
-            raise FileNotFoundError(f"--resume: no extraction to continue in {out} (no meta.json)")
-        if world > 1: dist.barrier()                 # every rank has looked before rank 0 writes anything
-        tok = load_tokenizer(a.tokenizer, device)
-        if a.sample and not tok.can_sample:
-            raise ConfigError(f"--sample stores a draw from a KL tokenizer's posterior, but {a.tokenizer} is a {tok.kind} "
-                              "tokenizer, whose codes are deterministic: drop --sample")
-        ds = load_images(a.data, a.split, tok.image_shape[1], channels=a.channels, skip_bad=a.skip_bad)
-        check_image_channels(ds, tok.image_shape[0], who=f"the tokenizer {a.tokenizer}")
-        if tuple(ds[0][0].shape) != tok.image_shape:
-            raise ValueError(f"{a.data} images are {tuple(ds[0][0].shape)}, the tokenizer expects {tok.image_shape}")
-        extra = {"tokenizer": str(Path(a.tokenizer).resolve()), "data": a.data, "split": a.split,
-                 "sample": bool(a.sample)}
-        if tok.has_scale_factor: extra["scale_factor"] = tok.scale_factor
-        meta = extract_tokens(tok, ds, out, a.augs, a.batch_size, a.sample, extra, progress=not a.no_progress,
-                              overwrite=a.overwrite)
-        skipped = list(getattr(ds, "skipped", []))
-        if rank == 0:
-            if a.skip_bad: meta["skipped_images"] = skipped; TokenDataset.write_meta(out, meta)
-            print(json.dumps(meta, indent=2)); _report_skipped(p.prog, skipped)
+        with RunLock(out) if rank == 0 else contextlib.nullcontext():   # one extraction per --out
+            if any((out / f).exists() for f in TOKEN_FILES) and not (a.resume or a.overwrite):
+                raise FileExistsError(f"--out {out} already holds tokens ({_token_state(out)}): pass --resume to continue "
+                                      f"that extraction or --overwrite to replace it")
+            if a.resume and not (out / "meta.json").exists():
+                raise FileNotFoundError(f"--resume: no extraction to continue in {out} (no meta.json)")
+            if world > 1: dist.barrier()                 # every rank has looked before rank 0 writes anything
+            tok = load_tokenizer(a.tokenizer, device)
+            if a.sample and not tok.can_sample:
+                raise ConfigError(f"--sample stores a draw from a KL tokenizer's posterior, but {a.tokenizer} is a {tok.kind} "
+                                  "tokenizer, whose codes are deterministic: drop --sample")
+            ds = load_images(a.data, a.split, tok.image_shape[1], channels=a.channels, skip_bad=a.skip_bad)
+            check_image_channels(ds, tok.image_shape[0], who=f"the tokenizer {a.tokenizer}")
+            if tuple(ds[0][0].shape) != tok.image_shape:
+                raise ValueError(f"{a.data} images are {tuple(ds[0][0].shape)}, the tokenizer expects {tok.image_shape}")
+            extra = {"tokenizer": str(Path(a.tokenizer).resolve()), "data": a.data, "split": a.split,
+                     "sample": bool(a.sample)}
+            if tok.has_scale_factor: extra["scale_factor"] = tok.scale_factor
+            meta = extract_tokens(tok, ds, out, a.augs, a.batch_size, a.sample, extra, progress=not a.no_progress,
+                                  overwrite=a.overwrite)
+            skipped = list(getattr(ds, "skipped", []))
+            if rank == 0:
+                if a.skip_bad: meta["skipped_images"] = skipped; TokenDataset.write_meta(out, meta)
+                print(json.dumps(meta, indent=2)); _report_skipped(p.prog, skipped)
     finally:
         if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
     return meta

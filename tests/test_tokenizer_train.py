@@ -397,3 +397,25 @@ def test_bool_flags():
     p = argparse.ArgumentParser(); tokenizer_train._add_config_args(p, TokenizerTrainConfig)
     assert p.parse_args(["--skip-bad"]).skip_bad is True and p.parse_args([]).skip_bad is False
     assert p.parse_args(["--flip", "no"]).flip is False and p.parse_args(["--flip", "--steps", "3"]).flip is True
+
+
+def test_one_run_per_folder_and_a_failed_run_blocks_no_retry(tmp_path, capsys, monkeypatch):
+    """Issue 24: two runs on one --out mixed their files, and a run that failed before writing weights (a NaN loss)
+    left tokenizer_config.json, which then refused its own retry without --overwrite. A run holds an OS lock on its
+    folder (a second one is refused naming the first's pid), and a failed fresh run leaves nothing behind."""
+    import heptapod_nb.tokenizer_train as tt
+    from heptapod_nb.config import RunLock
+    root = tmp_path / "imgs"; _images(root / "train", size=(16, 16)); _images(root / "val", size=(16, 16))
+    out = tmp_path / "run"
+    common = ["--data", str(root), "--out", str(out), "--image-size", "16", "--batch-size", "4", "--num-workers", "0",
+              "--eval-batches", "1", "--steps", "1", *SMALL, *QUIET]
+    with RunLock(out):                                        # another run holds the folder
+        _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer", common, capsys, f"is in use by another run (pid {os.getpid()})")
+        _assert_user_error(extract_cli, "heptapod-extract", ["--tokenizer", "x", "--out", str(out), *QUIET], capsys, "in use by another run")
+    def diverge(self, x, p): raise FloatingPointError("loss is nan at step 1")
+    with monkeypatch.context() as m:
+        m.setattr(tt._TokenizerRun, "train_step", diverge)
+        _assert_user_error(train_tokenizer_cli, "heptapod-train-tokenizer", common, capsys, "loss is nan")
+    assert not out.exists() or not any(f for f in out.iterdir() if f.name in tt.TOKENIZER_RUN_FILES), list(out.iterdir())
+    assert _run(train_tokenizer_cli, common, capsys)[0] == 0  # the retry needs no --overwrite
+    assert (out / "tokenizer.safetensors").exists()
