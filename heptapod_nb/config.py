@@ -12,10 +12,10 @@ import torch
 
 # %% auto #0
 __all__ = ['FAST', 'DEMO_FILES', 'USER_ERRORS', 'get_device', 'seed_everything', 'demo_dir', 'ConfigError', 'deprecated',
-           'Config', 'make_parent', 'atomic_save', 'RunLock', 'atomic_write_bytes', 'write_json', 'to_uint8',
-           'parse_value', 'apply_overrides', 'get_preset', 'check_state_dict', 'weights_sha256', 'nonfinite_tensors',
-           'save_weights', 'load_weights', 'add_debug_arg', 'arg_int', 'arg_float', 'cli_convention', 'one_line',
-           'cli_main']
+           'Config', 'make_folder', 'make_parent', 'atomic_save', 'RunLock', 'atomic_write_bytes', 'write_json',
+           'to_uint8', 'parse_value', 'apply_overrides', 'get_preset', 'check_state_dict', 'weights_sha256',
+           'nonfinite_tensors', 'save_weights', 'load_weights', 'add_debug_arg', 'arg_int', 'arg_float',
+           'cli_convention', 'one_line', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #8fe41d5e
 FAST: bool = os.environ.get("HEPTAPOD_FAST", "0") not in ("", "0", "false", "False")
@@ -137,14 +137,27 @@ class Config:
         return cls.from_stored(d)
 
 # %% ../nbs/00_config.ipynb #0241e1c9
+def _file_in_the_way(folder: Path) -> Path | None:
+    "The file that stops `folder` from being made (itself or an ancestor), or None."
+    for a in (folder, *folder.parents):
+        if a.exists(): return None if a.is_dir() else a
+    return None
+
+def make_folder(folder, what: str = "") -> Path:
+    "Make `folder` and its parents; a file in the way is a `NotADirectoryError` naming it (and `what`, e.g. '--out')."
+    folder = Path(folder)
+    if (f := _file_in_the_way(folder)) is not None:
+        raise NotADirectoryError(f"{what + ' ' if what else ''}{folder} " + ("is a file, not a folder" if f == folder
+                                 else f"cannot be made: {f} is a file"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
 def make_parent(path, what: str = "") -> Path:
     "Make the folder `path` goes in; a file in the way is a `NotADirectoryError` naming it (and `what`, e.g. '--out')."
     path = Path(path)
-    try: path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        a = path.parent
-        while not a.is_file() and a.parent != a: a = a.parent
-        raise NotADirectoryError(f"{what + ' ' if what else ''}{path}: cannot make its folder, {a} is a file") from None
+    if (f := _file_in_the_way(path.parent)) is not None:
+        raise NotADirectoryError(f"{what + ' ' if what else ''}{path}: cannot make its folder, {f} is a file")
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 def atomic_save(path, write_fn) -> Path:
@@ -171,7 +184,7 @@ class RunLock:
         try: import fcntl
         except ImportError: return self                       # no flock on this OS: runs are not locked
         self.made = not self.folder.exists()
-        path = make_parent(self.folder / self.NAME, self.what)
+        path = make_folder(self.folder, self.what) / self.NAME
         f = open(path, "a+")
         try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -408,6 +421,7 @@ def cli_convention(parser, renamed: dict | None = None):
     for o, n in (renamed or {}).items(): old[o] = old[o.replace("-", "_").replace("__", "--", 1)] = n
     parser.error = _one_line_error(parser)
     def parse_known_args(args=None, namespace=None):
+        _check_ranges(parser)
         parser._deprecated_spellings = {**getattr(parser, "_deprecated_spellings", {}), **_dash_options(parser), **old}
         args = list(sys.argv[1:] if args is None else args)
         return parse(_respell(args, parser._deprecated_spellings, parser.prog), namespace)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_train.ipynb #001e9fb0
 from __future__ import annotations
-import argparse, contextlib, hashlib, json, random, re, signal, sys, threading, time, warnings
+import argparse, contextlib, dataclasses, hashlib, json, math, random, re, signal, sys, threading, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import (Config, ConfigError, FAST, add_debug_arg, apply_overrides, atomic_save, atomic_write_bytes,
+from .config import (Config, ConfigError, FAST, RunLock, add_debug_arg, arg_float, arg_int, apply_overrides, atomic_save, atomic_write_bytes,
                                 cli_main, parse_value, write_json, get_preset, seed_everything, check_state_dict, save_weights)
 from .optim import (DistInfo, EMA, TrainingDiverged, backward, barrier, broadcast_object, dist_env, lr_factor,
                                optimizer_step, param_groups, setup_distributed, step_progress)
@@ -30,12 +30,12 @@ from .tokens import token_kind
 from .cost import per_image
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'FSDP_UNITS', 'AUTO_MARGIN', 'TrainConfig', 'split_overrides', 'make_config', 'epoch_permutation',
-           'rank_batches', 'TrainData', 'model_config_for', 'token_info', 'random_tokens', 'LossModule', 'lr_lambda',
-           'CheckpointError', 'save_checkpoint', 'verify_checkpoint', 'load_checkpoint', 'list_checkpoints',
-           'latest_good_checkpoint', 'resolve_resume', 'prune_checkpoints', 'rng_state', 'set_rng_state', 'fsdp_units',
-           'StopSignals', 'resident_bytes', 'plan_micro_batch', 'probe_step_memory', 'train', 'build_parser', 'main',
-           'read_metrics', 'plot_metrics']
+__all__ = ['CKPT_FORMAT', 'FSDP_UNITS', 'AUTO_MARGIN', 'RUN_FILES', 'TrainConfig', 'split_overrides', 'make_config',
+           'epoch_permutation', 'rank_batches', 'TrainData', 'model_config_for', 'token_info', 'random_tokens',
+           'LossModule', 'lr_lambda', 'CheckpointError', 'save_checkpoint', 'verify_checkpoint', 'load_checkpoint',
+           'list_checkpoints', 'latest_good_checkpoint', 'resolve_resume', 'prune_checkpoints', 'rng_state',
+           'set_rng_state', 'fsdp_units', 'StopSignals', 'resident_bytes', 'plan_micro_batch', 'probe_step_memory',
+           'run_files', 'train', 'build_parser', 'main', 'read_metrics', 'plot_metrics']
 
 # %% ../nbs/09_train.ipynb #54ebf55c
 @dataclass
@@ -76,6 +76,9 @@ class TrainConfig(Config):
     progress: bool = True
 
     def validate(self):
+        for f in dataclasses.fields(self):                  # NaN passes every comparison below: name it first
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v): raise ConfigError(f"TrainConfig.{f.name} must be a finite number, got {v}")
         for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every"):
             if getattr(self, k) < 1: raise ConfigError(f"TrainConfig.{k} must be >= 1, got {getattr(self, k)}")
         for k in ("epochs", "max_minutes", "memory_budget_gb", "image_size", "threads", "warmup", "num_workers", "weight_decay", "grad_clip", "lr", "min_lr"):
@@ -227,6 +230,13 @@ def save_checkpoint(path, state: dict) -> Path:
     write_json(path.with_suffix(".json"), side)
     return path
 
+def _weights_or_not(path: Path) -> str:
+    "'model weights (for sampling), ' when `path` really is a safetensors file, else ''."
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt"): return "model weights (for sampling), "
+    except Exception: return ""
+
 def verify_checkpoint(path) -> dict:
     "The sidecar of checkpoint `path` if the file is complete and intact; `CheckpointError` naming the problem if not."
     path = Path(path)
@@ -234,8 +244,7 @@ def verify_checkpoint(path) -> dict:
     if path.is_dir(): raise CheckpointError(f"{path} is a folder; {_EXPECTED}")
     side_path = path.with_suffix(".json")
     if path.suffix != ".pt":
-        what = "model weights (for sampling), " if path.suffix == ".safetensors" else ""
-        raise CheckpointError(f"{path} is {what}not a training checkpoint; {_EXPECTED}")
+        raise CheckpointError(f"{path} is {_weights_or_not(path)}not a training checkpoint; {_EXPECTED}")
     if not side_path.exists():
         raise CheckpointError(f"checkpoint {path} has no sidecar {side_path.name}: its write never finished, refusing it")
     try: side = json.loads(side_path.read_text())
@@ -290,7 +299,8 @@ def resolve_resume(resume, log=print) -> Path | None:
 
 def prune_checkpoints(folder, keep: int):
     "Delete all but the newest `keep` checkpoints (sidecar first, so a half-deleted one is never trusted)."
-    for p in list_checkpoints(folder)[:-keep]:
+    found = list_checkpoints(folder)
+    for p in found[:max(0, len(found) - keep)]:
         p.with_suffix(".json").unlink(missing_ok=True); p.unlink(missing_ok=True)
 
 # %% ../nbs/09_train.ipynb #bc48bdd3
@@ -340,21 +350,34 @@ def _full_optim_state(wrapper, opt, fsdp: bool) -> dict:
         return get_optimizer_state_dict(wrapper, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return opt.state_dict()
 
-def _export(raw: nn.Module, sd: dict, path: Path):
+def _export(raw: nn.Module, sd: dict, path: Path, where: str = ""):
     "Save weights `sd` of a model like `raw` for sampling/eval (`heptapod_nb.model.save_model` for a Heptapod)."
     if isinstance(raw, Heptapod):
-        m = Heptapod(raw.config); m.load_state_dict(sd); return save_model(m, path)
-    return save_weights(path, sd, getattr(raw, "config", None), kind=type(raw).__name__.lower())
+        m = Heptapod(raw.config); m.load_state_dict(sd); return save_model(m, path, where)
+    return save_weights(path, sd, getattr(raw, "config", None), kind=type(raw).__name__.lower(), where=where)
 
 class StopSignals:
     """While active (in the main thread), SIGINT and SIGTERM only set `signum`: the step in progress finishes, the
-    loop writes a checkpoint and returns. A second signal interrupts at once (`KeyboardInterrupt`; checkpoint
-    writes are atomic, so nothing on disk is damaged)."""
+    loop writes a checkpoint and returns. A second signal interrupts at once (`KeyboardInterrupt`), except while a
+    checkpoint is being written (`critical()`): then it waits until the write is done, so the run never ends
+    between a started and a finished checkpoint."""
     NAMES = ("SIGINT", "SIGTERM")
-    def __init__(self): self.signum, self._old = None, {}
+    def __init__(self): self.signum, self._old, self._critical, self._pending = None, {}, False, None
     def _handle(self, signum, frame):
-        if self.signum is not None: raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        self.signum = signum
+        if self.signum is None: self.signum = signum
+        elif self._critical: self._pending = signum
+        else: raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+
+    @contextlib.contextmanager
+    def critical(self):
+        "A section a second signal does not interrupt: it is raised when the section ends."
+        self._critical = True
+        try: yield
+        finally:
+            self._critical = False
+            if self._pending is not None:
+                sig, self._pending = self._pending, None
+                raise KeyboardInterrupt(f"second {signal.Signals(sig).name}")
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for name in self.NAMES:
@@ -449,16 +472,33 @@ def _layout(cfg: TrainConfig, di: DistInfo, mb: int | None = None) -> tuple[int,
     if per_rank % mb: raise ConfigError(f"micro_batch={mb} does not divide the per-process batch {per_rank} (= batch_size / world size)")
     return mb, per_rank // mb
 
-def _choose_checkpoint(resume, ckdir: Path, di: DistInfo, say) -> Path | None:
-    "The checkpoint to continue from (rank 0 decides and cleans up, every rank gets its answer), or None."
-    ck_path = None
+RUN_FILES = ("model.safetensors", "ema.safetensors", "metrics.jsonl", "train_config.json", "model_config.json")
+
+def run_files(out: Path) -> list[str]:
+    "What of a training run `out` holds: its files, and `checkpoints/` when it holds checkpoints."
+    return [f for f in RUN_FILES if (out / f).exists()] + (["checkpoints/"] if list_checkpoints(out / "checkpoints") else [])
+
+def _choose_checkpoint(resume, out: Path, di: DistInfo, say, overwrite: bool = False) -> Path | None:
+    """The checkpoint to continue from (rank 0 decides and cleans up, every rank gets its answer), or None. A run's
+    files in `out` are never replaced silently: without `resume` they are refused unless `overwrite` (which deletes
+    them first), and `resume` with no usable checkpoint beside them is refused too."""
+    ck_path, ckdir = None, out / "checkpoints"
     if di.main:
-        if resume in (None, "", "none"):
-            if list_checkpoints(ckdir):
-                raise ConfigError(f"{ckdir} already holds checkpoints: pass --resume to continue that run, or choose another --out")
+        if overwrite and resume not in (None, "", "none"):
+            raise ConfigError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+        if overwrite:
+            for f in RUN_FILES: (out / f).unlink(missing_ok=True)
+            prune_checkpoints(ckdir, 0)
+        elif resume in (None, "", "none"):
+            if found := run_files(out):
+                raise ConfigError(f"--out {out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                                  "--overwrite to replace it, or choose another --out")
         elif resume == "auto":
             ck_path = latest_good_checkpoint(ckdir, log=say)
-            if ck_path is None: say(f"no usable checkpoint in {ckdir}: starting from scratch")
+            if ck_path is None and (found := run_files(out)):
+                raise CheckpointError(f"--resume: no usable checkpoint in {ckdir}, and {out} holds a run ({', '.join(found)}) "
+                                      "that starting again would replace: pass --overwrite to do that")
+            if ck_path is None: say(f"no checkpoint in {ckdir}: starting from scratch")
         else:
             ck_path = resolve_resume(resume, log=say)
         ckdir.mkdir(parents=True, exist_ok=True)
@@ -549,13 +589,15 @@ class _Run:
         if di.initialized: dist.all_gather_object(rng_all, rng_state(dev))
         else: rng_all = [rng_state(dev)]
         st = dict(format=CKPT_FORMAT, step=self.step, epoch=self.epoch, index=self.index, batch_size=cfg.batch_size, micro_batch=self.mb,
+                  examples=len(self.data.dataset),
                   world_size=di.world, model=_full_model_state(self.raw, self.wrapper, cfg.fsdp),
                   optimizer=_full_optim_state(self.wrapper, self.opt, cfg.fsdp), scheduler=self.sched.state_dict(),
                   ema=self.ema.full_state() if self.ema else None, rng=rng_all, model_config=_cfg_dict(self.raw),
                   train_config=cfg.to_dict(), log_acc=(self.acc_loss, self.acc_n))
         if di.main:
-            self.last_ckpt = save_checkpoint(self.ckdir / f"step_{self.step:08d}.pt", st)
-            prune_checkpoints(self.ckdir, cfg.keep)
+            with self.stop.critical() if self.stop is not None else contextlib.nullcontext():
+                self.last_ckpt = save_checkpoint(self.ckdir / f"step_{self.step:08d}.pt", st)
+                prune_checkpoints(self.ckdir, cfg.keep)
         barrier(di)
 
     def train_step(self, it):
@@ -642,37 +684,40 @@ class _Run:
         ema_sd = self.ema.full_state() if self.ema is not None else None
         paths = {}
         if self.di.main:
-            paths["model"] = str(_export(self.raw, sd, self.out / "model.safetensors"))
+            paths["model"] = str(_export(self.raw, sd, self.out / "model.safetensors", f"at step {self.step}"))
             if ema_sd is not None:
-                paths["ema"] = str(_export(self.raw, {**sd, **ema_sd}, self.out / "ema.safetensors"))
+                paths["ema"] = str(_export(self.raw, {**sd, **ema_sd}, self.out / "ema.safetensors", f"at step {self.step}"))
             self.say(f"done: step {self.step}, loss {self.last_loss:.4f}; weights {paths}")
         barrier(self.di)
         return self.summary(**paths)
 
 # %% ../nbs/09_train.ipynb #25125622
-def train(cfg: TrainConfig, resume: str | None = None, model: nn.Module | None = None, log=None) -> dict:
+def train(cfg: TrainConfig, resume: str | None = None, model: nn.Module | None = None, log=None,
+          overwrite: bool = False) -> dict:
     """Train as `cfg` says; `resume` = "auto" (newest good checkpoint in `cfg.out`, if any), a checkpoint path or a
-    run folder. `model` replaces the preset model (anything with `.loss(tokens, labels)`). Returns a summary dict;
-    after SIGINT/SIGTERM (a preemption) it is returned early, with the signal's name in `stopped_by`, once a
-    checkpoint of the current step is written."""
+    run folder; `overwrite` deletes a run already in `cfg.out` first (else it is refused). One run per folder: the
+    run holds a lock on `cfg.out` (`config.RunLock`). `model` replaces the preset model (anything with
+    `.loss(tokens, labels)`). Returns a summary dict; after SIGINT/SIGTERM (a preemption) it is returned early, with
+    the signal's name in `stopped_by`, once a checkpoint of the current step is written."""
     if cfg.threads: torch.set_num_threads(cfg.threads)
     di = setup_distributed(cfg.device)
     owns_group = di.initialized
     dtype = torch.get_default_dtype()
     if cfg.precision == "fp64": torch.set_default_dtype(torch.float64)   # weights, optimizer state and math in float64
     try:
-        with StopSignals() as stop: return _train(cfg, resume, model, di, log, stop)
+        with RunLock(cfg.out) if di.main else contextlib.nullcontext(), StopSignals() as stop:
+            return _train(cfg, resume, model, di, log, stop, overwrite)
     finally:
         torch.set_default_dtype(dtype)
         if owns_group and dist.is_initialized(): dist.destroy_process_group()
 
-def _setup(cfg: TrainConfig, resume, model, di: DistInfo, say, stop) -> _Run:
+def _setup(cfg: TrainConfig, resume, model, di: DistInfo, say, stop, overwrite: bool = False) -> _Run:
     "Everything before the first step: batch layout, checkpoint, data, model, wrapping, optimizer, restored state, log."
     per_rank = _per_rank(cfg, di)
     mb, accum = _layout(cfg, di) if cfg.micro_batch != "auto" else (None, None)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and di.device.type == "cuda")
     out = Path(cfg.out)
-    ck_path = _choose_checkpoint(resume, out / "checkpoints", di, say)
+    ck_path = _choose_checkpoint(resume, out, di, say, overwrite)
     state = load_checkpoint(ck_path, verify=False) if ck_path else None   # rank 0 verified it in _choose_checkpoint
     data = TrainData(cfg, di.device)
     n, B = len(data.dataset), cfg.batch_size; spe = n // B
@@ -688,6 +733,10 @@ def _setup(cfg: TrainConfig, resume, model, di: DistInfo, say, stop) -> _Run:
     pos = (0, 0, 0)
     if state is not None:
         pos = _restore(state, ck_path, cfg, di, wrapper, opt, sched, ema)
+        if state.get("examples", n) != n or pos[2] >= spe:          # the data position would point elsewhere
+            raise CheckpointError(f"checkpoint {ck_path} was trained on {state.get('examples', 'more')} examples (batch "
+                                  f"{pos[2]} of its epoch), --data {cfg.data} has {n} ({spe} batches per epoch): resume "
+                                  "with the data it was trained on")
         say(f"resumed from {ck_path} at step {pos[0]} (epoch {pos[1]}, batch {pos[2]} of {spe})")
     elif di.world > 1: seed_everything(cfg.seed + di.rank)                       # independent target draws per rank
     nparams = sum(p.numel() for p in raw.parameters())                          # a DTensor's numel is the global one
@@ -697,9 +746,9 @@ def _setup(cfg: TrainConfig, resume, model, di: DistInfo, say, stop) -> _Run:
     if di.main: _start_log(out, cfg, raw, state, pos[0])
     return _Run(cfg, di, data, raw, wrapper, net, ddp, opt, sched, ema, pos, mb, accum, bf16, out, ck_path, state, say, stop)
 
-def _train(cfg: TrainConfig, resume, model, di: DistInfo, log, stop: StopSignals | None = None) -> dict:
+def _train(cfg: TrainConfig, resume, model, di: DistInfo, log, stop: StopSignals | None = None, overwrite: bool = False) -> dict:
     say = (log or (lambda m: print(m, flush=True))) if di.main else (lambda m: None)
-    run = _setup(cfg, resume, model, di, say, stop)
+    run = _setup(cfg, resume, model, di, say, stop, overwrite)
     cfg = run.cfg
     pbar = tqdm(total=cfg.steps, initial=run.step, disable=not (di.main and cfg.progress), desc="train", dynamic_ncols=True)
     run.t0 = time.perf_counter()
@@ -726,13 +775,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="TokenDataset folder, or mnist5k / an image folder together with --tokenizer")
     p.add_argument("--tokenizer", help="tokenizer checkpoint: encode images on the fly")
     p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, model.safetensors, ema.safetensors)")
-    p.add_argument("--steps", type=int); p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--lr", type=float); p.add_argument("--device")
+    p.add_argument("--steps", type=arg_int(1)); p.add_argument("--batch-size", type=arg_int(1), dest="batch_size")
+    p.add_argument("--lr", type=arg_float(0)); p.add_argument("--device")
     p.add_argument("--fsdp", action="store_const", const=True, help="shard with FSDP2 (fully_shard); needs torchrun")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
     p.add_argument("--no-progress", action="store_const", const=False, dest="progress")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from the newest good checkpoint in --out (or from CKPT)")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start again")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return add_debug_arg(p)
 
@@ -743,7 +793,7 @@ def _run(argv) -> None:
     cfg = make_config(a.override + a.overrides, a.config, **{k: getattr(a, k) for k in (
         "preset", "data", "tokenizer", "out", "steps", "batch_size", "lr", "device", "fsdp", "compile", "progress")})
     if a.print_config: print(json.dumps(cfg.to_dict(), indent=2)); return
-    r = train(cfg, resume=a.resume)
+    r = train(cfg, resume=a.resume, overwrite=a.overwrite)
     if r.get("stopped_by") in StopSignals.NAMES:
         if dist_env()[0] == 0:
             print(f"heptapod-train: stopped by {r['stopped_by']} at step {r['step']} of {cfg.steps}; checkpoint "

@@ -194,7 +194,7 @@ def test_damaged_checkpoint_is_refused_and_previous_used(tokens, tmp_path, capsy
     verify_checkpoint(last)                                             # rewritten, good again
     (ck / "step_00000008.json").unlink()                                # a write that never finished its sidecar
     with pytest.raises(CheckpointError, match="never finished"): verify_checkpoint(last)
-    assert main(run) == 2 and "already holds checkpoints" in capsys.readouterr().err   # a fresh run never clobbers one
+    assert main(run) == 2 and "already holds a run" in capsys.readouterr().err   # a fresh run never clobbers one
 
 
 class NaNAfter(torch.nn.Module):
@@ -413,3 +413,78 @@ def test_auto_micro_batch_resumes_with_its_checkpoints_layout(tokens, tmp_path, 
     assert [x["loss"] for x in read_metrics(tmp_path / "parts")] == [x["loss"] for x in read_metrics(tmp_path / "whole")]
     assert main(args(tokens, tmp_path / "fresh", *common, f"memory_budget_gb={big!r}")) == 0   # a fresh run takes it all
     assert "global batch 8 = 1 x 1 x 8 (micro_batch=auto" in capsys.readouterr().out
+
+
+def test_a_run_is_never_replaced_or_mixed(tokens, tmp_path, capsys):
+    """Issue 24: an --out holding a finished run whose checkpoints/ was deleted, or a --resume with no usable
+    checkpoint, exited 0 and replaced model.safetensors / ema.safetensors / metrics.jsonl; two runs on one --out
+    mixed their files. Now each is refused (exit 2, naming what is there) unless --overwrite, and a run holds an OS
+    lock on its folder for its life."""
+    from heptapod_nb.config import RunLock
+    out = tmp_path / "r"
+    run = args(tokens, out, "steps=2", "ckpt_every=2")
+    assert main(run) == 0
+    before = {f: (out / f).read_bytes() for f in ("model.safetensors", "ema.safetensors", "metrics.jsonl")}
+    def unchanged(): return all((out / f).read_bytes() == b for f, b in before.items())
+
+    def refused(argv, *needles):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        for n in needles: assert n in err, err
+        assert unchanged()
+
+    ck = list_checkpoints(out / "checkpoints")
+    refused(run, "already holds a run (model.safetensors, ema.safetensors, metrics.jsonl", "checkpoints/", "--overwrite")
+    ck[-1].with_suffix(".json").unlink()                               # the only checkpoint loses its sidecar
+    refused(run + ["--resume"], "no usable checkpoint", "model.safetensors", "--overwrite")
+    import shutil; shutil.rmtree(out / "checkpoints")                   # a finished run whose checkpoints were deleted
+    refused(run, "already holds a run (model.safetensors")
+    refused(run + ["--resume", "--overwrite"], "pass one of them")
+    with RunLock(out):                                                   # another run is writing this folder
+        refused(run + ["--overwrite"], f"is in use by another run (pid {os.getpid()})")
+    assert main(run + ["--overwrite", "steps=3"]) == 0                  # asked for: replaced by a new run
+    assert read_metrics(out)[-1]["step"] == 3 and not unchanged()
+
+
+def test_train_user_errors_named(tokens, tmp_path, capsys):
+    """Issue 24: `model.dim=-6` and a --config holding a JSON list were tracebacks; lr=nan was reported as a min_lr
+    range; --resume with a smaller --data ended in StopIteration; a text file given to --resume was called model
+    weights. Each is one line naming the problem now."""
+    def fails(argv, *needles):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        for n in needles: assert n in err, err
+    fails(args(tokens, tmp_path / "a", "steps=1", "model.dim=-6"), "sizes must be >= 1, got dim=-6")
+    (tmp_path / "list.json").write_text('["steps=3"]')
+    fails(args(tokens, tmp_path / "b", "--config", str(tmp_path / "list.json")), "holds a JSON list")
+    fails(args(tokens, tmp_path / "c", "lr=NaN"), "TrainConfig.lr must be a finite number, got nan")    # JSON's NaN
+    fails(args(tokens, tmp_path / "c", "--lr", "nan"), "argument --lr: must be a finite number >= 0, got nan")
+    fails(args(tokens, tmp_path / "c", "--steps", "0"), "argument --steps: must be an integer >= 1, got 0")
+    (tmp_path / "notes.safetensors").write_text("not weights")
+    fails(args(tokens, tmp_path / "d", "steps=2", f"--resume={tmp_path / 'notes.safetensors'}"), "is not a training checkpoint")
+    assert "model weights" not in capsys.readouterr().err
+    small = tmp_path / "small"                                          # the same data, 16 examples instead of 64
+    meta = TokenDataset.create(small, 16, "vq", GRID, CLASSES, augs=2, vocab_size=K)
+    np.load(small / "codes.npy", mmap_mode="r+")[:] = 0; np.load(small / "labels.npy", mmap_mode="r+")[:] = 0
+    TokenDataset.write_meta(small, {**meta, "done": 16})
+    assert main(args(tokens, tmp_path / "e", "steps=5", "ckpt_every=5")) == 0
+    fails(["--preset", "tiny", "--data", str(small), "--out", str(tmp_path / "e"), "--no-progress", *COMMON, "steps=7", "--resume"],
+          "was trained on 64 examples", "has 16")
+
+
+def test_a_second_signal_waits_for_the_checkpoint_being_written():
+    """Issue 24: a second Ctrl-C while a checkpoint was being written ended the run with no checkpoint (1 try in 5).
+    StopSignals defers a second signal inside `critical()` and raises it when the section ends."""
+    from heptapod_nb.train import StopSignals
+    s = StopSignals()
+    s._handle(signal.SIGINT, None)                                     # the first: finish the step, checkpoint, stop
+    assert s.signum == signal.SIGINT
+    written = []
+    with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+        with s.critical():
+            s._handle(signal.SIGINT, None)                             # arrives mid-write: not raised here
+            written.append("checkpoint")
+    assert written == ["checkpoint"]
+    with pytest.raises(KeyboardInterrupt): s._handle(signal.SIGINT, None)   # outside a write: at once, as before
