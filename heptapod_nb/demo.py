@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DEMO_FILES, Config, ConfigError, demo_dir, write_json, get_device, save_weights, cli_main
+from .config import DEMO_FILES, Config, ConfigError, RunLock, demo_dir, write_json, get_device, save_weights, cli_main
 from .data import TokenDataset, load_mnist5k
 from .tokenizer import save_tokenizer
 from .tokenizer_train import TokenizerTrainConfig, train_tokenizer
@@ -22,8 +22,8 @@ from .evaluate import score_samples
 from .app import _parser, _serve_args, _device, load_bundle, check_port, launch, missing_demo_files
 
 # %% auto #0
-__all__ = ['DemoRecipe', 'encode_mnist', 'token_folder', 'demo_train_config', 'train_demo_model', 'class_accuracy_of',
-           'retrain_demo', 'demo', 'demo_cli']
+__all__ = ['USER_DEMO', 'DemoRecipe', 'encode_mnist', 'token_folder', 'demo_train_config', 'train_demo_model',
+           'class_accuracy_of', 'retrain_demo', 'demo', 'demo_cli']
 
 # %% ../nbs/16_demo.ipynb #5dfa0b42
 @dataclass
@@ -135,10 +135,12 @@ def _score_demo(tok, models: dict, recipe: DemoRecipe, meta: dict, device):
             if name == "heptapod" and (best is None or acc > best[1]): best = (T, acc)
     meta["recipe"]["temperature"] = best[0]
 
+USER_DEMO = Path("runs/demo")   # where a retrain writes unless --weights says where: never into the installed package
+
 def retrain_demo(out=None, recipe: DemoRecipe | None = None, device=None) -> dict:
-    "Make the demo weights (tokenizer, Heptapod, baseline) into `out` (default: the bundled folder); returns the meta dict."
+    "Make the demo weights (tokenizer, Heptapod, baseline) into `out` (default `USER_DEMO`, runs/demo); returns the meta dict."
     recipe, device = recipe or DemoRecipe(), get_device(device)
-    out = Path(out) if out is not None else demo_dir(); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out) if out is not None else USER_DEMO; out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(recipe.threads)
     t0, meta, models = time.time(), {"recipe": recipe.to_dict()}, {}
     with tempfile.TemporaryDirectory() as work:
@@ -160,11 +162,18 @@ def retrain_demo(out=None, recipe: DemoRecipe | None = None, device=None) -> dic
 
 def demo(argv: list[str]) -> None:
     "`heptapod-demo` with `argv`: (re)make the demo weights if missing or asked, then serve them until interrupted."
-    args = _parser("heptapod-demo", retrain=True).parse_args(argv)
-    d = Path(args.weights) if args.weights else demo_dir()
+    p = _parser("heptapod-demo", retrain=True)
+    p.add_argument("--overwrite", action="store_true", help="let a retrain replace the demo weights already in --weights")
+    args = p.parse_args(argv)
+    # served: --weights, else the bundled weights; made (--retrain, or the bundled ones missing): --weights, else runs/demo
+    d = Path(args.weights) if args.weights else USER_DEMO if args.retrain or missing_demo_files(demo_dir()) else demo_dir()
     if d.exists() and not d.is_dir(): raise NotADirectoryError(f"--weights {d} is a file, not a folder")
     device, port = _serve_args(args) if not args.no_launch else (_device(args.device), None)   # fail before retraining
     if args.retrain or missing_demo_files(d):
+        have = [f for f in DEMO_FILES.values() if (d / f).exists()]
+        if have and not args.overwrite:
+            raise FileExistsError(f"--weights {d} already holds demo weights ({', '.join(have)}): pass --overwrite to let "
+                                  "the retrain replace them, or choose another --weights")
         if not args.retrain: print(f"demo weights missing in {d}: making them now (about 30 minutes on 2 CPU cores)", flush=True)
         recipe = DemoRecipe()
         if args.minutes:
@@ -173,7 +182,7 @@ def demo(argv: list[str]) -> None:
                                     baseline_minutes=recipe.baseline_minutes * f)
         if args.threads: recipe = recipe.replace(threads=args.threads)
         if args.eval_samples is not None: recipe = recipe.replace(eval_samples=args.eval_samples)
-        retrain_demo(d, recipe, device)
+        with RunLock(d, "--weights"): retrain_demo(d, recipe, device)   # one retrain per folder
     if args.no_launch: return
     bundle = load_bundle(d, device)
     check_port(args.host, port)                  # again: a retrain takes minutes, another program may have taken it

@@ -1,5 +1,6 @@
 "The demo recipe (`heptapod-demo --retrain`) is a call of `train.train`: a whole retrain at toy size, and its config."
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +31,24 @@ def test_retrain_demo_at_toy_size(tmp_path):
     m, b = load_model(tmp_path / DEMO_FILES["model"]), load_model(tmp_path / DEMO_FILES["baseline"])
     assert (m.config.dim, m.config.targets_per_step, b.config.window, b.config.targets_per_step) == (32, 2, 1, 1)
     assert json.loads((tmp_path / "demo_meta.json").read_text())["recipe"]["steps"] == 3
+
+
+def test_retrain_never_replaces_weights_or_writes_into_the_package(tmp_path, monkeypatch, capsys):
+    """Issue 24: `heptapod-demo --retrain --no-launch --weights DIR` silently replaced DIR's three weights files, and
+    without --weights it wrote into the installed package's assets/demo/. Now an existing weights folder needs
+    --overwrite, and a retrain without --weights goes to runs/demo."""
+    import heptapod_nb.demo as demo_mod
+    from heptapod_nb.app import write_untrained_weights
+    from heptapod_nb.config import demo_dir
+    made = []
+    monkeypatch.setattr(demo_mod, "retrain_demo", lambda out, recipe, device: made.append(Path(out)))   # no 30-min run
+    d = write_untrained_weights(tmp_path / "w")
+    before = {f.name: f.read_bytes() for f in d.iterdir()}
+    assert demo_mod.demo_cli(["--retrain", "--no-launch", "--weights", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds demo weights" in err and "--overwrite" in err
+    assert {f.name: f.read_bytes() for f in d.iterdir()} == before and made == []
+    assert demo_mod.demo_cli(["--retrain", "--no-launch", "--weights", str(d), "--overwrite"]) == 0 and made == [d]
+    monkeypatch.chdir(tmp_path)
+    assert demo_mod.demo_cli(["--retrain", "--no-launch"]) == 0
+    assert made[-1] == Path("runs/demo") and made[-1].resolve() != demo_dir().resolve()
