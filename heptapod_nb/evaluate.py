@@ -4,13 +4,13 @@
 
 # %% ../nbs/11_evaluate.ipynb #8a07b258
 from __future__ import annotations
-import argparse, json, math, os, sys, time
+import argparse, contextlib, json, math, os, sys, time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import ConfigError, add_debug_arg, arg_float, arg_int, make_parent, atomic_write_bytes, cli_main, write_json, get_device
+from .config import ConfigError, RunLock, add_debug_arg, arg_float, arg_int, make_parent, atomic_write_bytes, cli_main, write_json, get_device
 from .model import load_model
 from .optim import dist_env
 from .pretrained import TOKENIZER_FORMATS, load_tokenizer_as
@@ -168,7 +168,7 @@ def sample_cli(argv=None) -> dict:
     if args.device is None: args.device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = get_device(args.device)
     if device.type == "cuda": torch.cuda.set_device(device)
-    dist = None
+    dist, lock = None, contextlib.ExitStack()
     if world > 1:
         import torch.distributed as dist
         if not dist.is_initialized(): dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -187,6 +187,7 @@ def sample_cli(argv=None) -> dict:
         err = None
         if rank == 0:
             try:
+                lock.enter_context(RunLock(out_dir, "--out-dir"))   # one run per folder (a rerun resumes it)
                 _check_out_dir(out_dir, settings)
                 write_json(out_dir / "sample_args.json", settings)
             except (ConfigError, OSError) as e: err = e
@@ -209,6 +210,7 @@ def sample_cli(argv=None) -> dict:
                   + (f"; this run made {stats['images']} at {stats['images_per_s']:.2f} images/s" if stats["images"] else ""))
         return summary
     finally:
+        lock.close()
         if dist and dist.is_initialized(): dist.destroy_process_group()
 
 def sample_main(argv=None) -> int:

@@ -135,6 +135,10 @@ def test_failed_run_does_not_block_its_folder(tiny_files, tmp_path, capsys):
     (tmp_path / "t" / "parts").mkdir(parents=True); shutil.copy(tmp_path / "s" / "samples.npz", tmp_path / "t")
     assert sample_main(base[:-1] + [str(tmp_path / "t")]) == 2                     # samples that are not ours
     assert "did not record" in one_error_line(capsys, "heptapod-sample")
+    from heptapod_nb.config import RunLock                                         # issue 24: one run per folder
+    with RunLock(tmp_path / "s"):
+        assert sample_main(base) == 2
+        assert f"--out-dir {tmp_path / 's'} is in use by another run (pid" in one_error_line(capsys, "heptapod-sample")
 
 
 def flip_sign(path, name):
