@@ -14,7 +14,7 @@ import torch
 __all__ = ['FAST', 'DEMO_FILES', 'USER_ERRORS', 'get_device', 'seed_everything', 'demo_dir', 'ConfigError', 'deprecated',
            'Config', 'make_folder', 'make_parent', 'atomic_save', 'RunLock', 'atomic_write_bytes', 'write_json',
            'to_uint8', 'parse_value', 'apply_overrides', 'get_preset', 'check_state_dict', 'weights_sha256',
-           'nonfinite_tensors', 'save_weights', 'load_weights', 'add_debug_arg', 'arg_int', 'arg_float',
+           'nonfinite_tensors', 'save_weights', 'weights_run', 'load_weights', 'add_debug_arg', 'arg_int', 'arg_float',
            'cli_convention', 'one_line', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #8fe41d5e
@@ -279,9 +279,11 @@ def _data_sha256(blob_or_path) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""): h.update(chunk)
     return h.hexdigest()
 
-def save_weights(path, module_or_sd, config: Config | dict | None = None, kind: str = "", where: str = "") -> Path:
-    """Save tensors to `path` (.safetensors) atomically, with `config` (and `kind`) in metadata, their `weights_sha256`,
-    and a .json beside. Weights holding NaN or inf are refused (`where`, e.g. "at step 120", goes into the message)."""
+def save_weights(path, module_or_sd, config: Config | dict | None = None, kind: str = "", where: str = "",
+                 run: dict | None = None) -> Path:
+    """Save tensors to `path` (.safetensors) atomically, with `config` (and `kind`, and `run`: facts about the run that
+    made them, e.g. {"step": 174, "steps": 1400, "finished": false}) in metadata, their `weights_sha256`, and a .json
+    beside. Weights holding NaN or inf are refused (`where`, e.g. "at step 120", goes into the message)."""
     from safetensors.torch import save as st_save
     sd = module_or_sd.state_dict() if isinstance(module_or_sd, torch.nn.Module) else module_or_sd
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
@@ -291,11 +293,18 @@ def save_weights(path, module_or_sd, config: Config | dict | None = None, kind: 
                                  + (f" ({len(bad) - 1} more tensors too)" if len(bad) > 1 else "")
                                  + "; the run diverged: resume from an earlier checkpoint with a lower lr")
     cfg = config.to_dict() if isinstance(config, Config) else (config or {})
-    meta = {"config": json.dumps(cfg), "kind": kind, "format": "heptapod_nb"}
+    meta = {"config": json.dumps(cfg), "kind": kind, "format": "heptapod_nb", **({"run": json.dumps(run)} if run else {})}
     meta["sha256"] = weights_sha256(sd, meta)
     atomic_write_bytes(path, st_save(sd, metadata=meta))
     write_json(path.with_suffix(".json"), {"kind": kind, "config": cfg})
     return path
+
+def weights_run(path) -> dict:
+    "The `run` facts `save_weights` stored in a weights file ({} when none), read from its header only."
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f: return json.loads((f.metadata() or {}).get("run", "{}"))
+    except Exception: return {}
 
 def load_weights(path, kind: str | tuple | None = None, device="cpu", verify: bool = True) -> tuple[dict, dict]:
     """`(state_dict, config_dict)` from a file written by `save_weights`; clear errors for missing/corrupt files.

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, RunLock, add_debug_arg, arg_float, arg_int, make_parent, atomic_write_bytes, cli_main, write_json, get_device
+from .config import ConfigError, RunLock, add_debug_arg, arg_float, arg_int, make_parent, weights_run, atomic_write_bytes, cli_main, write_json, get_device
 from .model import load_model
 from .optim import dist_env
 from .pretrained import TOKENIZER_FORMATS, load_tokenizer_as
@@ -174,6 +174,9 @@ def sample_cli(argv=None) -> dict:
         if not dist.is_initialized(): dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         model = load_model(args.model, device=device)
+        if (run := weights_run(args.model)).get("finished") is False and rank == 0:
+            print(f"heptapod-sample: note: {args.model} is from a run stopped at step {run.get('step')} of "
+                  f"{run.get('steps')} (not finished)", file=sys.stderr, flush=True)
         decoder = load_decoder(args.tokenizer, args.tokenizer_format, device=device)
         check_compatible(model, decoder, f"model {args.model}", f"tokenizer {args.tokenizer}")
         nc = args.num_classes if args.num_classes is not None else model.config.num_classes

@@ -228,9 +228,10 @@ class Heptapod(nn.Module):
         return self(tokens, labels)["loss"]
 
 # %% ../nbs/07_model.ipynb #0f6f9478
-def save_model(model: Heptapod, path, where: str = ""):
-    "Write `model`'s weights (safetensors) and config (metadata + .json beside); NaN/inf weights are refused (`where`: e.g. 'at step 120')."
-    return save_weights(path, model, model.config, kind="heptapod", where=where)
+def save_model(model: Heptapod, path, where: str = "", run: dict | None = None):
+    """Write `model`'s weights (safetensors) and config (metadata + .json beside); NaN/inf weights are refused (`where`:
+    e.g. 'at step 120'); `run`: facts about the run kept in the metadata (`config.weights_run` reads them)."""
+    return save_weights(path, model, model.config, kind="heptapod", where=where, run=run)
 
 def load_model(path, device="cpu", config: HeptapodConfig | None = None) -> Heptapod:
     "A `Heptapod` rebuilt from a checkpoint written by `save_model` (or into `config`, which must match)."

@@ -350,11 +350,11 @@ def _full_optim_state(wrapper, opt, fsdp: bool) -> dict:
         return get_optimizer_state_dict(wrapper, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return opt.state_dict()
 
-def _export(raw: nn.Module, sd: dict, path: Path, where: str = ""):
+def _export(raw: nn.Module, sd: dict, path: Path, where: str = "", run: dict | None = None):
     "Save weights `sd` of a model like `raw` for sampling/eval (`heptapod_nb.model.save_model` for a Heptapod)."
     if isinstance(raw, Heptapod):
-        m = Heptapod(raw.config); m.load_state_dict(sd); return save_model(m, path, where)
-    return save_weights(path, sd, getattr(raw, "config", None), kind=type(raw).__name__.lower(), where=where)
+        m = Heptapod(raw.config); m.load_state_dict(sd); return save_model(m, path, where, run)
+    return save_weights(path, sd, getattr(raw, "config", None), kind=type(raw).__name__.lower(), where=where, run=run)
 
 class StopSignals:
     """While active (in the main thread), SIGINT and SIGTERM only set `signum`: the step in progress finishes, the
@@ -674,20 +674,23 @@ class _Run:
             del it, loader
 
     def summary(self, **extra) -> dict:
-        return dict(step=self.step, epoch=self.epoch, index=self.index, loss=self.last_loss, grad_norm=self.gn, out=str(self.out),
+        return dict(step=self.step, steps=self.cfg.steps, epoch=self.epoch, index=self.index, loss=self.last_loss, grad_norm=self.gn, out=str(self.out),
                     micro_batch=self.mb, accumulation=self.accum,
                     checkpoint=str(self.last_ckpt) if self.last_ckpt else None, stopped_by=self.stopped_by, **extra)
 
     def finish(self) -> dict:
-        "Export the final weights (raw and EMA) for sampling and eval; -> the summary with their paths."
+        """Export the weights of the last step (raw and EMA) for sampling and eval, also when the run stopped early
+        (a signal, the time cap: their metadata says `finished: false`); -> the summary with their paths."""
         sd = _full_model_state(self.raw, self.wrapper, self.cfg.fsdp)
         ema_sd = self.ema.full_state() if self.ema is not None else None
-        paths = {}
+        paths, where = {}, f"at step {self.step}"
+        run = dict(step=self.step, steps=self.cfg.steps, finished=self.step >= self.cfg.steps)
         if self.di.main:
-            paths["model"] = str(_export(self.raw, sd, self.out / "model.safetensors", f"at step {self.step}"))
+            paths["model"] = str(_export(self.raw, sd, self.out / "model.safetensors", where, run))
             if ema_sd is not None:
-                paths["ema"] = str(_export(self.raw, {**sd, **ema_sd}, self.out / "ema.safetensors", f"at step {self.step}"))
-            self.say(f"done: step {self.step}, loss {self.last_loss:.4f}; weights {paths}")
+                paths["ema"] = str(_export(self.raw, {**sd, **ema_sd}, self.out / "ema.safetensors", where, run))
+            self.say(f"{'done' if run['finished'] else 'stopped'}: step {self.step} of {self.cfg.steps}, loss "
+                     f"{self.last_loss:.4f}; weights {paths}")
         barrier(self.di)
         return self.summary(**paths)
 
@@ -722,7 +725,10 @@ def _setup(cfg: TrainConfig, resume, model, di: DistInfo, say, stop, overwrite: 
     data = TrainData(cfg, di.device)
     n, B = len(data.dataset), cfg.batch_size; spe = n // B
     if spe == 0: raise ConfigError(f"the dataset has {n} examples, fewer than one batch of {B}")
-    if cfg.epochs > 0: cfg = cfg.replace(steps=max(1, round(cfg.epochs * spe)))
+    if cfg.epochs > 0:                            # epochs sets the length; a steps= beside it would be ignored: refuse
+        if cfg.steps != TrainConfig.steps: raise ConfigError(f"steps={cfg.steps} and epochs={cfg.epochs} both set the run's "
+                                                            "length: pass one of them")
+        cfg = cfg.replace(steps=max(1, round(cfg.epochs * spe)))
     raw = _build_model(cfg, model, data.info, di.device, state, ck_path)
     auto = ""
     if cfg.micro_batch == "auto":                       # measured on the model before it is wrapped (no trace left)
@@ -758,9 +764,8 @@ def _train(cfg: TrainConfig, resume, model, di: DistInfo, log, stop: StopSignals
     pbar.close()
     if run.stopped_by and run.stopped_by != "time":
         say(f"stopped by {run.stopped_by} at step {run.step} of {cfg.steps}; checkpoint {run.last_ckpt}")
-        return run.summary()
-    if run.stopped_by: say(f"time cap of {cfg.max_minutes} min reached at step {run.step} of {cfg.steps}")
-    return run.finish()
+    elif run.stopped_by: say(f"time cap of {cfg.max_minutes} min reached at step {run.step} of {cfg.steps}")
+    return run.finish()                           # a stopped run's weights too, so the next README line works
 
 # %% ../nbs/09_train.ipynb #2cc20435
 def build_parser() -> argparse.ArgumentParser:
@@ -796,7 +801,7 @@ def _run(argv) -> None:
     r = train(cfg, resume=a.resume, overwrite=a.overwrite)
     if r.get("stopped_by") in StopSignals.NAMES:
         if dist_env()[0] == 0:
-            print(f"heptapod-train: stopped by {r['stopped_by']} at step {r['step']} of {cfg.steps}; checkpoint "
+            print(f"heptapod-train: stopped by {r['stopped_by']} at step {r['step']} of {r['steps']}; checkpoint "
                   f"{r['checkpoint']}: the same command with --resume continues exactly", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.Signals[r["stopped_by"]].value)
 

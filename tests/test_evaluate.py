@@ -192,3 +192,17 @@ def test_eval_exit_statuses(tmp_path, capsys):
                            if not torch.cuda.is_available() else [])):
         assert eval_main(argv) == 2, argv
         assert needle in one_error_line(capsys, "heptapod-eval")
+
+
+def test_sampling_an_unfinished_run_says_so(tiny_files, tmp_path, capsys):
+    "Issue 25: weights a stopped run exported carry `finished: false`; heptapod-sample samples them and says so, once."
+    from heptapod_nb.model import load_model, save_model
+    m = tmp_path / "ema.safetensors"
+    save_model(load_model(tiny_files / "model.safetensors"), m, run={"step": 174, "steps": 1400, "finished": False})
+    argv = ["--model", str(m), "--tokenizer", str(tiny_files / "tok.safetensors"), "--per-class", "1", "--batch-size", "3",
+            "--no-progress", "--no-png"]
+    assert sample_main(argv + ["--out-dir", str(tmp_path / "s")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("is from a run stopped at step 174 of 1400 (not finished)") == 1, err
+    assert sample_main(["--model", str(tiny_files / "model.safetensors"), *argv[2:], "--out-dir", str(tmp_path / "t")]) == 0
+    assert "not finished" not in capsys.readouterr().err

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from heptapod_nb.config import weights_run
 from heptapod_nb.data import TokenDataset
 from heptapod_nb.train import (CheckpointError, TrainingDiverged, list_checkpoints, load_checkpoint, main, make_config,
                                read_metrics, train, verify_checkpoint)
@@ -155,7 +156,6 @@ def test_interrupt_then_resume_is_exact(tokens, tmp_path, whole, sig):
     t0 = time.time()
     while not started() and p.poll() is None and time.time() - t0 < 90: time.sleep(0.005)
     p.send_signal(getattr(signal, sig)); out, err = p.communicate(timeout=90)
-    assert not (tmp_path / "stopped" / "model.safetensors").exists(), "the run finished before it was stopped"
     done = sorted(int(c.stem[5:]) for c in ck.glob("step_*.json"))
     assert done and done[-1] < 30
     if kill: assert p.returncode == -signal.SIGKILL
@@ -165,7 +165,12 @@ def test_interrupt_then_resume_is_exact(tokens, tmp_path, whole, sig):
         assert err.splitlines() == [f"heptapod-train: stopped by {sig} at step {done[0]} of 30; checkpoint "
                                     f"{ck / f'step_{done[0]:08d}.pt'}: the same command with --resume continues exactly"]
         verify_checkpoint(ck / f"step_{done[0]:08d}.pt")
+        # issue 25: the stopped run's weights are there for sampling, marked as not finished
+        for f in ("model.safetensors", "ema.safetensors"):
+            assert weights_run(tmp_path / "stopped" / f) == {"step": done[0], "steps": 30, "finished": False}
+    if kill: assert not (tmp_path / "stopped" / "model.safetensors").exists(), "the run finished before it was stopped"
     assert main(run + ["--resume"]) == 0
+    assert weights_run(tmp_path / "stopped" / "ema.safetensors") == {"step": 30, "steps": 30, "finished": True}
     for f in ("model.safetensors", "ema.safetensors"):
         assert max_diff(weights(tmp_path / "stopped" / f), weights(whole / f)) == 0.0
     la, lb = read_metrics(tmp_path / "stopped"), read_metrics(whole)
@@ -488,3 +493,14 @@ def test_a_second_signal_waits_for_the_checkpoint_being_written():
             written.append("checkpoint")
     assert written == ["checkpoint"]
     with pytest.raises(KeyboardInterrupt): s._handle(signal.SIGINT, None)   # outside a write: at once, as before
+
+
+def test_steps_beside_epochs_is_refused_and_messages_use_the_resolved_length(tokens, tmp_path, capsys):
+    """Issue 25: `steps=180` beside `epochs=10` was silently ignored, and the stop messages mixed the two counts. The
+    pair is refused; with epochs alone the run's length is epochs x steps per epoch everywhere (64 examples / 8)."""
+    assert main(args(tokens, tmp_path / "a", "epochs=0.5", "steps=180")) == 2
+    assert "steps=180 and epochs=0.5 both set the run's length" in capsys.readouterr().err
+    r = train(make_config([*COMMON, "epochs=0.5", "max_minutes=1e-9"], preset="tiny", data=tokens,
+                          out=str(tmp_path / "b"), progress=False), log=lambda m: None)
+    assert (r["step"], r["steps"], r["stopped_by"]) == (1, 4, "time")
+    assert weights_run(r["ema"]) == {"step": 1, "steps": 4, "finished": False}
