@@ -122,20 +122,23 @@ def to_8bit(im, channels: int):
         im = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8))
     return im.convert("L" if channels == 1 else "RGB")
 
-def _probe(path) -> tuple[int, str | None]:
-    "(channels, None) from the header of image `path`, or (0, why) when it cannot be opened as an image."
+def _probe(path, full: bool = False) -> tuple[int, str | None]:
+    """(channels, None) from the header of image `path` (`full`: and its pixels decoded, which finds a file whose header
+    reads but whose data is truncated), or (0, why) when it cannot be read as an image."""
     from PIL import Image
     try:
-        with Image.open(path) as im: return mode_channels(im), None
+        with Image.open(path) as im:
+            if full: im.load()
+            return mode_channels(im), None
     except Exception as e:
         return 0, f"{type(e).__name__}: {e}"
 
-def scan_images(paths, threads: int = 8) -> list[tuple[int, str | None]]:
-    "`_probe` every path (headers only, in `threads` threads): [(channels, None) or (0, why)] in order."
-    paths = list(paths)
-    if len(paths) < 64 or threads <= 1: return [_probe(p) for p in paths]
+def scan_images(paths, threads: int = 8, full: bool = False) -> list[tuple[int, str | None]]:
+    "`_probe` every path (headers only, or `full` decodes; in `threads` threads): [(channels, None) or (0, why)] in order."
+    paths, probe = list(paths), functools.partial(_probe, full=full)
+    if len(paths) < 64 or threads <= 1: return [probe(p) for p in paths]
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(threads) as ex: return list(ex.map(_probe, paths, chunksize=256))
+    with ThreadPoolExecutor(threads) as ex: return list(ex.map(probe, paths, chunksize=256))
 
 def _visible(p: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in p.relative_to(root).parts)
@@ -144,9 +147,12 @@ class ImageFolderDataset(Dataset):
     """ImageNet-style class folders -> ((C, size, size) float in [-1, 1], label), C = `channels`.
 
     `channels`: 1 (grayscale), 3 (RGB) or None (detect: 1 when every image is grayscale). Every image's header is
-    read once here: an unreadable file raises `OSError` naming it, or with `skip_bad` is left out and listed in
-    `skipped`. `detected_channels`, `examples` (a file per channel count) and `empty_classes` describe the folder."""
-    def __init__(self, root, size: int = 256, flip: bool = False, skip_bad: bool = False, channels: int | None = None):
+    read once here (`verify`: every image decoded once, which also finds files truncated after a good header): an
+    unreadable file raises `OSError` naming it, or with `skip_bad` is left out and listed in `skipped`. A file that
+    fails later, when an item is loaded, is replaced by the next readable one (training) and listed once.
+    `detected_channels`, `examples` (a file per channel count) and `empty_classes` describe the folder."""
+    def __init__(self, root, size: int = 256, flip: bool = False, skip_bad: bool = False, channels: int | None = None,
+                 verify: bool = False):
         self.root = Path(root)
         if not self.root.exists(): raise FileNotFoundError(f"image folder not found: {self.root}")
         if not self.root.is_dir(): raise NotADirectoryError(f"expected an image folder, got a file: {self.root}")
@@ -159,7 +165,7 @@ class ImageFolderDataset(Dataset):
         samples = [(p, self.class_to_idx[c]) for c in self.classes for p in sorted((self.root / c).rglob("*"))
                    if p.suffix.lower() in IMG_EXTENSIONS and _visible(p, self.root) and p.is_file()]
         if not samples: raise ValueError(f"no images with extensions {IMG_EXTENSIONS} under {self.root}")
-        probes = scan_images([p for p, _ in samples])
+        probes = scan_images([p for p, _ in samples], full=verify)
         bad = [(p, why) for (p, _), (_, why) in zip(samples, probes) if why is not None]
         if bad and not skip_bad:
             more = f" (and {len(bad) - 1} more unreadable)" if len(bad) > 1 else ""
@@ -202,7 +208,7 @@ class ImageFolderDataset(Dataset):
             try: x = self.load(k)
             except OSError as e:
                 if not self.skip_bad: raise
-                self.skipped.append(str(self.samples[k][0]))
+                if str(self.samples[k][0]) not in self.skipped: self.skipped.append(str(self.samples[k][0]))
                 warnings.warn(f"skipping unreadable image: {e}"); continue
             if self.flip and torch.rand(()) < 0.5: x = x.flip(-1)
             return x, self.samples[k][1]

@@ -29,9 +29,9 @@ __all__ = ['TOKENIZER_RUN_FILES', 'TOKEN_FILES', 'load_images', 'data_channels',
 
 # %% ../nbs/04_tokenizer_train.ipynb #03233827
 def load_images(data: str, split: str = "train", image_size: int = 256, flip: bool = False, channels: int | None = None,
-                skip_bad: bool = False):
+                skip_bad: bool = False, verify: bool = False):
     """`mnist5k` (32x32, 1 channel) or an image folder path -> a dataset of ((C, H, W) in [-1, 1], label).
-    A folder loads with `channels` (1 or 3; None or 0: detected from the images), `skip_bad` as `ImageFolderDataset`."""
+    A folder loads with `channels` (1 or 3; None or 0: detected from the images), `skip_bad`, `verify` as `ImageFolderDataset`."""
     if data == "mnist5k":
         if channels not in (None, 0, 1): raise ConfigError(f"mnist5k is grayscale (1 channel); --channels {channels} does not apply")
         return load_mnist5k(split)
@@ -39,7 +39,7 @@ def load_images(data: str, split: str = "train", image_size: int = 256, flip: bo
     if not root.exists(): raise FileNotFoundError(f"--data must be 'mnist5k' or an image folder; not found: {root}")
     if not root.is_dir(): raise NotADirectoryError(f"--data must be 'mnist5k' or an image folder; {root} is a file")
     if (root / split).is_dir(): root = root / split
-    return ImageFolderDataset(root, size=image_size, flip=flip, skip_bad=skip_bad, channels=channels or None)
+    return ImageFolderDataset(root, size=image_size, flip=flip, skip_bad=skip_bad, channels=channels or None, verify=verify)
 
 def data_channels(ds) -> int:
     "Channels of the images `ds` gives: an `ImageFolderDataset`'s `channels`, an in-memory dataset's image shape."
@@ -566,7 +566,9 @@ def extract_main(argv=None) -> dict:
             if a.sample and not tok.can_sample:
                 raise ConfigError(f"--sample stores a draw from a KL tokenizer's posterior, but {a.tokenizer} is a {tok.kind} "
                                   "tokenizer, whose codes are deterministic: drop --sample")
-            ds = load_images(a.data, a.split, tok.image_shape[1], channels=a.channels, skip_bad=a.skip_bad)
+            # --skip-bad: every image decoded once up front, so a file whose data is truncated is left out, not
+            # replaced by its neighbour (a duplicate row) when its turn comes
+            ds = load_images(a.data, a.split, tok.image_shape[1], channels=a.channels, skip_bad=a.skip_bad, verify=a.skip_bad)
             check_image_channels(ds, tok.image_shape[0], who=f"the tokenizer {a.tokenizer}")
             if tuple(ds[0][0].shape) != tok.image_shape:
                 raise ValueError(f"{a.data} images are {tuple(ds[0][0].shape)}, the tokenizer expects {tok.image_shape}")

@@ -419,3 +419,27 @@ def test_one_run_per_folder_and_a_failed_run_blocks_no_retry(tmp_path, capsys, m
     assert not out.exists() or not any(f for f in out.iterdir() if f.name in tt.TOKENIZER_RUN_FILES), list(out.iterdir())
     assert _run(train_tokenizer_cli, common, capsys)[0] == 0  # the retry needs no --overwrite
     assert (out / "tokenizer.safetensors").exists()
+
+
+def test_skip_bad_leaves_out_a_truncated_image_without_a_duplicate_row(vq_run, tmp_path, capsys):
+    """Issue 24: `heptapod-extract --skip-bad` on a PNG whose header reads but whose data is truncated listed it twice
+    and kept a duplicate row (the next image, written in its place). Now it is found up front, listed once, and the
+    token set holds each readable image once, in order."""
+    import io
+    data = _images(tmp_path / "imgs", mode="L", size=(32, 32))
+    buf = io.BytesIO(); Image.fromarray(np.full((32, 32), 90, np.uint8)).save(buf, "PNG")
+    (data / "a" / "1b_trunc.png").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])   # between 1.png and 2.png
+    ck = str(vq_run / "tokenizer.safetensors")
+    rc, err = _run(extract_cli, ["--tokenizer", ck, "--data", str(data), "--out", str(tmp_path / "t"), "--skip-bad", "--augs", "2",
+                                 *QUIET], capsys)
+    assert rc == 0, err
+    assert err.count("1b_trunc.png") == 1 and "skipped 1 unreadable image(s)" in err, err
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    assert meta["n"] == meta["done"] == 8 and [Path(p).name for p in meta["skipped_images"]] == ["1b_trunc.png"]
+    codes = np.load(tmp_path / "t" / "codes.npy")
+    tok = load_tokenizer(ck)
+    from heptapod_nb.data import ImageFolderDataset
+    good = ImageFolderDataset(data, size=32, channels=1, skip_bad=True, verify=True)
+    assert [p.name for p, _ in good.samples][:4] == ["0.png", "1.png", "2.png", "3.png"]
+    np.testing.assert_array_equal(codes[:, 0], tok.encode(torch.stack([good.load(i) for i in range(8)])).numpy())
+    assert len({c.tobytes() for c in codes[:, 0]}) == 8                  # no row twice
