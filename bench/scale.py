@@ -30,9 +30,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="bf16,fp32", help="bf16 (CPU autocast) and/or fp32")
     p.add_argument("--batches", default="1,2", help="the two batch sizes whose difference gives the per-image slope")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--loss-chunk", default=None, help="override HeptapodConfig.loss_chunk (where the field exists)")
-    p.add_argument("--head-checkpoint", default=None, choices=["true", "false"],
-                   help="override HeptapodConfig.head_checkpoint (where the field exists)")
+    p.add_argument("--loss-chunk", default=None, help="override HeptapodConfig.loss_chunk (0: the plain path, every logit at once)")
     p.add_argument("-o", "--set", action="append", default=[], metavar="KEY=VALUE", help="any other model override (repeatable)")
     p.add_argument("--llamagen", default="/tmp/llamagen", help="folder with LlamaGen's gpt.py (the llamagen variant)")
     p.add_argument("--out", default=None, help="JSON results file (added to; runs with the same settings are skipped)")
@@ -88,13 +86,13 @@ def llamagen_model(folder: str, preset: str, mc):
 
 # ---- runs --------------------------------------------------------------------------------------------------------
 def model_overrides(a, fields) -> dict:
-    "The model overrides of the command line; the memory-path flags only where HeptapodConfig has the field."
+    "The model overrides of the command line (`--loss-chunk` only where HeptapodConfig has the field)."
     from heptapod_nb.config import parse_value
     ov = {}
     for kv in a.set:
         if "=" not in kv: raise SystemExit(f"bench/scale.py: error: -o {kv!r} is not KEY=VALUE")
         k, v = kv.split("=", 1); ov[k.strip()] = parse_value(v.strip())
-    for flag, key in ((a.loss_chunk, "loss_chunk"), (a.head_checkpoint, "head_checkpoint")):
+    for flag, key in ((a.loss_chunk, "loss_chunk"),):
         if flag is None: continue
         if key not in fields: raise SystemExit(f"bench/scale.py: error: this HeptapodConfig has no field {key!r} (--{key.replace('_', '-')})")
         ov[key] = parse_value(flag)
@@ -111,7 +109,7 @@ def variant_overrides(v: str) -> dict:
         raise SystemExit(f"bench/scale.py: error: unknown variant {v!r} (preset, ref, llamagen or CONTEXT:M, e.g. last:16)") from None
 
 
-MEMORY_PATH = ("loss_chunk", "head_checkpoint", "grad_checkpoint")
+MEMORY_PATH = ("loss_chunk", "grad_checkpoint")
 
 
 def run_one(preset: str, variant: str, precision: str, batches, extra: dict, llamagen_dir: str) -> dict:
