@@ -141,3 +141,38 @@ def test_mkdocs_config_is_offline():
     plugins = {next(iter(p)) if isinstance(p, dict) else p: p for p in cfg["plugins"]}
     assert {"search", "mkdocs-jupyter", "mkdocstrings"} <= set(plugins)
     assert plugins["mkdocs-jupyter"]["mkdocs-jupyter"]["execute"] is False      # build_docs.py executes, with skips
+
+
+def test_fast_build_never_replaces_the_full_site(monkeypatch):
+    "The fast build (make test) stages, caches and writes its site apart from the full one (`_docs/`, make docs)."
+    full, fast = bd.build_paths(False), bd.build_paths(True)
+    assert full == (bd.STAGE, bd.EXEC_CACHE, ROOT / "_docs")
+    assert not set(full) & set(fast) and all(p.is_relative_to(ROOT / "build") for p in fast)
+    for value, expected in (("1", True), ("", False), ("0", False)):
+        monkeypatch.setenv("HEPTAPOD_FAST", value)
+        assert bd.is_fast() is expected
+    monkeypatch.delenv("HEPTAPOD_FAST")
+    assert bd.is_fast() is False
+
+
+def test_fast_banner_on_every_page(tmp_path):
+    "A fast build's theme override puts the banner on every page; a full build's shows none."
+    pytest.importorskip("material")
+    from mkdocs.commands.build import build as mkdocs_build
+    from mkdocs.config import load_config
+    docs = tmp_path / "docs"; (docs / "sub").mkdir(parents=True)
+    (docs / "index.md").write_text("# Home\n\ntext")
+    (docs / "sub" / "page.md").write_text("# Page\n\nmore text")
+    cfg_file = tmp_path / "mkdocs.yml"
+    cfg_file.write_text("site_name: t\ntheme: {name: material, font: false}\nuse_directory_urls: false\n")
+    for banner in (bd.FAST_BANNER, None):
+        site = tmp_path / ("site-fast" if banner else "site")
+        cfg = load_config(str(cfg_file), docs_dir=str(docs), site_dir=str(site))
+        cfg.theme.dirs.insert(0, str(bd.write_theme_overrides(tmp_path / ("theme-fast" if banner else "theme"), banner)))
+        cfg.plugins.on_startup(command="build", dirty=False)
+        try: mkdocs_build(cfg)
+        finally: cfg.plugins.on_shutdown()
+        pages = [site / "index.html", site / "sub" / "page.html"]
+        for p in pages:
+            html = p.read_text()
+            assert ("heptapod-fast-banner" in html and "Fast build, not the results" in html) is bool(banner), p

@@ -1,18 +1,22 @@
 """Build the docs site offline: every notebook and tutorial executed with its pictures, the README as the landing
-page, an API reference from docstrings. `make docs` runs it; `HEPTAPOD_FAST=1 make docs` is the fast mode CI uses.
+page, an API reference from docstrings. `make docs` runs it in full mode into `_docs/`, the site readers are sent to;
+`HEPTAPOD_FAST=1` (what `make test` runs) is the quick check, built into `build/site-fast/` with a banner on every
+page, so it never replaces the full site and no reader mistakes its shrunk runs for the results.
 
 Pipeline (nbdev's own `nbdev_docs` needs Quarto, which cannot be installed offline):
-1. stage the repository's pages in `build/docs/` with the repo layout (README.md -> index.md, docs/, BENCHMARKS.md,
-   bench/results/*.png), so every relative link in them resolves as it does on GitHub;
+1. stage the repository's pages in `build/docs/` (fast: `build/docs-fast/`) with the repo layout (README.md ->
+   index.md, docs/, BENCHMARKS.md, bench/results/*.png), so every relative link in them resolves as on GitHub;
 2. execute each notebook of `nbs/` and `tutorials/` in its own process (at most `--jobs` at once, 2 by default),
    in its own folder, exactly as `nbdev_test` does: execnb's CaptureShell, cells flagged `#| slow` / `#| gpu`
-   (settings.ini's tst_flags) or `#| eval: false` are not run. Results are cached in `build/docs_exec/`, keyed
-   by the notebook, the library sources and the mode, so a second build only re-runs what changed;
+   (settings.ini's tst_flags) or `#| eval: false` are not run. Executed copies are kept per mode (`build/docs_exec/`,
+   fast: `build/docs_exec-fast/`), keyed by the notebook, the library sources and the mode, so a build reuses every
+   executed copy that is still current (a fast build never overwrites the full one) and only re-runs what changed;
 3. render for reading: `#| hide` / `#| default_exp` cells dropped, `#| ...` directive lines removed, skipped cells
    marked as such, progress bars collapsed to their last state;
 4. write one API page per module (`::: heptapod_nb.<module>`, rendered by mkdocstrings from the docstrings);
-5. `mkdocs build` (material theme, mkdocs-jupyter) into `_docs/`, then check that no page loads anything from
-   the network (a script, stylesheet or font from a CDN): the site must be readable offline.
+5. `mkdocs build` (material theme, mkdocs-jupyter) into `_docs/` (fast: `build/site-fast/`, every page under a
+   "fast build" banner), then check that no page loads anything from the network (a script, stylesheet or font
+   from a CDN): the site must be readable offline.
 
 Usage: `python tools/build_docs.py [--jobs 2] [--only GLOB] [--no-cache] [--reuse-executed] [--strict] [--serve]`.
 """
@@ -24,7 +28,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "build" / "docs"        # mkdocs docs_dir (made by this script, git-ignored)
 EXEC_CACHE = ROOT / "build" / "docs_exec"
-SITE = ROOT / "_docs"                  # settings.ini doc_path
+SITE = ROOT / "_docs"                  # settings.ini doc_path: the full-mode site, the one readers are sent to
+FAST_STAGE, FAST_EXEC_CACHE, FAST_SITE = ROOT / "build" / "docs-fast", ROOT / "build" / "docs_exec-fast", ROOT / "build" / "site-fast"
+FAST_BANNER = ("<strong>Fast build, not the results.</strong> This copy of the site was built with "
+               "<code>HEPTAPOD_FAST=1</code> (what <code>make test</code> runs): the notebooks ran with shrunk loops "
+               "and tiny training runs, so their numbers and pictures are smoke-test values that the prose does not "
+               "describe. <code>make docs</code> builds the full site into <code>_docs/</code>.")
+
+
+def is_fast() -> bool:
+    "The mode of this build: `HEPTAPOD_FAST` set to anything but '' or '0' (what `heptapod_nb.config.FAST` reads)."
+    return os.environ.get("HEPTAPOD_FAST", "") not in ("", "0")
+
+
+def build_paths(fast: bool) -> tuple[Path, Path, Path]:
+    "(staging folder, executed-notebook cache, site folder) of a build: the two modes never share one."
+    return (FAST_STAGE, FAST_EXEC_CACHE, FAST_SITE) if fast else (STAGE, EXEC_CACHE, SITE)
+
+
+def write_theme_overrides(folder: Path, banner: str | None) -> Path:
+    """A material theme override folder whose `main.html` puts `banner` (HTML) in the announce bar at the top of every
+    page (markdown pages, notebooks and the API reference alike); no banner: the plain theme. Returns `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    main = '{% extends "base.html" %}\n'
+    if banner: main += '{% block announce %}<div class="heptapod-fast-banner">' + banner + '</div>{% endblock %}\n'
+    (folder / "main.html").write_text(main)
+    return folder
 NB_DIRS = ("nbs", "tutorials")
 DIRECTIVE_RE = re.compile(r"^\s*#\|\s*(.*?)\s*$")
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -240,47 +269,42 @@ def module_docstring(path: Path) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-def write_api_pages() -> list[tuple[str, str]]:
+def write_api_pages(stage: Path = STAGE) -> list[tuple[str, str]]:
     "One page per exported module, `::: heptapod_nb.<module>` for mkdocstrings. Returns [(title, page)]."
     pages = []
-    (STAGE / "api").mkdir(parents=True, exist_ok=True)
+    (stage / "api").mkdir(parents=True, exist_ok=True)
     mods = sorted(p for p in (ROOT / "heptapod_nb").glob("*.py") if not p.name.startswith("_"))
     rows = []
     for p in mods:
         mod = p.stem
         first = module_docstring(p) or ""
-        (STAGE / "api" / f"{mod}.md").write_text(f"# heptapod_nb.{mod}\n\n::: heptapod_nb.{mod}\n")
+        (stage / "api" / f"{mod}.md").write_text(f"# heptapod_nb.{mod}\n\n::: heptapod_nb.{mod}\n")
         pages.append((mod, f"api/{mod}.md"))
         rows.append(f"| [`heptapod_nb.{mod}`]({mod}.md) | {first} |")
-    (STAGE / "api" / "index.md").write_text(
+    (stage / "api" / "index.md").write_text(
         "# API reference\n\nMade from the docstrings of the exported modules (`heptapod_nb/*.py`, written by "
         "`nbdev_export` from `nbs/`). Each notebook page shows the same code at work.\n\n"
         "| module | what it holds |\n|---|---|\n" + "\n".join(rows) + "\n")
     return [("Overview", "api/index.md")] + pages
 
 
-def stage_pages(fast: bool) -> list:
+def stage_pages(stage: Path = STAGE) -> list:
     "Copy README (as index.md), docs/, BENCHMARKS.md and bench/results pictures into the staging folder."
     readme = (ROOT / "README.md").read_text()
     readme = re.sub(r"^<!--.*?-->\s*", "", readme, flags=re.S)
-    if fast:
-        note = ('\n!!! note "Built in fast mode"\n    This site was built with `HEPTAPOD_FAST=1`: the notebooks ran '
-                "with shrunk loops, so their pictures come from shorter runs. `make docs` without it runs them in "
-                "full.\n")
-        readme = re.sub(r"^# .*\n", lambda m: m.group(0) + note, readme, count=1, flags=re.M)
-    (STAGE / "index.md").write_text(readme)
+    (stage / "index.md").write_text(readme)
     extra = []
     for p in sorted((ROOT / "docs").rglob("*")):
         if p.is_file():
-            (STAGE / p.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(p, STAGE / p.relative_to(ROOT))
+            (stage / p.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, stage / p.relative_to(ROOT))
             if p.suffix == ".md": extra.append((_md_title(p), str(p.relative_to(ROOT))))
     if (ROOT / "BENCHMARKS.md").exists():
-        shutil.copy2(ROOT / "BENCHMARKS.md", STAGE / "BENCHMARKS.md")
+        shutil.copy2(ROOT / "BENCHMARKS.md", stage / "BENCHMARKS.md")
         extra.append(("Benchmarks", "BENCHMARKS.md"))
     for p in sorted((ROOT / "bench" / "results").glob("*.png")):
-        (STAGE / "bench" / "results").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(p, STAGE / "bench" / "results" / p.name)
+        (stage / "bench" / "results").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, stage / "bench" / "results" / p.name)
     return extra
 
 
@@ -325,51 +349,54 @@ def strip_mathjax(site: Path) -> int:
 # ---------------------------------------------------------------- main
 def build(jobs: int = 2, only: str | None = None, use_cache: bool = True, timeout: float = 3600, strict: bool = False,
           reuse: bool = False) -> dict:
-    "Stage, execute, render and build the site into `_docs/`. Returns timings and counts; raises DocsError."
+    "Stage, execute, render and build the site into `_docs/` (fast mode: `build/site-fast/`, with a banner). Returns timings and counts; raises DocsError."
     t0 = time.time()
     os.chdir(ROOT)                     # mkdocs.yml's relative paths (docs_dir, site_dir, cache_dir) are from here
-    fast = os.environ.get("HEPTAPOD_FAST", "") not in ("", "0")
+    fast = is_fast()
+    stage, cache, site = build_paths(fast)
     if jobs < 1: raise DocsError(f"--jobs must be >= 1, got {jobs}")
     if timeout < 0: raise DocsError(f"--timeout must be >= 0 (0: no limit), got {timeout}")
-    if STAGE.exists(): shutil.rmtree(STAGE)
-    STAGE.mkdir(parents=True)
-    extra = stage_pages(fast)
+    if stage.exists(): shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    extra = stage_pages(stage)
     notebooks = [p for d in NB_DIRS for p in sorted((ROOT / d).glob("*.ipynb")) if p.name != "index.ipynb"]
     if only:
         globs = [g.strip() for g in only.split(",") if g.strip()]
         notebooks = [p for p in notebooks if any(p.match(g) for g in globs)]
         if not notebooks: raise DocsError(f"--only {only!r} matches no notebook in {', '.join(NB_DIRS)}")
     print(f"executing {len(notebooks)} notebooks ({'fast' if fast else 'full'} mode, {jobs} at a time)", flush=True)
-    executed = execute_all(notebooks, jobs, use_cache, timeout, reuse=reuse)
+    executed = execute_all(notebooks, jobs, use_cache, timeout, cache_dir=cache, reuse=reuse)
     t_exec = time.time() - t0
     flags = skip_flags()
     sections = {d: [] for d in NB_DIRS}
     for src in notebooks:
         rel = src.relative_to(ROOT)
-        title = render_nb(executed[src], STAGE / rel, flags)
+        title = render_nb(executed[src], stage / rel, flags)
         num = re.match(r"(\d+)_", src.name)
         if num and not title[:1].isdigit(): title = f"{int(num.group(1))}. {title}"    # nav keeps the notebook order
         sections[rel.parts[0]].append({title: str(rel)})
     nav = [{"Home": "index.md"}] + [{t: p} for t, p in extra if p != "BENCHMARKS.md"]
     nav += [{"Tutorials": sections["tutorials"]}, {"Notebooks (the library)": sections["nbs"]},
-            {"API reference": [{t: p} for t, p in write_api_pages()]}]
+            {"API reference": [{t: p} for t, p in write_api_pages(stage)]}]
     nav += [{t: p} for t, p in extra if p == "BENCHMARKS.md"]
 
     from mkdocs.commands.build import build as mkdocs_build
     from mkdocs.config import load_config
-    cfg = load_config(str(ROOT / "mkdocs.yml"), docs_dir=str(STAGE), site_dir=str(SITE), nav=nav, strict=strict)
+    cfg = load_config(str(ROOT / "mkdocs.yml"), docs_dir=str(stage), site_dir=str(site), nav=nav, strict=strict)
+    overrides = write_theme_overrides(stage.with_name(stage.name + "-theme"), FAST_BANNER if fast else None)
+    cfg.theme.dirs.insert(0, str(overrides))      # first in the template search path: its main.html wins
     cfg.plugins.on_startup(command="build", dirty=False)
     try:
         mkdocs_build(cfg)
     finally:
         cfg.plugins.on_shutdown()
-    stripped = strip_mathjax(SITE)
-    bad = network_references(SITE)
+    stripped = strip_mathjax(site)
+    bad = network_references(site)
     if bad:
         raise DocsError("the site would load these from the network (it must work offline):\n  " + "\n  ".join(bad[:20]))
-    pages = sum(1 for p in SITE.rglob("*.html") if p.name != "404.html")
+    pages = sum(1 for p in site.rglob("*.html") if p.name != "404.html")
     return dict(notebooks=len(notebooks), pages=pages, exec_s=round(t_exec, 1), total_s=round(time.time() - t0, 1),
-                mathjax_removed=stripped, fast=fast, site=str(SITE.relative_to(ROOT)))
+                mathjax_removed=stripped, fast=fast, site=str(site.relative_to(ROOT)))
 
 
 def main(argv=None) -> int:
@@ -380,7 +407,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=3600,
                     help="seconds one notebook may run, 0 for no limit (default 3600: a busy 2-core box is slow)")
     ap.add_argument("--reuse-executed", action="store_true",
-                    help="render the executed notebooks already in build/docs_exec even if stale (quick, for looks)")
+                    help="render the executed notebooks already in this mode's cache (build/docs_exec, fast: build/docs_exec-fast) even if stale (quick, for looks)")
     ap.add_argument("--strict", action="store_true", help="mkdocs --strict: warnings (e.g. broken links) fail")
     ap.add_argument("--serve", action="store_true", help="after building, serve _docs/ on http://127.0.0.1:8000")
     ap.add_argument("--exec-one", nargs=2, metavar=("SRC", "DST"), help=argparse.SUPPRESS)
@@ -399,7 +426,7 @@ def main(argv=None) -> int:
           f"{res['exec_s']} s executing, {res['total_s']} s in all). Open {res['site']}/index.html in a browser.")
     if a.serve:
         import functools, http.server
-        h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(SITE))
+        h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(build_paths(is_fast())[2]))
         print("serving on http://127.0.0.1:8000 (Ctrl-C to stop)")
         http.server.ThreadingHTTPServer(("127.0.0.1", 8000), h).serve_forever()
     return 0

@@ -63,13 +63,19 @@ def make_ablation(out: Path, results: Path = ROOT / "bench" / "results" / "windo
     "The window-ablation plot over committed results (`bench/window_ablation.py --out ...`)."
     import json, matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from heptapod_nb.ablation import plot_ablation
+    from heptapod_nb.ablation import ablation_label, plot_ablation, summarize
     if not results.is_file(): raise PictureError(f"ablation results {results} not found (made by bench/window_ablation.py --out)")
     data = json.loads(results.read_text())
     runs = data.get("runs")
     if not runs: raise PictureError(f"{results} holds no runs")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     plot_ablation(runs, axes)
+    # labels that cannot collide: the right panel's names beside its points overlap where the means are close, so
+    # they become a legend (the colours match the left panel's); both legends sit below their panels, off the data
+    for t in list(axes[1].texts): t.remove()
+    for cont, row in zip(axes[1].containers, summarize(runs)): cont.set_label(ablation_label(row["name"]))
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.16), ncol=2, frameon=False)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.16), ncol=2, frameon=False)
     s = data.get("settings", {})
     seeds = len({r["seed"] for r in runs})
     fig.suptitle(f"Window ablation on MNIST-5k: {s.get('steps', '?')} training steps, {seeds} seeds per setting "
