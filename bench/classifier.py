@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 
 from heptapod_nb.classifier import MNISTClassifierConfig, save_mnist_classifier, train_mnist_classifier
-from heptapod_nb.config import ConfigError, add_debug_arg, cli_main, write_json
+from heptapod_nb.config import ConfigError, add_debug_arg, arg_int, cli_main, write_json
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="bench/classifier.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds (default 0..4)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the config's, 12)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--seeds", type=arg_int(0), nargs="+", default=[0, 1, 2, 3, 4], help="training seeds (default 0..4)")
+    p.add_argument("--epochs", type=arg_int(1), default=None, help="epochs per run (default: the config's, 12)")
+    p.add_argument("--threads", type=arg_int(1), default=1, help="torch threads (default 1)")
     p.add_argument("--out", default=None, help="write the per-seed results and the band as JSON")
     p.add_argument("--save", default=None, help="write the seed-0 classifier (default config) to this .safetensors")
     p.add_argument("--overwrite", action="store_true", help="allow --save / --out to replace an existing file")

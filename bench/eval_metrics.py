@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from heptapod_nb.data import load_mnist5k
-from heptapod_nb.config import add_debug_arg, cli_main, write_json
+from heptapod_nb.config import add_debug_arg, arg_int, cli_main, write_json
 from heptapod_nb.classifier import class_accuracy, mnist_classifier, mnist_fid, train_mnist_classifier
 from heptapod_nb.inception import InceptionV3
 from heptapod_nb.metrics import feature_stats, frechet_distance
@@ -21,8 +21,8 @@ from heptapod_nb.metrics import feature_stats, frechet_distance
 def run(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="bench/eval_metrics.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--inception_images", type=int, default=8, help="images for the (random-weight) Inception timing")
+    p.add_argument("--threads", type=arg_int(1), default=1)
+    p.add_argument("--inception_images", type=arg_int(1), default=8, help="images for the (random-weight) Inception timing")
     p.add_argument("--fresh", action="store_true", help="also train a classifier anew (default config) and report its time")
     p.add_argument("--sqrtm", action="store_true", help="also time frechet_distance on 2048-d statistics (slow on CPU)")
     p.add_argument("--out", default=None, help="write the table as JSON")
