@@ -54,7 +54,8 @@ export: setup
 
 # The docs site in _docs/ (open _docs/index.html, no server needed), built offline: every notebook and tutorial
 # executed (cells flagged slow/gpu/eval: false skipped, as nbdev_test does) with its pictures, the README as the
-# landing page, the API reference from docstrings. `HEPTAPOD_FAST=1 make docs` is the quick build CI runs; --strict:
+# landing page, the API reference from docstrings. `make test` builds the fast site (build/site-fast/, a banner on
+# every page) and never touches _docs/; --strict:
 # a broken link fails the build, so the site cannot rot.
 DOCS_SPEC := mkdocs==1.6.1 mkdocs-material==9.8.2 mkdocs-jupyter==0.26.3 "mkdocstrings[python]==1.0.8" mkdocstrings-python==2.0.11
 $(BIN)/.docs-installed: $(BIN)/.installed
