@@ -398,7 +398,7 @@ def chunked_loss(head: HeadBase, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM, 
         return sum(chunk_loss(b, s, hk_BTD[b], cond_BSD[b, s]) for b, s in chunks), per_BSM
 
     def run():
-        total, g_in, g_par = 0.0, [None, None], [None] * len(params)
+        total, g_in, g_par, owned = 0.0, [None, None], [None] * len(params), set()
         for b, s in chunks:
             where = ((b,), (b, s))                                     # each input's part this chunk reads
             with torch.enable_grad():
@@ -411,7 +411,11 @@ def chunked_loss(head: HeadBase, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM, 
                 if g_in[i] is None: g_in[i] = torch.zeros_like(t)
                 g_in[i][where[i]] += g
             for j, g in enumerate(grads[len(inputs):]):
-                if g is not None: g_par[j] = g if g_par[j] is None else g_par[j] + g
+                if g is None: continue
+                if g_par[j] is not None: g_par[j].add_(g)                # in place: no second parameter-sized copy
+                else:                                                  # the first: kept, unless it shares memory
+                    ptr = g.untyped_storage().data_ptr()                 # with one already kept (then added to twice)
+                    g_par[j] = g.clone() if ptr in owned else g; owned.add(ptr)
         return total, [g_in[i] for _, i in inputs] + g_par
     return FusedChunks.apply(run, *(t for t, _ in inputs), *params), per_BSM
 
