@@ -14,7 +14,7 @@ that compute: requests run one at a time, in arrival order); `--workers W` serve
 the models (its own KV cache); W = the number of calls is a copy per request. Every concurrent result is checked
 against the same call made alone.
 """
-import argparse, json, os, platform, socket, statistics, sys, threading, time, urllib.request
+import argparse, json, math, os, platform, socket, statistics, sys, threading, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,6 +63,95 @@ def concurrent_generations(bundle, workers: int, n: int = 20) -> dict:
             "alone_p50_s": round(statistics.median(alone_s), 3), "identical_to_alone": sum(same)}
 
 
+def classroom_calls(n: int, upload: str) -> list:
+    """`n` mixed calls as a class would press them: Generate, Compare, Complete (about 1/2, 1/4, 1/4), each student
+    a class and seed of their own, mostly the page's defaults (raster, 1 token per step, 32 tokens seen, 4
+    completions), a few changing one setting (random order, 2 tokens per step, 16 tokens seen)."""
+    from gradio_client import handle_file
+    calls = []
+    for i in range(n):
+        c, s = i % 10, 1000 + i
+        if i % 4 in (0, 2):
+            calls.append(("/generate", (c, s, 0.6, 0, "random" if i % 12 == 2 else "raster", 2 if i % 12 == 6 else 1,
+                                        "entropy", False)))
+        elif i % 4 == 1: calls.append(("/compare", (c, s, 0.6, 1, "entropy")))
+        else: calls.append(("/complete", (None, handle_file(upload), c, 16 if i % 12 == 7 else 32, 4, s, 0.6)))
+    return calls
+
+
+def _pixels(out) -> list:
+    "Every image in an endpoint's result (file paths, gallery items) as one list of pixel arrays."
+    import numpy as np
+    from PIL import Image
+    if isinstance(out, (list, tuple)): return [a for o in out for a in _pixels(o)]
+    if isinstance(out, dict) and "image" in out: return _pixels(out["image"])
+    if isinstance(out, str) and os.path.isfile(out): return [np.asarray(Image.open(out).convert("RGB"))]
+    return []
+
+
+def _pct(xs, q: float) -> float:
+    xs = sorted(xs); return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+
+
+def classroom(bundle, n: int = 30, workers: int = 2, tmp: str | None = None) -> dict:
+    """Issue 24: `n` students press Generate / Compare / Complete at once, each from their own client (a thread);
+    latency per call (p50 / p90 / max), throughput, every result checked against the same call made alone; and a
+    bad call (class 11) sent a second into the burst: seconds until it is refused."""
+    import tempfile
+    import numpy as np
+    from PIL import Image
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from heptapod_nb.app import HeptapodApp, build_blocks
+    tmp = tmp or tempfile.mkdtemp(prefix="heptapod-classroom-")
+    img = np.full((64, 64, 3), 255, np.uint8); img[10:50, 28:35] = 0; img[10:16, 22:35] = 0     # a "7"-ish stroke
+    upload = str(Path(tmp) / "digit.png"); Image.fromarray(img).save(upload)
+    calls = classroom_calls(n, upload)
+    kw = {"workers": workers} if "workers" in HeptapodApp.__init__.__code__.co_varnames else {}
+    blocks = build_blocks(HeptapodApp(bundle, **kw), first_image=False)
+    port = free_port()
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=False)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        clients = [Client(url, verbose=False) for _ in range(n + 1)]
+        alone, alone_s = [], []
+        for api, args in calls:                                       # the same calls, one at a time
+            t0 = time.perf_counter(); alone.append(_pixels(clients[0].predict(*args, api_name=api)))
+            alone_s.append(time.perf_counter() - t0)
+        go, lat, same, errors = threading.Barrier(n + 2), [None] * n, [False] * n, []
+        def call(i):
+            api, args = calls[i]
+            go.wait(); t0 = time.perf_counter()
+            try: out = clients[i].predict(*args, api_name=api)
+            except Exception as e: errors.append(f"{api}: {type(e).__name__}: {e}"); return
+            lat[i] = time.perf_counter() - t0
+            same[i] = len(alone[i]) > 0 and len(_pixels(out)) == len(alone[i]) and all(
+                np.array_equal(a, b) for a, b in zip(_pixels(out), alone[i]))
+        bad = {}
+        def bad_call():
+            go.wait(); time.sleep(1.0); t0 = time.perf_counter()
+            try: clients[n].predict(11, 0, 0.6, 0, "raster", 1, "entropy", False, api_name="/generate"); bad["msg"] = "accepted"
+            except AppError as e: bad["msg"] = str(e)
+            bad["s"] = time.perf_counter() - t0
+        with ThreadPoolExecutor(n + 1) as pool:
+            futures = [pool.submit(call, i) for i in range(n)] + [pool.submit(bad_call)]
+            go.wait(); t0 = time.perf_counter()
+            for f in futures[:n]: f.result()
+            wall = time.perf_counter() - t0
+            futures[n].result()
+    finally:
+        blocks.close()
+    ok = [x for x in lat if x is not None]
+    kinds = {api: sum(a == api for a, _ in calls) for api in ("/generate", "/compare", "/complete")}
+    return {"calls": n, "mix": kinds, "wall_s": round(wall, 2), "throughput_per_s": round(n / wall, 3),
+            "p50_s": round(statistics.median(ok), 2) if ok else None, "p90_s": round(_pct(ok, 0.9), 2) if ok else None,
+            "max_s": round(max(ok), 2) if ok else None, "min_s": round(min(ok), 2) if ok else None,
+            "alone_p50_s": round(statistics.median(alone_s), 3), "alone_max_s": round(max(alone_s), 3),
+            "identical_to_alone": sum(same), "errors": errors,
+            "bad_input_refused_s": round(bad.get("s", float("nan")), 3), "bad_input_message": bad.get("msg"),
+            "load_avg_1min_after": round(os.getloadavg()[0], 2)}
+
+
 def stream_in_process(app, r: int) -> tuple[float, float, int, int]:
     """`app.generate_stream` (the /generate callback): seconds to the first and to the last yielded step, frames,
     and the steps the model had recorded when the first frame was yielded."""
@@ -97,7 +186,11 @@ def main(argv=None):
     p.add_argument("--concurrent", type=int, default=20, help="concurrent /generate calls (0: skip that part)")
     p.add_argument("--workers", default="1,2,20", help="designs to serve them with: comma-separated numbers of model "
                    "sets (1: the lock, one at a time; 20 = --concurrent: a copy per request)")
+    p.add_argument("--classroom", type=int, default=30, help="issue 24: this many mixed /generate, /compare, /complete "
+                   "calls at once, one client each, plus a bad call during the burst (0: skip that part)")
+    p.add_argument("--classroom-only", action="store_true", help="measure only the classroom burst")
     a = p.parse_args(argv)
+    if a.classroom_only: return classroom_main(a)
 
     t_start = time.perf_counter()
     import torch
@@ -126,6 +219,7 @@ def main(argv=None):
     stream_api = [stream_via_http(client, r) for r in range(a.repeats)]
     blocks.close()
     conc = [concurrent_generations(bundle, int(w), a.concurrent) for w in a.workers.split(",")] if a.concurrent else []
+    room = classroom(bundle, a.classroom) if a.classroom else None
 
     wdir = Path(a.weights) if a.weights else demo_dir()
     res = {
@@ -142,7 +236,7 @@ def main(argv=None):
         "stream_last_step_via_http_s": round(statistics.median(s[1] for s in stream_api), 3),
         "stream_frames": stream[0][2], "frame_s": app.frame_s,
         "stream_first_frame_steps_recorded": [s[3] for s in stream],
-        "steps": view.T, "grid": list(bundle.grid), "concurrent": conc,
+        "steps": view.T, "grid": list(bundle.grid), "concurrent": conc, "classroom": room,
         "weights": str(wdir), "weights_bytes": sum(f.stat().st_size for f in wdir.glob("*.safetensors")),
         "model_params": sum(p.numel() for p in bundle.model.parameters()),
         "threads": a.threads, "torch": torch.__version__, "python": platform.python_version(),
@@ -162,12 +256,45 @@ def main(argv=None):
         for c in conc:
             print(f"{c['workers']:<8d} {c['wall_s']:7.2f} {c['throughput_per_s']:6.3f} {c['p50_s']:6.2f} {c['max_s']:6.2f} "
                   f"{c['min_s']:6.2f} {c['alone_p50_s']:8.3f} {c['identical_to_alone']:>8d} of {c['calls']}")
+    if room: print_classroom(room)
     print(f"steps recorded when the first frame was yielded: {res['stream_first_frame_steps_recorded']} of {res['steps']}")
     print(f"(1-minute load average while measuring: {res['load_avg_1min']} on {res['cpu_count']} cores)")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         from heptapod_nb.config import write_json
         write_json(a.out, res)
+    return res
+
+
+def print_classroom(c: dict) -> None:
+    print(f"\n{c['calls']} students at once ({c['mix']}), each from its own client:")
+    print(f"{'wall s':>7s} {'calls/s':>7s} {'p50 s':>6s} {'p90 s':>6s} {'max s':>6s} {'alone p50':>9s} {'same as alone':>14s} "
+          f"{'bad call refused':>16s}")
+    print(f"{c['wall_s']:7.2f} {c['throughput_per_s']:7.3f} {c['p50_s']:6.2f} {c['p90_s']:6.2f} {c['max_s']:6.2f} "
+          f"{c['alone_p50_s']:9.3f} {c['identical_to_alone']:>8d} of {c['calls']} {c['bad_input_refused_s']:14.3f} s")
+    print("goal (issue 24, 2 cores): p50 <= 5 s, max <= 15 s, every result identical to the call alone, a bad call "
+          "refused in < 0.5 s" + ("" if c["p50_s"] <= 5 and c["max_s"] <= 15 and c["identical_to_alone"] == c["calls"]
+                                  and c["bad_input_refused_s"] < 0.5 else "  -> MISSED"))
+    if c["errors"]: print("errors:", *c["errors"][:5], sep="\n  ")
+
+
+def classroom_main(a) -> dict:
+    "--classroom-only: load the weights, serve, measure the burst; print and write the results."
+    import torch
+    torch.set_num_threads(a.threads)
+    from heptapod_nb.app import load_bundle
+    import heptapod_nb
+    load0 = os.getloadavg()[0]
+    c = classroom(load_bundle(a.weights, "cpu"), a.classroom)
+    res = {"classroom": c, "threads": a.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+           "load_avg_1min_before": round(load0, 2), "code": str(Path(heptapod_nb.__file__).parent),
+           "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    print_classroom(c)
+    print(f"(1-minute load average {res['load_avg_1min_before']} before, {c['load_avg_1min_after']} after, on "
+          f"{res['cpu_count']} cores; code from {res['code']})")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1))
     return res
 
 

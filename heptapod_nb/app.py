@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .config import (DEMO_FILES, FAST, Config, ConfigError, demo_dir, write_json, get_device, save_weights,
                                  seed_everything, add_debug_arg, arg_float, arg_int, cli_main)
 from .viz import TraceView, view_for_model, trace_summary, is_next_token, filmstrip, images_to_uint8, _up
-from .sample import TraceRecorder, generate, predict_remaining
+from .sample import Rows, TraceRecorder, generate_rows, predict_remaining
 from .tokenizer import TOKENIZER_PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
 from .model import PRESETS, Heptapod, load_model
 from .evaluate import check_compatible
@@ -35,9 +35,9 @@ __all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_
            'CAPTION_BASE', 'TRACE_FIELDS', 'Bundle', 'missing_demo_files', 'check_weights_folder', 'load_bundle',
            'write_untrained_weights', 'InputError', 'image_to_input', 'check_int', 'check_class', 'check_temperature',
            'check_choice', 'check_bool', 'Layout', 'layout', 'render_figure', 'titled', 'curve_plot', 'entropy_curves',
-           'heatmaps_for', 'stream_steps', 'Run', 'run_from_trace', 'HeptapodApp', 'step_title', 'step_figure',
-           'entropy_figure', 'compare_figure', 'LiveRecorder', 'Live', 'Feed', 'filmstrip_image', 'build_blocks',
-           'check_port', 'launch', 'default_port', 'serve', 'main']
+           'heatmaps_for', 'stream_steps', 'Run', 'run_from_trace', 'Job', 'Batcher', 'FirstStepRecorder',
+           'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure', 'compare_figure', 'LiveRecorder', 'Live',
+           'Feed', 'filmstrip_image', 'build_blocks', 'check_port', 'launch', 'default_port', 'serve', 'main']
 
 # %% ../nbs/13_app.ipynb #1bb36eb5
 MAX_UPLOAD_SIDE = 1024
@@ -73,12 +73,18 @@ def check_weights_folder(weights=None, need_baseline: bool = True) -> Path:
         raise FileNotFoundError(f"weights folder {d} lacks {missing}: run `heptapod-demo --retrain` to make the demo weights")
     return d
 
-def load_bundle(weights=None, device=None, need_baseline: bool = True) -> Bundle:
-    "Load tokenizer, Heptapod and baseline from `weights` (a folder; default: the bundled demo weights)."
+def load_bundle(weights=None, device=None, need_baseline: bool = True, dtype=None) -> Bundle:
+    """Load tokenizer, Heptapod and baseline from `weights` (a folder; default: the bundled demo weights).
+    `dtype`: the models' compute dtype; default float64 where the tokenizer sees only codes (discrete tokens), so
+    that a request's numbers do not depend on the batch it is computed in beyond ~1e-15 (float32: ~1e-6, which
+    changed a heatmap cell's colour in 1 of 20 batched runs, measured; see *Concurrent use*), else float32 (the
+    tokenizer decodes the model's latents in its own float32)."""
     d, device = check_weights_folder(weights, need_baseline), get_device(device)
     tok = load_tokenizer(d / DEMO_FILES["tokenizer"], device)
     model = load_model(d / DEMO_FILES["model"], device).float().eval()
-    base = (load_model(d / DEMO_FILES["baseline"], device).float().eval()
+    dtype = dtype or (torch.float64 if token_kind(model.config).has_likelihood else torch.float32)
+    model = model.to(dtype)
+    base = (load_model(d / DEMO_FILES["baseline"], device).to(dtype).eval()
             if (d / DEMO_FILES["baseline"]).is_file() else None)
     for name, m in ((DEMO_FILES["model"], model), (DEMO_FILES["baseline"], base)):   # before serving, as heptapod-sample does
         if m is not None: check_compatible(m, tok, f"model {d / name}", f"tokenizer {d / DEMO_FILES['tokenizer']}")
@@ -349,17 +355,123 @@ def run_from_trace(model, trace, tokenizer, key: str, settings: dict, scale: int
     return Run(view, key, torch.stack([s.guess[0] for s in steps]), probs, trace.tokens[:1], order, settings)
 
 # %% ../nbs/13_app.ipynb #8409a367
+@dataclass(eq=False)
+class Job:
+    "One generation waiting for the model: the bundle's model it runs on, its request (`sample.Rows`), its step schedule."
+    model: torch.nn.Module            # the bundle's model object (a model set's copy of it computes)
+    rows: Rows
+    tokens_per_step: int = 1
+    prompt_len: int = 0
+    t: float = field(default_factory=time.perf_counter)           # when it arrived
+    done: threading.Event = field(default_factory=threading.Event, repr=False)
+    result: object = None
+    error: BaseException | None = None
+
+    @property
+    def n(self) -> int: return 1 if self.rows.labels is None else int(torch.as_tensor(self.rows.labels).numel())
+    @property
+    def group(self) -> tuple:
+        "Jobs of one group can share every model call: same model, tokens per step and prompt length."
+        return id(self.model), self.tokens_per_step, self.prompt_len
+
+    def wait(self):
+        "The job's result (`sample.generate`'s for its request alone), once its batch has run; its error raised here."
+        self.done.wait()
+        if self.error is not None: raise self.error
+        return self.result
+
+class Batcher:
+    """Continuous batching, as LLM servers do it: the generations waiting at the same time run as one batched
+    generation (`sample.generate_rows`: one backbone and head call per step for all of them, each request drawing
+    from its own generators, so each result is the same call's alone). One runner thread per model set: when free,
+    it takes the oldest waiting job with every waiting job of its group (at most `max_rows` rows), plus the oldest
+    group of each other model (Compare's baseline), and runs them side by side on its set. A job that arrives while
+    a batch runs waits for the next one. `gather_s`: how long a free runner lets a burst arrive before it starts."""
+    def __init__(self, app, max_rows: int = 64, gather_s: float = 0.05):
+        self.app, self.max_rows, self.gather_s = app, max_rows, gather_s
+        self.cond, self.pending, self.threads, self.sizes = threading.Condition(), [], [], []
+
+    def submit(self, job: Job) -> Job:
+        with self.cond:
+            if not self.threads:                            # started on first use: an app that never generates has none
+                self.threads = [threading.Thread(target=self._run, daemon=True, name=f"heptapod-batch-{i}")
+                                for i in range(self.app.workers)]
+                for th in self.threads: th.start()
+            self.pending.append(job); self.cond.notify()
+        return job
+
+    def _take(self) -> list[list[Job]]:
+        "The next batches to run together: the oldest job's group, and the oldest group of each other model."
+        with self.cond:
+            while True:
+                while not self.pending: self.cond.wait()
+                wait = self.pending[0].t + self.gather_s - time.perf_counter()
+                if wait <= 0: break
+                self.cond.wait(wait)                        # let a burst arrive (another runner may take it meanwhile)
+            batches, models = [], set()
+            for j in list(self.pending):
+                if id(j.model) in models or j not in self.pending: continue
+                models.add(id(j.model))
+                batch, rows = [], 0
+                for o in list(self.pending):
+                    if o.group == j.group and (not batch or rows + o.n <= self.max_rows):
+                        batch.append(o); rows += o.n; self.pending.remove(o)
+                batches.append(batch)
+            return batches
+
+    def _run(self) -> None:
+        "A runner: take batches, check out a model set, compute them side by side (a thread per model), forever."
+        while True:
+            batches = self._take()
+            try:
+                with self.app.using(*[b[0].model for b in batches]) as ms:
+                    ms = ms if len(batches) > 1 else (ms,)
+                    subs = [threading.Thread(target=self._compute, args=(b, m), daemon=True)
+                            for b, m in zip(batches[1:], ms[1:])]
+                    for th in subs: th.start()
+                    self._compute(batches[0], ms[0])
+                    for th in subs: th.join()                   # a generation always ends: no timeout needed
+            except BaseException as e:                          # (nothing above raises; a job never waits forever)
+                for b in batches:
+                    for j in b:
+                        if not j.done.is_set(): j.error = e; j.done.set()
+
+    def _compute(self, batch: list[Job], model) -> None:
+        j0 = batch[0]
+        try:
+            out = generate_rows(model, [j.rows for j in batch], tokens_per_step=j0.tokens_per_step,
+                                prompt_len=j0.prompt_len, device=self.app.b.device)
+            for j, r in zip(batch, out): j.result = r
+        except BaseException as e:
+            for j in batch: j.error = e
+        finally:
+            self.sizes.append(sum(j.n for j in batch))
+            for j in batch: j.done.set()
+
+class FirstStepRecorder(TraceRecorder):
+    "A full `TraceRecorder` of the first step only (what *Complete my drawing* shows): later steps need no beliefs."
+    @property
+    def wants_beliefs(self) -> bool: return not self.trace.steps
+    def record(self, model, cv, belief, k, targets, out_BkO) -> None:
+        if not self.trace.steps: super().record(model, cv, belief, k, targets, out_BkO)
+
+# %% ../nbs/13_app.ipynb #41b1a1ec
 class HeptapodApp:
     """The app's callbacks over a `Bundle`; every method takes and returns plain values (testable without a server).
-    `stream_frames` / `frame_s`: how many frames a streamed generation shows and the least pause between them."""
+    `stream_frames` / `frame_s`: how many frames a streamed generation shows and the least pause between them;
+    under load (several streams at once) a stream shows at most one intermediate frame per `load_frame_s` x the
+    streams in progress. Generations go through a `Batcher` (`max_rows`, `gather_s`)."""
     def __init__(self, bundle: Bundle, scale: int = 7, max_samples: int = 8, temperature: float | None = None,
-                 workers: int = 1, stream_frames: int = 17, frame_s: float = 0.05):
+                 workers: int = 1, stream_frames: int = 17, frame_s: float = 0.05, load_frame_s: float = 0.3,
+                 max_rows: int = 64, gather_s: float = 0.05):
         self.b, self.scale, self.max_samples = bundle, scale, max_samples
         self.temperature = temperature or bundle.meta.get("recipe", {}).get("temperature", 1.0)   # the UI's default
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
         if stream_frames < 2 or frame_s < 0: raise ValueError(f"stream_frames must be >= 2 and frame_s >= 0, got {stream_frames}, {frame_s}")
-        self.workers, self.stream_frames, self.frame_s = workers, stream_frames, frame_s
+        self.workers, self.stream_frames, self.frame_s, self.load_frame_s = workers, stream_frames, frame_s, load_frame_s
+        self.batcher = Batcher(self, max_rows, gather_s)
+        self._streams, self.active = threading.Lock(), 0               # streams in progress (frames skip under load)
         # the model sets computations check out: the bundle's own models (under the bundle's lock, which any other
         # user of the bundle takes too), plus workers - 1 private copies (each with its own KV cache)
         self._sets: queue.SimpleQueue = queue.SimpleQueue()
@@ -391,17 +503,20 @@ class HeptapodApp:
         tokens_per_step = check_int(tokens_per_step, "tokens per step", 1, N)
         return cls, seed, temperature, top_k, check_choice(order, "order", ORDERS), tokens_per_step
 
-    def _generate(self, model, cls, seed, temperature, top_k, order, tokens_per_step, prompt=None, prompt_len=0, n=1,
-                  trace="full"):
-        "`sample.generate` with checked settings (`trace`: 'full', or a recorder that watches each step)."
+    def _job(self, model, cls, seed, temperature, top_k, order, tokens_per_step, prompt=None, prompt_len=0, n=1,
+             trace="full") -> Job:
+        """A generation on the bundle's `model` with checked settings (an `InputError` before anything is queued),
+        handed to the batcher: `job.wait()` gives what `sample.generate` gives for it alone (`trace`: 'full', or a
+        recorder that watches each step)."""
         cls, seed, temperature, top_k, order, tokens_per_step = self._args(cls, seed, temperature, top_k, order,
                                                                           tokens_per_step)
         labels = torch.full((n,), cls, dtype=torch.long, device=self.b.device)
-        kw = dict(prompt=prompt, prompt_len=prompt_len) if prompt is not None else {}
-        with torch.no_grad():
-            return generate(model, labels, seed=seed, temperature=temperature, top_k=top_k or None,
-                            tokens_per_step=tokens_per_step, order=None if order == "raster" else order,
-                            trace=trace, device=self.b.device, **kw)
+        rows = Rows(labels, seed, temperature, top_k or None, None, None if order == "raster" else order, trace, prompt)
+        return self.batcher.submit(Job(model, rows, tokens_per_step, prompt_len if prompt is not None else 0))
+
+    def _generate(self, *args, **kw):
+        "`_job`, waited for: `sample.generate`'s result for this call alone."
+        return self._job(*args, **kw).wait()
 
     def _model(self, key: str):
         m = self.b.model if key == "model" else self.b.baseline
@@ -410,11 +525,10 @@ class HeptapodApp:
 
     def generate(self, cls=0, seed=0, temperature=1.0, top_k=0, order="raster", tokens_per_step=1,
                  model: str = "model") -> Run:
-        "One generation with a full trace -> its `Run` (decoded once, after the model set is released)."
+        "One generation with a full trace (batched with any others waiting) -> its `Run` (decoded once, by the caller)."
         m = self._model(model)
         if is_next_token(m): tokens_per_step = 1                     # a window-1 model commits one token per step
-        with self.using(m) as mc:
-            _, trace = self._generate(mc, cls, seed, temperature, top_k, order, tokens_per_step)
+        _, trace = self._generate(m, cls, seed, temperature, top_k, order, tokens_per_step)
         settings = dict(cls=int(cls), seed=int(seed), temperature=float(temperature))
         return run_from_trace(m, trace, self.b.tokenizer, model, settings, self.scale)
 
@@ -513,17 +627,32 @@ class Feed:
     def __init__(self, lives: dict, q: queue.Queue, thread: threading.Thread, poll_s: float = 0.5):
         self.lives, self.q, self.thread, self.poll_s, self.runs = lives, q, thread, poll_s, {}
 
+    def _take(self, item) -> None:
+        key, what, x = item
+        if what == "error": raise x
+        if what == "step": self.lives[key].steps.append(x)
+        else: self.runs[key] = x
+
     def _pull(self) -> None:
         "Take the worker's next item: a step (appended to its `Live`), a finished `Run`, or the error it raised."
         while True:
-            try: key, what, x = self.q.get(timeout=self.poll_s)
+            try: item = self.q.get(timeout=self.poll_s)
             except queue.Empty:
                 if self.thread.is_alive() or not self.q.empty(): continue
                 raise RuntimeError("the generation thread ended without its result") from None
-            if what == "error": raise x
-            if what == "step": self.lives[key].steps.append(x)
-            else: self.runs[key] = x
-            return
+            return self._take(item)
+
+    def poll(self) -> None:
+        "Take every item waiting in the queue, without waiting for more."
+        while True:
+            try: item = self.q.get_nowait()
+            except queue.Empty: return
+            self._take(item)
+
+    def made(self, key: str, t: int) -> bool:
+        "Whether step `t` of `key` (t = its step count: the finished `Run`) is there, without waiting."
+        self.poll()
+        return key in self.runs if t >= self.lives[key].T else len(self.lives[key].steps) > t
 
     def step(self, key: str, t: int):
         "Step `t` of `key`'s generation, once the model has made it."
@@ -550,8 +679,9 @@ class Feed:
         return run
 
 def _start(self, jobs) -> Feed:
-    """Start the generations `jobs` [(key, (cls, seed, temperature, top_k, order, tokens_per_step))], checked here
-    (an `InputError` before anything runs), in a worker thread; returns the `Feed` a stream reads them from."""
+    """Start the generations `jobs` [(key, (cls, seed, temperature, top_k, order, tokens_per_step))]: checked here
+    (an `InputError` before anything is queued), then handed to the batcher, each with a `LiveRecorder` that puts
+    its steps into the queue the returned `Feed` reads; a thread waits for them and decodes the finished runs."""
     q, lives, specs, N = queue.Queue(), {}, [], self.b.n_positions
     for key, args in jobs:
         m = self._model(key)
@@ -559,35 +689,21 @@ def _start(self, jobs) -> Feed:
         if is_next_token(m): k = 1                                  # a window-1 model commits one token per step
         lives[key] = Live(key, math.ceil(N / k), k, is_next_token(m), token_kind(m.config).name, self.b.grid)
         specs.append((key, m, (cls, seed, temperature, top_k, order, k)))
-    th = threading.Thread(target=self._work, args=(specs, q), daemon=True, name="heptapod-live")
+    queued = [(key, m, args, self._job(m, *args, trace=LiveRecorder(m, q, key))) for key, m, args in specs]
+    th = threading.Thread(target=self._work, args=(queued, q), daemon=True, name="heptapod-live")
     th.start()
     return Feed(lives, q, th)
 
-def _work(self, specs, q: queue.Queue) -> None:
-    """The worker: check out one model set for all the specs' models and hold its lock while they compute: the
-    first spec in this thread, each other in a thread of its own (different models of the set, so never one KV
-    cache twice; they run side by side, in step for Compare). Each step goes into `q` as it is recorded; once the
-    set is released, each spec's `Run` (decoded then) or its error. Nothing here waits on the reader: when a
-    stream is closed (the browser left), the generation still finishes and the set is released."""
-    traces, errors = {}, {}
-    def compute(key, m, args):
-        try: traces[key] = self._generate(m, *args, trace=LiveRecorder(m, q, key))[1]
-        except BaseException as e: errors[key] = e
-    try:
-        with self.using(*[m for _, m, _ in specs]) as ms:
-            ms = ms if len(specs) > 1 else (ms,)
-            subs = [threading.Thread(target=compute, args=(key, m, args), daemon=True)
-                    for (key, _, args), m in zip(specs[1:], ms[1:])]
-            for th in subs: th.start()
-            compute(specs[0][0], ms[0], specs[0][2])
-            for th in subs: th.join()                             # a generation always ends: no timeout needed
-    except BaseException as e:
-        errors.setdefault(specs[0][0], e)
-    for key, m, (cls, seed, temperature, *_) in specs:
+def _work(self, queued, q: queue.Queue) -> None:
+    """Wait for each queued generation (the batcher computes it with the others waiting at the same time; each
+    step reaches `q` as it is recorded), then put its `Run` (decoded here, outside any model set) or its error
+    into `q`. Nothing here waits on the reader: when a stream is closed (the browser left), its generation still
+    finishes with its batch."""
+    for key, m, (cls, seed, temperature, *_), job in queued:
         try:
-            if key in errors: raise errors[key]
+            trace = job.wait()[1]
             settings = dict(cls=int(cls), seed=int(seed), temperature=float(temperature))
-            q.put((key, "run", run_from_trace(m, traces[key], self.b.tokenizer, key, settings, self.scale)))
+            q.put((key, "run", run_from_trace(m, trace, self.b.tokenizer, key, settings, self.scale)))
         except BaseException as e: q.put((key, "error", e))
 
 def _live_figure(self, live: Live, t: int, heatmap: str = "entropy", overlay: bool = False, n_panels: int = 4) -> np.ndarray:
@@ -601,14 +717,29 @@ def _live_figure(self, live: Live, t: int, heatmap: str = "entropy", overlay: bo
     return render_figure(v, 0, _which(v, heatmap, n_panels), overlay, step_title(v, 0, n_panels < 4, t, live.T),
                          _caption(v, n_panels), pending=("final_prob",))
 
-def _paced(self, make, steps):
-    "`make(t)` for each of `steps`, yielded at least `frame_s` apart (the pause counts the time spent making it)."
-    last = None
-    for t in steps:
-        out = make(t)
-        if last is not None and self.frame_s: time.sleep(max(0.0, last + self.frame_s - time.perf_counter()))
-        yield out
-        last = time.perf_counter()
+def _paced(self, make, steps, made=None):
+    """`make(t)` for each of `steps`, yielded at least `frame_s` apart (the pause counts the time spent making it).
+    Under load (other streams in progress: `self.active` > 1), as a video player does, intermediate frames are
+    skipped: the next one comes `load_frame_s` x the streams in progress after the last, and shows the latest
+    step the model has made (`made(t)`: whether step t is there); once the generation has ended, the final frame
+    comes at once. The first and the final frame always come; every frame that comes is the one the same call
+    alone shows at that step."""
+    with self._streams: self.active += 1
+    try:
+        last, i, end = None, 0, len(steps) - 1
+        while i <= end:
+            if made is not None and 0 < i < end and self.active > 1:
+                until = last + self.load_frame_s * self.active
+                while time.perf_counter() < until and not made(steps[end]): time.sleep(0.02)
+                if made(steps[end]): i = end
+                else:
+                    while i + 1 < end and made(steps[i + 1]): i += 1
+            out = make(steps[i])
+            if last is not None and self.frame_s: time.sleep(max(0.0, last + self.frame_s - time.perf_counter()))
+            yield out
+            last, i = time.perf_counter(), i + 1
+    finally:
+        with self._streams: self.active -= 1
 
 def _heatmaps(self) -> list[str]:
     "The heatmaps the models' token kind has (checked before a generation starts, not at its first frame)."
@@ -636,7 +767,7 @@ def _generate_stream(self, cls=0, seed=0, temperature=1.0, top_k=0, order="raste
             return (live, t, self.live_figure(live, t, heatmap, overlay), entropy_figure(live.upto(t), t))
         run = feed.run("model")
         return (run, t, *self.frame(run, t, heatmap, overlay))
-    yield from self._paced(make, stream_steps(len(live), self.stream_frames))
+    yield from self._paced(make, stream_steps(len(live), self.stream_frames), lambda t: feed.made("model", t))
 
 def _play(self, run: Run, heatmap="entropy", overlay=False):
     "Replay a cached run's steps (no model): yields (run, t, panels, entropy plot), `frame_s` apart."
@@ -713,16 +844,15 @@ def _complete(self, image, cls=0, n_seen=32, n_samples=4, seed=0, temperature=1.
     N, (h, w) = self.b.n_positions, self.b.grid
     n_seen = check_int(n_seen, "tokens seen", 0, N - 1)
     n_samples = check_int(n_samples, "number of completions", 1, self.max_samples)
+    self._args(cls, seed, temperature, 0, "raster", 1)                  # every value checked before the drawing is read
     x = image_to_input(image, self.b.tokenizer.config.image_size if hasattr(self.b.tokenizer, "config") else 32)
-    with self.using(self.b.model) as m:
-        with torch.no_grad(): tokens = self.b.tokenizer.encode(x.to(self.b.device))       # (1, h, w)
-        prompt = tokens.expand(n_samples, *tokens.shape[1:]).contiguous()
-        out, trace = self._generate(m, cls, seed, temperature, 0, "raster", 1,
-                                    prompt=prompt, prompt_len=n_seen, n=n_samples)
-        first = SimpleNamespace(steps=[trace[0]], tokens=trace.tokens if hasattr(trace, "tokens") else out,
-                                kind=token_kind(trace).name)
-        view = TraceView(first, self.b.tokenizer, scale=self.scale, label="prediction")
-        with torch.no_grad(): imgs = self.b.tokenizer.decode(out).float().cpu()
+    with torch.no_grad(): tokens = self.b.tokenizer.encode(x.to(self.b.device))       # (1, h, w); the tokenizer
+    prompt = tokens.expand(n_samples, *tokens.shape[1:]).contiguous()                   # is stateless: no model set
+    out, trace = self._generate(self.b.model, cls, seed, temperature, 0, "raster", 1, prompt=prompt, prompt_len=n_seen,
+                                n=n_samples, trace=FirstStepRecorder(self.b.model, full=True))   # only step 0 is shown
+    first = SimpleNamespace(steps=[trace[0]], tokens=trace.tokens, kind=token_kind(trace).name)
+    view = TraceView(first, self.b.tokenizer, scale=self.scale, label="prediction")
+    with torch.no_grad(): imgs = self.b.tokenizer.decode(out).float().cpu()
     rows = f"{n_seen // w} token row{'s' if n_seen // w != 1 else ''}" + (f" + {n_seen % w}" if n_seen % w else "")
     title = f"Seeing the first {n_seen} of {N} tokens ({rows}), the model guesses the whole digit"
     which = ("seen", "guess") + tuple(n for n in ("entropy", "maxprob") if n in heatmaps_for(view))
@@ -767,7 +897,8 @@ def _compare_stream(self, cls=0, seed=0, temperature=1.0, tokens_per_step=1, hea
             return ((a, b), t, self.live_figure(a, t, heatmap, n_panels=3), fb, compare_figure((a.upto(t), b.upto(tb)), t))
         runs = (feed.run("model"), feed.run("baseline"))
         return (runs, t, *self.compare_frame(runs, t, heatmap))
-    yield from self._paced(make, stream_steps(len(a), self.stream_frames))
+    made = lambda t: feed.made("model", t) and (t < a.T or feed.made("baseline", b.T))
+    yield from self._paced(make, stream_steps(len(a), self.stream_frames), made)
 
 HeptapodApp.compare, HeptapodApp.compare_frame, HeptapodApp.compare_stream = _compare, _compare_frame, _compare_stream
 
@@ -849,7 +980,7 @@ def _checked(base, image: str | None = None):
 def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: int | None = None):
     """The Gradio `Blocks` of the app (tabs Generate, Complete my drawing, Compare); opens on a first generated image.
     `model_concurrency`: how many of `/generate`, `/complete`, `/compare` run at once (their shared group's limit;
-    default `app.workers`, the number of model sets: more would only wait for one)."""
+    default the batcher's `max_rows`: they batch their generations, so more than the model sets run at once)."""
     # Only Gradio wiring: longer than the ~80-line rule on purpose (one place to read the whole page).
     import gradio as gr
     nc, N = app.b.num_classes, app.b.n_positions
@@ -890,7 +1021,9 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
 
     pic = dict(type="numpy", format="png", interactive=False, show_label=False, show_download_button=False,
                show_fullscreen_button=False, container=False)
-    group = dict(concurrency_id="model", concurrency_limit=model_concurrency or app.workers)   # the endpoints that compute
+    # the endpoints that compute: admitted at once (up to the batcher's rows), so that each checks its inputs as it
+    # arrives and the generations waiting at the same time share model calls (`Batcher`)
+    group = dict(concurrency_id="model", concurrency_limit=model_concurrency or app.batcher.max_rows)
     num = lambda value, label: _checked(gr.Number)(value, label=label, step=1, min_width=100)
     T0 = app.temperature
     first = app.generate(0, 0, T0) if first_image else None      # the page opens on a generated image, ready to scrub
@@ -998,7 +1131,7 @@ def launch(bundle: Bundle, host: str = "127.0.0.1", port: int | None = None, inb
     "Start the app server (`workers` generations at once); returns the `Blocks` (with `block=False` it runs in the background)."
     blocks = build_blocks(HeptapodApp(bundle, workers=workers))
     blocks.launch(server_name=host, server_port=port, inbrowser=inbrowser, prevent_thread_lock=not block,
-                  max_file_size="5mb", show_error=False, quiet=not block)
+                  max_file_size="5mb", show_error=False, quiet=not block, max_threads=2 * 64 + 16)
     return blocks
 
 # %% ../nbs/13_app.ipynb #c5a7e909

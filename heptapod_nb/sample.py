@@ -16,7 +16,8 @@ from .tokens import filter_logits, sample_logits  # noqa: F401 (re-exported: the
 # %% auto #0
 __all__ = ['check_generate_args', 'batch_labels', 'resolve_order', 'Canvas', 'start_canvas', 'prefill', 'remaining_positions',
            'predict_from_states', 'predict_remaining', 'beliefs', 'choose_confident', 'draw', 'commit', 'TraceStep',
-           'Trace', 'trace_step', 'NoTrace', 'TraceRecorder', 'sampling_mode', 'generate']
+           'Trace', 'trace_step', 'NoTrace', 'TraceRecorder', 'sampling_mode', 'Rows', 'finish_rows', 'generate_rows',
+           'generate']
 
 # %% ../nbs/08_sampling.ipynb #3b875aa8
 def check_generate_args(model, device, temperature, top_k, top_p, tokens_per_step, trace, order):
@@ -219,16 +220,19 @@ class NoTrace:
     def result(self, tokens, order_BN): return tokens
 
 class TraceRecorder(NoTrace):
-    "Records a `TraceStep` per step (`full`: with float16 distributions), then p(final token); returns (tokens, Trace)."
+    """Records a `TraceStep` per step (`full`: with float16 distributions), then p(final token); returns (tokens, Trace).
+    It keeps each step's belief logits until `finish` (kinds with a likelihood): p(final token) is read from them,
+    the head's outputs for exactly the positions and states it would otherwise recompute."""
     wants_beliefs = True
     def __init__(self, model, full: bool = False):
-        self.trace, self.full, self.n_steps = Trace(kind=model.kind.name), full, []
+        self.trace, self.full, self.n_steps, self._logits = Trace(kind=model.kind.name), full, [], []
 
     def record(self, model, cv: Canvas, belief, k: int, targets, out_BkO) -> None:
         chosen_BN = torch.zeros_like(cv.seen_BN).scatter(1, cv.order_BN[:, cv.n:cv.n + k], True)
         st = trace_step(model, belief, len(self.trace.steps), cv.seen_BN, chosen_BN, cv.flat, self.full)
         st.queries, st.query_valid = targets.pos_BSM.cpu(), targets.valid_BSM.cpu()
         st.sampled = out_BkO.to(torch.promote_types(out_BkO.dtype, torch.float32)).cpu()
+        if model.kind.has_likelihood: self._logits.append((belief.positions, belief.logits))
         self.trace.steps.append(st); self.n_steps.append(cv.n)
         self.on_step(st, cv.n)
 
@@ -239,10 +243,10 @@ class TraceRecorder(NoTrace):
         "Teacher-forced: the probability each step gave to the final tokens (kinds with a likelihood only)."
         if not model.kind.has_likelihood: return
         device, grid = cv.flat.device, model.config.grid
-        for st, n_t in zip(self.trace.steps, self.n_steps):
-            rem_BR = remaining_positions(st.seen.to(device).flatten(1), n_t)
-            p_BR = model.kind.likelihood(model.head_out(cv.h_BTD, n_t, rem_BR), model.kind.gather(cv.flat, rem_BR))
+        for st, (rem_BR, logits_BRK) in zip(self.trace.steps, self._logits):
+            p_BR = model.kind.likelihood(logits_BRK, model.kind.gather(cv.flat, rem_BR))
             st.final_prob = _grid(torch.full(cv.seen_BN.shape, float("nan"), device=device).scatter(1, rem_BR, p_BR), grid).cpu()
+        self._logits = []
 
     def result(self, tokens, order_BN):
         self.trace.order, self.trace.tokens = order_BN.cpu(), tokens.cpu()
@@ -256,6 +260,120 @@ class sampling_mode:
     def __exit__(self, *exc):
         self.model.clear_cache(); self.model.train(self.was_training)
 
+@dataclass
+class Rows:
+    """One request of a shared generation (`generate_rows`): its labels (or `batch` rows), its own seed (its random
+    streams), draw settings, order, prompt and recorder (`trace`), as the same `generate` call would take them."""
+    labels: object = None
+    seed: int = 0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    order: object = None
+    trace: object = False
+    prompt: object = None
+    batch: int | None = None
+
+@dataclass
+class _Part:
+    "A request's rows `s` (a slice) of the shared canvas, with its generators, settings and recorder."
+    s: slice
+    gen: torch.Generator
+    tgen: torch.Generator
+    settings: DrawSettings
+    recorder: NoTrace
+    confidence: bool
+
+def _rows_of(cv: Canvas, s: slice) -> Canvas:
+    "Rows `s` of a canvas as views (writes reach the shared canvas)."
+    return Canvas(cv.flat[s], cv.seen_BN[s], cv.order_BN[s], cv.n, cv.fed, None if cv.h_BTD is None else cv.h_BTD[s])
+
+def _pred_rows(p: Prediction | None, s: slice):
+    if p is None: return None
+    return Prediction(p.positions[s], None if p.logits is None else p.logits[s], None if p.draws is None else p.draws[s])
+
+def _targets_rows(tg, s: slice):
+    return type(tg)(tg.pos_BSM[s], tg.valid_BSM[s], tg.offset_BSM[s], tg.steps_S, tg.commit_K)
+
+def _cat_targets(tgs):
+    if len(tgs) == 1: return tgs[0]
+    t0 = tgs[0]
+    return type(t0)(torch.cat([t.pos_BSM for t in tgs]), torch.cat([t.valid_BSM for t in tgs]),
+                    torch.cat([t.offset_BSM for t in tgs]), t0.steps_S, t0.commit_K)
+
+def _start_part(model, r: Rows, row0: int, N: int, prompt_len: int, device, diff_steps):
+    "A request's labels, canvas rows and `_Part` (its generators seeded as `generate` seeds them)."
+    B, labels_B = batch_labels(model, r.labels, r.batch, r.prompt)
+    confidence = _is_confidence(r.order)
+    gen = torch.Generator(device).manual_seed(r.seed)
+    tgen = torch.Generator(device).manual_seed(r.seed + 7919)     # beliefs' draws: tracing never changes the samples
+    order_BN = (make_order("raster", B, N, device) if confidence     # rewritten step by step
+                else resolve_order(model.config.order if r.order is None else r.order, B, N, device, gen))
+    cv = start_canvas(model, order_BN, r.prompt, prompt_len)
+    recorder = (r.trace if isinstance(r.trace, NoTrace) else TraceRecorder(model, full=r.trace == "full") if r.trace
+                else NoTrace())
+    return labels_B, cv, _Part(slice(row0, row0 + B), gen, tgen, DrawSettings(r.temperature, r.top_k, r.top_p, diff_steps),
+                               recorder, confidence)
+
+def _step_beliefs(model, cv: Canvas, parts, draws: int) -> list:
+    "Each part's prediction for its remaining positions: one head call for all rows, the draws (KL) per part."
+    rem_BR = remaining_positions(cv.seen_BN, cv.n)
+    out = model.head_out(cv.h_BTD, cv.n, rem_BR)
+    return [model.kind.predict(rem_BR[p.s], out[p.s], diffusion=model.diffusion, draws=draws,
+                               temperature=p.settings.temperature, diff_steps=p.settings.diff_steps, generator=p.tgen)
+            if p.confidence or p.recorder.wants_beliefs else None for p in parts]
+
+def _step_draw(model, cv: Canvas, k: int, parts):
+    "Every part's tokens for order[n:n+k]: its query sets and draws from its own generator, one head call for all."
+    c = model.config
+    tgs = [sampling_targets(cv.order_BN[p.s], c.window, c.targets_per_step, cv.n, k, generator=p.gen) for p in parts]
+    targets = _cat_targets(tgs)
+    out_BSMO = model.head_out(cv.h_BTD, cv.n, targets.pos_BSM, targets.valid_BSM)
+    out_BkO = out_BSMO.flatten(1, 2)[:, targets.commit_K]
+    new = [model.kind.draw(out_BkO[p.s], p.settings, p.gen, model.diffusion) for p in parts]
+    return (new[0] if len(new) == 1 else torch.cat(new)), out_BkO, targets
+
+def finish_rows(model, cv: Canvas, parts) -> None:
+    "Each recorder's `finish` over its rows `s` of the shared canvas: parts [(recorder, s)]."
+    for rec, s in parts: rec.finish(model, _rows_of(cv, s))
+
+@torch.no_grad()
+def generate_rows(model, requests, *, tokens_per_step: int = 1, prompt_len: int = 0, device=None,
+                  diff_steps: int | None = None, trace_draws: int = 4, kv_cache: bool = True) -> list:
+    """Several requests (`Rows`) as one batched generation, as a server batches the calls waiting at the same time:
+    the backbone and the head run once per step for all rows, while each request draws its order, query sets,
+    tokens (and KL beliefs) from its own generators with its own settings, and its recorder sees only its rows.
+    Each result is what `generate` returns for that request alone (up to the float rounding of a larger batch).
+    Shared by all: `tokens_per_step` and `prompt_len` (the steps line up), `diff_steps`, `trace_draws`, `kv_cache`."""
+    requests = list(requests)
+    if not requests: raise ValueError("generate_rows needs at least one request")
+    for r in requests:
+        device = check_generate_args(model, device, r.temperature, r.top_k, r.top_p, tokens_per_step, r.trace, r.order)
+    N, labels, cvs, parts, row = model.config.n_positions, [], [], [], 0
+    for r in requests:
+        lab, cv_r, part = _start_part(model, r, row, N, prompt_len, device, diff_steps)
+        labels.append(lab); cvs.append(cv_r); parts.append(part); row = part.s.stop
+    if len(parts) == 1: labels_B, cv = labels[0], cvs[0]
+    else:
+        labels_B = None if labels[0] is None else torch.cat(labels)
+        cv = Canvas(torch.cat([c.flat for c in cvs]), torch.cat([c.seen_BN for c in cvs]),
+                    torch.cat([c.order_BN for c in cvs]), n=prompt_len)
+    with sampling_mode(model):
+        if cv.n < N: prefill(model, cv, labels_B, kv_cache)
+        while cv.n < N:
+            k = min(tokens_per_step, N - cv.n)
+            bel = (_step_beliefs(model, cv, parts, trace_draws) if any(p.confidence or p.recorder.wants_beliefs for p in parts)
+                   else [None] * len(parts))
+            for p, b in zip(parts, bel):
+                if p.confidence: choose_confident(model, _rows_of(cv, p.s), b, k)   # else: the next k of the fixed order
+            new_Bk, out_BkO, targets = _step_draw(model, cv, k, parts)
+            for p, b in zip(parts, bel):
+                p.recorder.record(model, _rows_of(cv, p.s), b, k, _targets_rows(targets, p.s), out_BkO[p.s])
+            commit(model, cv, new_Bk, labels_B, kv_cache)
+        finish_rows(model, cv, [(p.recorder, p.s) for p in parts])
+    tokens = model.kind.to_grid(cv.flat, model.config.grid)
+    return [p.recorder.result(tokens[p.s], cv.order_BN[p.s]) for p in parts]
+
 @torch.no_grad()
 def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, tokens_per_step: int = 1, order=None, trace=False, prompt=None,
@@ -265,26 +383,8 @@ def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top
     `kv_cache=False` recomputes the whole prefix at every step instead (same samples, for speed comparisons).
     `tokens_per_step=k` commits the next k positions per step, each drawn from a query set of the kind training used
     (`head.sampling_targets`); it is refused where offsets 1..k-1 were never supervised (k > window, or M = 1).
-    `trace` may also be a recorder instance (a `NoTrace` / `TraceRecorder` subclass) that watches each step."""
-    device = check_generate_args(model, device, temperature, top_k, top_p, tokens_per_step, trace, order)
-    B, labels_B = batch_labels(model, labels, batch, prompt)
-    N, confidence = model.config.n_positions, _is_confidence(order)
-    gen = torch.Generator(device).manual_seed(seed)
-    tgen = torch.Generator(device).manual_seed(seed + 7919)     # beliefs' draws: tracing never changes the samples
-    order_BN = (make_order("raster", B, N, device) if confidence     # rewritten step by step
-                else resolve_order(model.config.order if order is None else order, B, N, device, gen))
-    cv = start_canvas(model, order_BN, prompt, prompt_len)
-    settings = DrawSettings(temperature, top_k, top_p, diff_steps)
-    recorder = (trace if isinstance(trace, NoTrace) else TraceRecorder(model, full=trace == "full") if trace
-                else NoTrace())
-    with sampling_mode(model):
-        if cv.n < N: prefill(model, cv, labels_B, kv_cache)
-        while cv.n < N:
-            k = min(tokens_per_step, N - cv.n)
-            belief = beliefs(model, cv, settings, trace_draws, tgen) if confidence or recorder.wants_beliefs else None
-            if confidence: choose_confident(model, cv, belief, k)        # else: the next k of the fixed order
-            new_Bk, out_BkO, targets = draw(model, cv, k, settings, gen)
-            recorder.record(model, cv, belief, k, targets, out_BkO)
-            commit(model, cv, new_Bk, labels_B, kv_cache)
-        recorder.finish(model, cv)
-    return recorder.result(model.kind.to_grid(cv.flat, model.config.grid), cv.order_BN)
+    `trace` may also be a recorder instance (a `NoTrace` / `TraceRecorder` subclass) that watches each step.
+    (One request of `generate_rows`.)"""
+    return generate_rows(model, [Rows(labels, seed, temperature, top_k, top_p, order, trace, prompt, batch)],
+                         tokens_per_step=tokens_per_step, prompt_len=prompt_len, device=device, diff_steps=diff_steps,
+                         trace_draws=trace_draws, kv_cache=kv_cache)[0]

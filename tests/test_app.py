@@ -227,18 +227,26 @@ def test_first_frame_arrives_while_the_model_still_generates(weights, what):
 
 
 def test_concurrent_streams_equal_the_same_streams_alone(server):
-    """6 streaming calls (/generate and /compare) at once from 3 clients: every frame of each equals the same call's
-    frames made alone (the computation runs under the model set's lock, frames are yielded outside it)."""
+    """6 streaming calls (/generate and /compare) at once from 3 clients: their generations are batched, and under
+    load a stream may skip intermediate frames (issue 24), but its first and final frames always come, its steps
+    only move forward, and every frame that comes equals the same call's frame at that step made alone."""
     from gradio_client import Client
     calls = ([("/generate", (c, 30 + c, 1.0, 0, "raster", 16, "entropy", False)) for c in range(4)]
              + [("/compare", (c, 40 + c, 1.0, 16, "entropy")) for c in range(2)])
     clients = [Client(server[0], verbose=False) for _ in range(3)]
-    pix = lambda outs: [a for o in outs for a in _pixels(o)]
-    alone = [pix(_frames(clients[0].submit(*args, api_name=api))) for api, args in calls]
+    def by_step(outs, api):
+        i = 2 if api == "/generate" else 3                          # the step slider among the outputs
+        return [(_val(o[i]), _pixels(o)) for o in outs]
+    alone = [by_step(_frames(clients[0].submit(*args, api_name=api)), api) for api, args in calls]
     jobs = [clients[i % 3].submit(*args, api_name=api) for i, (api, args) in enumerate(calls)]
-    together = [pix(_frames(j)) for j in jobs]
+    together = [by_step(_frames(j), api) for j, (api, _) in zip(jobs, calls)]
     for i, (got, want) in enumerate(zip(together, alone)):
-        assert len(got) == len(want) > 5 and all(np.array_equal(a, b) for a, b in zip(got, want)), f"call {i} {calls[i][0]} differs"
+        want = dict(want)
+        steps = [t for t, _ in got]
+        assert steps[0] == 0 and steps[-1] == max(want) and steps == sorted(set(steps)), (i, steps)
+        for t, pics in got:
+            assert len(pics) == len(want[t]) > 0 and all(np.array_equal(a, b) for a, b in zip(pics, want[t])), \
+                f"call {i} {calls[i][0]} differs at step {t}"
 
 
 def test_click_on_a_cell_vq_codes_and_kl_draws(server, tmp_path):
@@ -373,12 +381,14 @@ def test_fake_png_and_fractional_values_refused(client, tmp_path, capfd):
 
 
 def test_compute_endpoints_share_one_queue(server):
-    "/generate, /complete, /compare wait in one Gradio queue (limit: the app's workers); scrubbing stays outside it."
+    """/generate, /complete, /compare share one Gradio queue whose limit is the batcher's rows (they batch their
+    generations, issue 24), not the model sets; scrubbing stays outside it."""
     for workers in (1, 2):
-        blocks = build_blocks(HeptapodApp(server[1], workers=workers), first_image=False)
+        app = HeptapodApp(server[1], workers=workers, max_rows=40)
+        blocks = build_blocks(app, first_image=False)
         fns = {f.api_name: f for f in blocks.fns.values() if f.api_name}
         for name in ("generate", "complete", "compare"):
-            assert fns[name].concurrency_id == "model" and fns[name].concurrency_limit == workers, name
+            assert fns[name].concurrency_id == "model" and fns[name].concurrency_limit == 40, name
         for name in ("scrub", "compare_scrub", "play"): assert fns[name].concurrency_id != "model"
     cfg = blocks.get_config_file()                                  # the checked inputs keep their frontend
     types = {c["type"] for c in cfg["components"]}
@@ -457,3 +467,69 @@ def test_mismatched_tokenizer_is_refused_before_serving(tmp_path, capsys):
     assert main(["--weights", str(d), "--port", str(_free_port())]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot decode model" in err and "700 codes" in err and "serving on" not in err
+
+
+def test_waiting_generations_share_model_calls_and_equal_the_calls_alone(weights, tmp_path):
+    """Issue 24: generations waiting at the same time run as one batched generation (the batcher's batches hold
+    several requests), each identical to the same call alone: Generate (its Run: tokens, every step's
+    distributions, the pictures), Compare (both models) and Complete (its figure and completions)."""
+    import torch
+    bundle = load_bundle(weights, "cpu")
+    app = HeptapodApp(bundle, frame_s=0, gather_s=0.5)          # a long gather: the threads below arrive together
+    img = np.full((64, 64, 3), 255, np.uint8); img[10:50, 30:34] = 0
+    calls = ([("generate", (c, 50 + c, 1.0, 0, "raster" if c % 2 else "random", 1)) for c in range(4)]
+             + [("compare", (c, 60 + c, 1.0, 1)) for c in range(2)] + [("complete", (img, c, 24, 2, 70 + c, 1.0)) for c in range(2)])
+    def call(c):
+        name, args = c
+        out = getattr(app, name)(*args)
+        if name == "generate": return [out.tokens, out.probs, app.frame(out, 5)[0], app.final_image(out)]
+        if name == "compare": return [x for r in out for x in (r.tokens, r.probs, app.frame(r, 5)[0])]
+        return [out[0]] + [g for g, _ in out[1]]
+    alone = [call(c) for c in calls]
+    assert max(app.batcher.sizes) == 2                           # alone: one request a batch (complete: its 2 rows)
+    n0 = len(app.batcher.sizes)
+    with ThreadPoolExecutor(len(calls)) as pool: together = list(pool.map(call, calls))
+    sizes = app.batcher.sizes[n0:]
+    assert max(sizes) >= 5 and len(sizes) <= 4, sizes             # 6 Heptapod runs at 1 token a step share one batch
+    eq = lambda a, b: torch.equal(a, b) if isinstance(a, torch.Tensor) else np.array_equal(a, b)
+    for i, (got, want) in enumerate(zip(together, alone)):
+        assert len(got) == len(want) and all(eq(a, b) for a, b in zip(got, want)), f"call {i} {calls[i][0]} differs"
+
+
+def test_streams_skip_intermediate_frames_under_load(weights):
+    """Issue 24: under load (another stream in progress) a stream skips intermediate frames, as a video player does,
+    but its first and final frames come, and each frame equals the one the same call alone shows at that step."""
+    app = HeptapodApp(load_bundle(weights, "cpu"), frame_s=0, load_frame_s=30)
+    alone = {t: f for _, t, f, _ in app.generate_stream(2, 5, 1.0, 0, "raster", 4)}
+    other = app.generate_stream(1, 1, 1.0, 0, "raster", 4)
+    next(other)                                                   # a second stream in progress: the app is loaded
+    got = list(app.generate_stream(2, 5, 1.0, 0, "raster", 4))
+    other.close()
+    assert [t for _, t, _, _ in got] == [0, 16] and len(alone) == 17
+    assert all(np.array_equal(f, alone[t]) for _, t, f, _ in got)
+    assert app.active == 0                                        # closed and finished streams are counted out
+
+
+def test_bad_call_refused_while_the_model_is_busy(weights, capfd):
+    """Issue 24: inputs are checked before any queue: with the model held busy (its backbone gated) by more
+    generations than there are model sets, a bad call is still refused at once, in words, with one log line.
+    (Before, the computing endpoints' queue admitted `workers` calls at a time: the bad call waited behind them.)"""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    bundle = load_bundle(weights, "cpu")
+    port = _free_port()
+    blocks = build_blocks(HeptapodApp(bundle, workers=1), first_image=False)   # one model set: the gated one
+    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=False)
+    gates, busy = [_gate(m, 1) for m in (bundle.model, bundle.baseline)], []
+    try:
+        clients = [Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(4)]
+        busy = [c.submit(i, i, 1.0, 0, "raster", 16, "entropy", False, api_name="/generate") for i, c in enumerate(clients[:3])]
+        capfd.readouterr()
+        with pytest.raises(AppError, match="class must be an integer from 0 to 9, got 11"):
+            clients[3].submit(11, 0, 1.0, 0, "raster", 1, "entropy", False, api_name="/generate").result(timeout=60)
+        assert not any(j.done() for j in busy)                      # the model was busy all along
+        assert capfd.readouterr().err.count("refused input") == 1
+    finally:
+        for g, _ in gates: g.set()
+        for j in busy: j.result(timeout=300)                        # the gated generations end before the server
+        blocks.close()
