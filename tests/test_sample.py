@@ -287,15 +287,15 @@ def test_filters():
     assert set(s.tolist()) == {0, 1} and abs((s == 0).float().mean() - p[0] / (p[0] + p[1])) < 0.05
 
 
-def _same(x, y, tol: float) -> bool:
+def _close(x, y, tol: float) -> bool:
     "Tensors / lists / dataclasses equal: integers and bools exactly, floats within `tol` (NaN where NaN)."
     import dataclasses
     if isinstance(x, torch.Tensor):
         if not (x.is_floating_point() or y.is_floating_point()): return torch.equal(x, y)
         return x.shape == y.shape and torch.equal(x.isnan(), y.isnan()) and bool(
             (x.double().nan_to_num() - y.double().nan_to_num()).abs().max() <= tol) if x.numel() else True
-    if isinstance(x, (list, tuple)): return len(x) == len(y) and all(_same(a, b, tol) for a, b in zip(x, y))
-    if dataclasses.is_dataclass(x): return all(_same(getattr(x, f.name), getattr(y, f.name), tol) for f in dataclasses.fields(x))
+    if isinstance(x, (list, tuple)): return len(x) == len(y) and all(_close(a, b, tol) for a, b in zip(x, y))
+    if dataclasses.is_dataclass(x): return all(_close(getattr(x, f.name), getattr(y, f.name), tol) for f in dataclasses.fields(x))
     return x == y
 
 
@@ -324,6 +324,6 @@ def test_batched_requests_equal_each_request_alone(kind):
             if not r.trace: assert toks(got, want)
             else:
                 assert toks(got[0], want[0]) and torch.equal(got[1].order, want[1].order)
-                assert len(got[1]) == len(want[1]) and _same(got[1].steps, want[1].steps, 1e-6)
+                assert len(got[1]) == len(want[1]) and _close(got[1].steps, want[1].steps, 1e-6)
         assert not torch.equal(together[0][0], together[3][0])       # same seed, other class: rows are not mixed up
     with pytest.raises(ValueError, match="at least one request"): generate_rows(m, [])
