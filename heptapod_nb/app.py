@@ -14,15 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
-import matplotlib.pyplot as plt
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
 from types import SimpleNamespace
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import (DEMO_FILES, FAST, Config, ConfigError, demo_dir, write_json, get_device, save_weights,
                                  seed_everything, add_debug_arg, arg_float, arg_int, cli_main)
-from .viz import TraceView, view_for_model, trace_summary, is_next_token, filmstrip, images_to_uint8, _up
+from .viz import TraceView, view_for_model, trace_summary, is_next_token, images_to_uint8, _up
 from .sample import Rows, TraceRecorder, generate_rows, predict_remaining
 from .tokenizer import TOKENIZER_PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
 from .model import PRESETS, Heptapod, load_model
@@ -32,12 +29,13 @@ from .tokens import DiscreteTokenizer, token_kind
 # %% auto #0
 __all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_NAMES', 'INK', 'PAPER', 'MUTED', 'TITLE_H',
            'PTITLE_H', 'CAPTION_H', 'MARGIN', 'GAP', 'BAR_W', 'COLOURS', 'ORDERS', 'HEATMAPS', 'CAPTION',
-           'CAPTION_BASE', 'TRACE_FIELDS', 'Bundle', 'missing_demo_files', 'check_weights_folder', 'load_bundle',
-           'write_untrained_weights', 'InputError', 'image_to_input', 'check_int', 'check_class', 'check_temperature',
-           'check_choice', 'check_bool', 'Layout', 'layout', 'render_figure', 'titled', 'curve_plot', 'entropy_curves',
-           'heatmaps_for', 'stream_steps', 'Run', 'run_from_trace', 'Job', 'Batcher', 'FirstStepRecorder',
-           'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure', 'compare_figure', 'LiveRecorder', 'Live',
-           'Feed', 'filmstrip_image', 'build_blocks', 'check_port', 'launch', 'default_port', 'serve', 'main']
+           'CAPTION_BASE', 'TRACE_FIELDS', 'FILMSTRIP_ROWS', 'Bundle', 'missing_demo_files', 'check_weights_folder',
+           'load_bundle', 'write_untrained_weights', 'InputError', 'image_to_input', 'check_int', 'check_class',
+           'check_temperature', 'check_choice', 'check_bool', 'Layout', 'layout', 'render_figure', 'titled',
+           'curve_plot', 'entropy_curves', 'heatmaps_for', 'stream_steps', 'Run', 'run_from_trace', 'Job', 'Batcher',
+           'FirstStepRecorder', 'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure', 'compare_figure',
+           'LiveRecorder', 'Live', 'Feed', 'filmstrip_image', 'build_blocks', 'check_port', 'launch', 'default_port',
+           'serve', 'main']
 
 # %% ../nbs/13_app.ipynb #1bb36eb5
 MAX_UPLOAD_SIDE = 1024
@@ -932,19 +930,31 @@ TRACE_FIELDS = """What each field of the trace means (one entry per prediction s
 - `mean_final_prob`: each step's mean probability for the tokens that were finally drawn: how right it already was.
 - `decode_s`: seconds spent decoding every step's holistic guess into an image (once per generation)."""
 
-def filmstrip_image(run: Run, n: int = 8) -> np.ndarray:
-    "`viz.filmstrip` of the run (`n` steps from the first to the finished image) as an RGB array."
-    fig = filmstrip(run.view, n=n, which=("seen", "guess", "entropy"))
-    fig.suptitle("Filmstrip: what it has seen (top), its holistic guess (middle), where it is unsure (bottom)", fontsize=10)
-    fig.tight_layout()
-    fig.subplots_adjust(right=0.93)                          # room for the entropy row's colour bar
-    box = fig.axes[-1].get_position()
-    fig.colorbar(ScalarMappable(Normalize(0, run.view.entropy_max), "magma"), label="nats",
-                 cax=fig.add_axes([box.x1 + 0.01, box.y0, 0.01, box.height]))
-    fig.canvas.draw()
-    a = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return a
+FILMSTRIP_ROWS = {"seen": "seen", "guess": "holistic\nguess", "entropy": "entropy\n(nats)"}
+
+def filmstrip_image(run: Run, n: int = 8, panel: int = 120) -> np.ndarray:
+    """The run summed up in one uint8 (H, W, 3) picture: `n` steps from the first to the finished image (columns), what
+    it has seen, its holistic guess and its entropy (rows, `panel` pixels tall), a colour bar. Drawn with PIL, as the
+    panels are (milliseconds; `viz.filmstrip`'s matplotlib figure took ~1 s a run and held the GIL: BENCHMARKS.md, App)."""
+    view, which = run.view, tuple(FILMSTRIP_ROWS)
+    steps = np.unique(np.linspace(0, len(view) - 1, n).round().astype(int)).tolist()
+    ph, pw = panel, max(1, round(panel * view.image_size[1] / view.image_size[0]))
+    left, top, pad = 92, TITLE_H + PTITLE_H, 6
+    size = (left + len(steps) * (pw + pad) + BAR_W, top + len(which) * (ph + pad) + MARGIN)
+    canvas = Image.new("RGB", size, PAPER)
+    d = ImageDraw.Draw(canvas)
+    d.text((MARGIN, TITLE_H // 2 + 2), "Filmstrip: what it has seen (top), its holistic guess (middle), "
+           "where it is unsure (bottom)", fill=INK, font=_font(17), anchor="lm")
+    for i, name in enumerate(which):
+        d.multiline_text((MARGIN, top + i * (ph + pad) + ph // 2), FILMSTRIP_ROWS[name], fill=INK, font=_font(14),
+                         anchor="lm")
+    for j, t in enumerate(steps):
+        x, ps = left + j * (pw + pad), view.panels(t, which)
+        d.text((x + pw // 2, top - 7), "done" if t == view.T else f"t={t}", fill=INK, font=_font(14), anchor="ms")
+        for i, name in enumerate(which):
+            canvas.paste(Image.fromarray(ps[name]).resize((pw, ph), Image.NEAREST), (x, top + i * (ph + pad)))
+    _colourbar(canvas, d, left + len(steps) * (pw + pad), top + 2 * (ph + pad), ph, view.lut, view.entropy_max)
+    return np.asarray(canvas)
 
 # %% ../nbs/13_app.ipynb #b6c0fd15
 _CHECKED: dict = {}
