@@ -709,7 +709,12 @@ def train(cfg: TrainConfig, resume: str | None = None, model: nn.Module | None =
     if cfg.precision == "fp64": torch.set_default_dtype(torch.float64)   # weights, optimizer state and math in float64
     try:
         with RunLock(cfg.out) if di.main else contextlib.nullcontext(), StopSignals() as stop:
-            return _train(cfg, resume, model, di, log, stop, overwrite)
+            summary = _train(cfg, resume, model, di, log, stop, overwrite)
+        # every rank is done (rank 0 has written the weights) before any tears the group down: a gloo rank that
+        # destroys it while its peer still works may abort ("terminate called without an active exception",
+        # seen once in a full pytest run)
+        barrier(di)
+        return summary
     finally:
         torch.set_default_dtype(dtype)
         if owns_group and dist.is_initialized(): dist.destroy_process_group()
