@@ -44,8 +44,10 @@ nbdev-test: setup
 	HEPTAPOD_FAST=1 $(BIN)/nbdev_test --path nbs --n_workers 2 --do_print --timing
 	HEPTAPOD_FAST=1 $(BIN)/nbdev_test --path tutorials --n_workers 2 --do_print --timing
 
+# Two test processes (pytest-xdist), one torch thread each (tests/conftest.py): 2 cores busy, not 1. A module's
+# tests stay on one process (--dist loadscope), so its module-scoped fixtures (trained models) are built once.
 pytest: setup
-	HEPTAPOD_FAST=1 $(BIN)/python -m pytest tests -q -ra
+	HEPTAPOD_FAST=1 $(BIN)/python -m pytest tests -q -ra -n 2 --dist loadscope
 
 test: check-sync nbtest pytest
 

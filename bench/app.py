@@ -80,11 +80,15 @@ def classroom_calls(n: int, upload: str) -> list:
 
 
 def _pixels(out) -> list:
-    "Every image in an endpoint's result (file paths, gallery items) as one list of pixel arrays."
+    """Every image in an endpoint's result (files, gallery items) as one list of pixel arrays; a file the client did
+    not download (`download_files=False`) is fetched from the server's URL, as the page fetches what it shows."""
+    import io
     import numpy as np
     from PIL import Image
     if isinstance(out, (list, tuple)): return [a for o in out for a in _pixels(o)]
     if isinstance(out, dict) and "image" in out: return _pixels(out["image"])
+    if isinstance(out, dict) and out.get("url"):
+        with urllib.request.urlopen(out["url"], timeout=60) as r: return [np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))]
     if isinstance(out, str) and os.path.isfile(out): return [np.asarray(Image.open(out).convert("RGB"))]
     return []
 
@@ -93,31 +97,52 @@ def _pct(xs, q: float) -> float:
     xs = sorted(xs); return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
 
 
-def classroom(bundle, n: int = 30, workers: int = 2, tmp: str | None = None) -> dict:
+def serve_app(port: int, weights: str | None, workers: int, log) -> "subprocess.Popen":
+    """`heptapod-app` as a teacher starts it, in its own process (the package on this interpreter's path, e.g.
+    `PYTHONPATH`); returns once the page answers."""
+    import subprocess
+    cmd = [sys.executable, "-c", "import sys; from heptapod_nb.app import main; sys.exit(main(sys.argv[1:]))",
+           "--port", str(port), "--workers", str(workers)] + (["--weights", weights] if weights else [])
+    server = subprocess.Popen(cmd, stdout=log, stderr=log)
+    t0 = time.perf_counter()
+    while True:
+        try: urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read(); return server
+        except OSError:
+            if server.poll() is not None or time.perf_counter() - t0 > 300:
+                server.kill(); raise RuntimeError(f"heptapod-app did not start (exit {server.poll()}); see its log")
+            time.sleep(0.5)
+
+
+def classroom(n: int = 30, weights: str | None = None, workers: int = 2, client_nice: int = 10,
+              tmp: str | None = None) -> dict:
     """Issue 24: `n` students press Generate / Compare / Complete at once, each from their own client (a thread);
     latency per call (p50 / p90 / max), throughput, every result checked against the same call made alone; and a
-    bad call (class 11) sent a second into the burst: seconds until it is refused."""
+    bad call (class 11) sent a second into the burst: seconds until it is refused.
+
+    The server is `heptapod-app` in its own process. The students' browsers run on their own machines; here the
+    clients share the server's 2 cores, so they are made light and run `client_nice` steps below it: each streams
+    the frames (the server still makes, encodes and sends every one) without downloading them
+    (`download_files=False`), and only the final images are fetched and compared."""
     import tempfile
     import numpy as np
     from PIL import Image
     from gradio_client import Client
     from gradio_client.exceptions import AppError
-    from heptapod_nb.app import HeptapodApp, build_blocks
     tmp = tmp or tempfile.mkdtemp(prefix="heptapod-classroom-")
     img = np.full((64, 64, 3), 255, np.uint8); img[10:50, 28:35] = 0; img[10:16, 22:35] = 0     # a "7"-ish stroke
     upload = str(Path(tmp) / "digit.png"); Image.fromarray(img).save(upload)
     calls = classroom_calls(n, upload)
-    kw = {"workers": workers} if "workers" in HeptapodApp.__init__.__code__.co_varnames else {}
-    blocks = build_blocks(HeptapodApp(bundle, **kw), first_image=False)
     port = free_port()
-    blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=False)
+    with open(Path(tmp) / "server.log", "w") as log:
+        server = serve_app(port, weights, workers, log)
     try:
+        if client_nice: os.nice(client_nice)                      # this process only: the clients, not the server
         url = f"http://127.0.0.1:{port}/"
-        clients = [Client(url, verbose=False) for _ in range(n + 1)]
+        clients = [Client(url, verbose=False, download_files=False) for _ in range(n + 1)]
         alone, alone_s = [], []
         for api, args in calls:                                       # the same calls, one at a time
-            t0 = time.perf_counter(); alone.append(_pixels(clients[0].predict(*args, api_name=api)))
-            alone_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); out = clients[0].predict(*args, api_name=api)
+            alone_s.append(time.perf_counter() - t0); alone.append(_pixels(out))
         go, lat, same, errors = threading.Barrier(n + 2), [None] * n, [False] * n, []
         def call(i):
             api, args = calls[i]
@@ -125,8 +150,8 @@ def classroom(bundle, n: int = 30, workers: int = 2, tmp: str | None = None) -> 
             try: out = clients[i].predict(*args, api_name=api)
             except Exception as e: errors.append(f"{api}: {type(e).__name__}: {e}"); return
             lat[i] = time.perf_counter() - t0
-            same[i] = len(alone[i]) > 0 and len(_pixels(out)) == len(alone[i]) and all(
-                np.array_equal(a, b) for a, b in zip(_pixels(out), alone[i]))
+            got = _pixels(out)
+            same[i] = len(alone[i]) > 0 and len(got) == len(alone[i]) and all(np.array_equal(a, b) for a, b in zip(got, alone[i]))
         bad = {}
         def bad_call():
             go.wait(); time.sleep(1.0); t0 = time.perf_counter()
@@ -140,7 +165,9 @@ def classroom(bundle, n: int = 30, workers: int = 2, tmp: str | None = None) -> 
             wall = time.perf_counter() - t0
             futures[n].result()
     finally:
-        blocks.close()
+        server.terminate()
+        try: server.wait(30)
+        except Exception: server.kill()
     ok = [x for x in lat if x is not None]
     kinds = {api: sum(a == api for a, _ in calls) for api in ("/generate", "/compare", "/complete")}
     return {"calls": n, "mix": kinds, "wall_s": round(wall, 2), "throughput_per_s": round(n / wall, 3),
@@ -149,6 +176,7 @@ def classroom(bundle, n: int = 30, workers: int = 2, tmp: str | None = None) -> 
             "alone_p50_s": round(statistics.median(alone_s), 3), "alone_max_s": round(max(alone_s), 3),
             "identical_to_alone": sum(same), "errors": errors,
             "bad_input_refused_s": round(bad.get("s", float("nan")), 3), "bad_input_message": bad.get("msg"),
+            "server": "heptapod-app in its own process", "workers": workers, "client_nice": client_nice,
             "load_avg_1min_after": round(os.getloadavg()[0], 2)}
 
 
@@ -189,6 +217,9 @@ def main(argv=None):
     p.add_argument("--classroom", type=int, default=30, help="issue 24: this many mixed /generate, /compare, /complete "
                    "calls at once, one client each, plus a bad call during the burst (0: skip that part)")
     p.add_argument("--classroom-only", action="store_true", help="measure only the classroom burst")
+    p.add_argument("--app-workers", type=int, default=2, help="the classroom server's --workers (heptapod-app's default 2)")
+    p.add_argument("--client-nice", type=int, default=10, help="the classroom clients' niceness above the server's "
+                   "(their browsers would run elsewhere; 0: as the server)")
     a = p.parse_args(argv)
     if a.classroom_only: return classroom_main(a)
 
@@ -219,7 +250,7 @@ def main(argv=None):
     stream_api = [stream_via_http(client, r) for r in range(a.repeats)]
     blocks.close()
     conc = [concurrent_generations(bundle, int(w), a.concurrent) for w in a.workers.split(",")] if a.concurrent else []
-    room = classroom(bundle, a.classroom) if a.classroom else None
+    room = classroom(a.classroom, a.weights) if a.classroom else None
 
     wdir = Path(a.weights) if a.weights else demo_dir()
     res = {
@@ -281,12 +312,10 @@ def print_classroom(c: dict) -> None:
 def classroom_main(a) -> dict:
     "--classroom-only: load the weights, serve, measure the burst; print and write the results."
     import torch
-    torch.set_num_threads(a.threads)
-    from heptapod_nb.app import load_bundle
     import heptapod_nb
     load0 = os.getloadavg()[0]
-    c = classroom(load_bundle(a.weights, "cpu"), a.classroom)
-    res = {"classroom": c, "threads": a.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+    c = classroom(a.classroom, a.weights, a.app_workers, a.client_nice)
+    res = {"classroom": c, "torch": torch.__version__, "cpu_count": os.cpu_count(),
            "load_avg_1min_before": round(load0, 2), "code": str(Path(heptapod_nb.__file__).parent),
            "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     print_classroom(c)

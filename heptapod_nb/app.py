@@ -382,10 +382,12 @@ class Batcher:
     """Continuous batching, as LLM servers do it: the generations waiting at the same time run as one batched
     generation (`sample.generate_rows`: one backbone and head call per step for all of them, each request drawing
     from its own generators, so each result is the same call's alone). One runner thread per model set: when free,
-    it takes the oldest waiting job with every waiting job of its group (at most `max_rows` rows), plus the oldest
-    group of each other model (Compare's baseline), and runs them side by side on its set. A job that arrives while
-    a batch runs waits for the next one. `gather_s`: how long a free runner lets a burst arrive before it starts."""
-    def __init__(self, app, max_rows: int = 64, gather_s: float = 0.05):
+    it takes the oldest waiting job with the next waiting jobs of its group (at most `max_rows` rows), plus the
+    oldest group of each other model (Compare's baseline), and runs them side by side on its set. A job that
+    arrives while a batch runs waits for the next one. `gather_s`: how long a free runner lets a burst arrive
+    before it starts. `max_rows` trades throughput for latency: one batch of a whole burst ends every call at the
+    end of the burst, batches of a few rows in arrival order end the first calls early (BENCHMARKS.md, App)."""
+    def __init__(self, app, max_rows: int = 8, gather_s: float = 0.05):
         self.app, self.max_rows, self.gather_s = app, max_rows, gather_s
         self.cond, self.pending, self.threads, self.sizes = threading.Condition(), [], [], []
 
@@ -458,11 +460,12 @@ class HeptapodApp:
     """The app's callbacks over a `Bundle`; every method takes and returns plain values (testable without a server).
     `stream_frames` / `frame_s`: how many frames a streamed generation shows and the least pause between them;
     under load (several streams at once) a stream shows at most one intermediate frame per `load_frame_s` x the
-    streams in progress. Generations go through a `Batcher` (`max_rows`, `gather_s`)."""
+    streams in progress. Generations go through a `Batcher` (`max_rows`, `gather_s`); `admit`: how many calls of
+    the compute endpoints the page lets in at once (the rest wait in Gradio's queue)."""
     def __init__(self, bundle: Bundle, scale: int = 7, max_samples: int = 8, temperature: float | None = None,
                  workers: int = 1, stream_frames: int = 17, frame_s: float = 0.05, load_frame_s: float = 0.3,
-                 max_rows: int = 64, gather_s: float = 0.05):
-        self.b, self.scale, self.max_samples = bundle, scale, max_samples
+                 max_rows: int = 8, gather_s: float = 0.05, admit: int = 64):
+        self.b, self.scale, self.max_samples, self.admit = bundle, scale, max_samples, admit
         self.temperature = temperature or bundle.meta.get("recipe", {}).get("temperature", 1.0)   # the UI's default
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
@@ -990,7 +993,7 @@ def _checked(base, image: str | None = None):
 def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: int | None = None):
     """The Gradio `Blocks` of the app (tabs Generate, Complete my drawing, Compare); opens on a first generated image.
     `model_concurrency`: how many of `/generate`, `/complete`, `/compare` run at once (their shared group's limit;
-    default the batcher's `max_rows`: they batch their generations, so more than the model sets run at once)."""
+    default the app's `admit`: they batch their generations, so more than the model sets run at once)."""
     # Only Gradio wiring: longer than the ~80-line rule on purpose (one place to read the whole page).
     import gradio as gr
     nc, N = app.b.num_classes, app.b.n_positions
@@ -1033,7 +1036,7 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
                show_fullscreen_button=False, container=False)
     # the endpoints that compute: admitted at once (up to the batcher's rows), so that each checks its inputs as it
     # arrives and the generations waiting at the same time share model calls (`Batcher`)
-    group = dict(concurrency_id="model", concurrency_limit=model_concurrency or app.batcher.max_rows)
+    group = dict(concurrency_id="model", concurrency_limit=model_concurrency or app.admit)
     num = lambda value, label: _checked(gr.Number)(value, label=label, step=1, min_width=100)
     T0 = app.temperature
     first = app.generate(0, 0, T0) if first_image else None      # the page opens on a generated image, ready to scrub

@@ -1,10 +1,11 @@
 "The Gradio app driven through gradio_client (streaming included), and a real headless Chromium screenshot."
-import os, shutil, socket, subprocess, sys, threading
+import os, shutil, socket, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from heptapod_nb.app import (HeptapodApp, InputError, build_blocks, load_bundle, write_untrained_weights, image_to_input,
@@ -381,10 +382,10 @@ def test_fake_png_and_fractional_values_refused(client, tmp_path, capfd):
 
 
 def test_compute_endpoints_share_one_queue(server):
-    """/generate, /complete, /compare share one Gradio queue whose limit is the batcher's rows (they batch their
-    generations, issue 24), not the model sets; scrubbing stays outside it."""
+    """/generate, /complete, /compare share one Gradio queue whose limit is the app's `admit` (they batch their
+    generations, issue 24), not the model sets nor the rows of a batch; scrubbing stays outside it."""
     for workers in (1, 2):
-        app = HeptapodApp(server[1], workers=workers, max_rows=40)
+        app = HeptapodApp(server[1], workers=workers, max_rows=4, admit=40)
         blocks = build_blocks(app, first_image=False)
         fns = {f.api_name: f for f in blocks.fns.values() if f.api_name}
         for name in ("generate", "complete", "compare"):
@@ -494,6 +495,24 @@ def test_waiting_generations_share_model_calls_and_equal_the_calls_alone(weights
     eq = lambda a, b: torch.equal(a, b) if isinstance(a, torch.Tensor) else np.array_equal(a, b)
     for i, (got, want) in enumerate(zip(together, alone)):
         assert len(got) == len(want) and all(eq(a, b) for a, b in zip(got, want)), f"call {i} {calls[i][0]} differs"
+
+
+def test_a_burst_runs_in_batches_of_max_rows_in_arrival_order(weights):
+    """Issue 24 (p50 latency): a burst larger than `max_rows` (default 8) is cut into batches taken in arrival order,
+    so the first calls end after the first batch, not all at the end of the burst (before: one batch of up to 64
+    rows); each result is still the call alone's."""
+    app = HeptapodApp(load_bundle(weights, "cpu"), frame_s=0, gather_s=1.0)                 # one model set
+    alone = [app.generate(c % 10, 80 + c, 1.0).tokens for c in range(9)]
+    batches, compute = [], app.batcher._compute
+    def spy(batch, model):                                         # the seeds of each batch, in the order they ran
+        batches.append([j.rows.seed for j in batch]); compute(batch, model)
+    app.batcher._compute = spy
+    def call(c):
+        time.sleep(0.05 * c)                                       # arrival order 0..8, all within the gather
+        return app.generate(c % 10, 80 + c, 1.0).tokens
+    with ThreadPoolExecutor(9) as pool: got = list(pool.map(call, range(9)))
+    assert batches == [list(range(80, 88)), [88]], batches
+    assert all(torch.equal(a, b) for a, b in zip(got, alone))
 
 
 def test_streams_skip_intermediate_frames_under_load(weights):
