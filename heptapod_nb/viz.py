@@ -16,8 +16,8 @@ from .config import atomic_write_bytes, get_device, to_uint8
 from .tokens import VQTokens, token_kind
 
 # %% auto #0
-__all__ = ['PANELS', 'PANEL_TITLES', 'GREY', 'images_to_uint8', 'TraceView', 'plot_step', 'filmstrip', 'gif_frames', 'save_gif',
-           'to_png', 'is_next_token', 'view_for_model', 'trace_summary', 'Explorer']
+__all__ = ['PANELS', 'PANEL_TITLES', 'GREY', 'images_to_uint8', 'DecodedSteps', 'TraceView', 'plot_step', 'filmstrip',
+           'gif_frames', 'save_gif', 'to_png', 'is_next_token', 'view_for_model', 'trace_summary', 'Explorer']
 
 # %% ../nbs/12_viz.ipynb #8deefd28
 PANELS = ("seen", "guess", "entropy", "final_prob")
@@ -45,11 +45,36 @@ def _field(step, name):
     return v
 
 # %% ../nbs/12_viz.ipynb #f8f31506
+class DecodedSteps:
+    """The images of a stack of token grids `z` (T, ...) as uint8 (T, H, W, 3), decoded by `tokenizer` in chunks of
+    `chunk` steps when first read, then kept. Indexing as an array (`[t]`, `[-1]`, `len`, `np.asarray`)."""
+    def __init__(self, tokenizer, z: torch.Tensor, chunk: int = 8):
+        if chunk < 1: raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.tokenizer, self.z, self.chunk, self.seconds, self._chunks = tokenizer, z, chunk, 0.0, {}
+
+    def __len__(self): return len(self.z)
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        t = range(len(self))[t]                                   # a negative step counts from the end; IndexError
+        c = t // self.chunk
+        if c not in self._chunks:                                 # two readers at once may both decode it: harmless
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                imgs = images_to_uint8(self.tokenizer.decode(self.z[c * self.chunk:(c + 1) * self.chunk]).float().cpu())
+            self._chunks[c] = imgs
+            self.seconds += time.perf_counter() - t0
+        return self._chunks[c][t - c * self.chunk]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = np.stack([self[t] for t in range(len(self))])
+        return a if dtype is None else a.astype(dtype)
+
+# %% ../nbs/12_viz.ipynb #d14dae38
 class TraceView:
-    "Every step of one sample of a sampler trace, decoded once; `panels(t)` / `compose(t)` only compose."
+    "Every step of one sample of a sampler trace, each decoded once when first shown; `panels(t)` / `compose(t)` compose."
     def __init__(self, trace, tokenizer, b: int = 0, expectation: bool = False, only_next: bool = False,
                  scale: int = 4, overlay_alpha: float = 0.55, cmap: str = "magma", label: str = "",
-                 decode_batch: int = 64):
+                 decode_batch: int = 8):
         steps = list(trace.steps) if hasattr(trace, "steps") else [trace[t] for t in range(len(trace))]
         if not steps: raise ValueError("the trace has no steps (was it made with trace=True?)")
         B = _field(steps[0], "seen").shape[0]
@@ -76,14 +101,12 @@ class TraceView:
             probs_T = (torch.stack([_field(s, "probs")[b] for s in steps]).float().cpu()
                        if expectation and _field(steps[0], "probs") is not None else None)
             guess_in = self.token_kind.display_input(guess, probs_T, torch.from_numpy(self.seen), expectation)
-            dec = lambda z: torch.cat([tokenizer.decode(z[i:i + decode_batch]).float().cpu()
-                                       for i in range(0, len(z), decode_batch)])
-            self.guess_img = images_to_uint8(dec(guess_in))             # (T, H, W, 3)
+            self.guess_img = DecodedSteps(tokenizer, guess_in, decode_batch)        # (T, H, W, 3), decoded when read
             tokens = getattr(trace, "tokens", None)
             self.final_img = (images_to_uint8(tokenizer.decode(tokens[b:b + 1]).float().cpu())[0]
                               if tokens is not None else self.guess_img[-1])
-        self.decode_s = time.perf_counter() - t0
-        H, W = self.guess_img.shape[1:3]
+        self._final_s = time.perf_counter() - t0
+        H, W = self.final_img.shape[:2]
         if H % self.grid[0] or W % self.grid[1]:
             raise ValueError(f"image size {(H, W)} is not a multiple of the token grid {self.grid}")
         self.cell, self.image_size = H // self.grid[0], (H, W)
@@ -92,6 +115,11 @@ class TraceView:
         self.lut = _cmap_lut(cmap)
 
     def __len__(self): return self.T + 1                                  # every step, then the finished image
+
+    @property
+    def decode_s(self) -> float:
+        "Seconds spent decoding so far: the final image and the steps' guesses read until now."
+        return self._final_s + self.guess_img.seconds
 
     def _check(self, t):
         if not -len(self) <= t < len(self): raise IndexError(f"step {t} out of range: the view has {len(self)} frames")
