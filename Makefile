@@ -16,19 +16,21 @@ help:
 	@echo "make test   - set up .venv, check notebooks/modules are in sync, run notebooks and tutorials (building the docs site), pytest"
 	@echo "make docs   - the docs site in _docs/ (open _docs/index.html): every notebook and tutorial executed, API reference"
 
-# The venv is (re)built whenever the package's settings change.
-$(BIN)/.installed: settings.ini setup.py
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q $(NBDEV_SPEC)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+# The venv is (re)built whenever the package's settings change: one progress line a step, then only what pip warns of
+# (setuptools' note on editable installs, "Editable installation", is not for the user: it is silenced).
+$(BIN)/.installed: settings.ini setup.py pyproject.toml
+	@test -x $(BIN)/python || { echo "setup: creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "setup [1/4]: pip"; $(BIN)/python -m pip install -q --upgrade pip
+	@echo "setup [2/4]: $(TORCH_SPEC) (the longest download)"; $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	@echo "setup [3/4]: nbdev"; $(BIN)/python -m pip install -q $(NBDEV_SPEC)
+	@echo "setup [4/4]: heptapod_nb and its dependencies (Gradio, Jupyter, Playwright)"
+	@PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $@
 
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/heptapod-demo
+	@$(BIN)/heptapod-demo
 
 # Fails when nbdev_export or nbdev_clean would change a file: notebooks are the source of truth.
 check-sync: setup
