@@ -1008,6 +1008,24 @@ def _checked(base, image: str | None = None):
         _CHECKED[base, image] = Checked
     return _CHECKED[base, image]
 
+@functools.cache
+def _atomic_picture_cache():
+    """Make Gradio write each picture it serves to a temporary file renamed into place. Gradio (6.31) writes a picture
+    in place at a path named after its bytes: when two sessions show the same picture at once (generations of one
+    class share their first frames), one rewrite empties the file while the other session fetches it, and that page
+    gets an empty image (1 of 3 runs of the concurrent-streams test). A rename is atomic: a reader gets the whole file."""
+    import tempfile
+    import gradio.processing_utils as pu            # `Image` and `Gallery` save numpy and PIL pictures through here
+    def save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+        data = pu.encode_pil_to_bytes(img, format)
+        folder = Path(cache_dir) / pu.hash_bytes(data)
+        folder.mkdir(exist_ok=True, parents=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f: f.write(data)
+        os.replace(tmp, folder / f"{name}.{format}")
+        return str((folder / f"{name}.{format}").resolve())
+    pu.save_pil_to_cache = save_pil_to_cache
+
 # %% ../nbs/13_app.ipynb #943c1af7
 def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: int | None = None):
     """The Gradio `Blocks` of the app (tabs Generate, Complete my drawing, Compare); opens on a first generated image.
@@ -1015,6 +1033,7 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
     default the app's `admit`: they batch their generations, so more than the model sets run at once)."""
     # Only Gradio wiring: longer than the ~80-line rule on purpose (one place to read the whole page).
     import gradio as gr
+    _atomic_picture_cache()
     nc, N = app.b.num_classes, app.b.n_positions
     h, w = app.b.grid
     heats = app.heatmaps()                                                                   # KL: no probabilities
@@ -1051,8 +1070,7 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
 
     def compare_redraw(runs, step, heat): return (gr.skip(),) * 3 if runs is None else app.compare_frame(runs, step, heat)
 
-    pic = dict(type="numpy", format="png", interactive=False, show_label=False, show_download_button=False,
-               show_fullscreen_button=False, container=False)
+    pic = dict(type="numpy", format="png", interactive=False, show_label=False, buttons=[], container=False)
     # the endpoints that compute: admitted at once (up to the batcher's rows), so that each checks its inputs as it
     # arrives and the generations waiting at the same time share model calls (`Batcher`)
     group = dict(concurrency_id="model", concurrency_limit=model_concurrency or app.admit)
@@ -1102,8 +1120,9 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
             play_btn.click(_guard(play), [state, heat, overlay], [pan, plot, step], api_name="play")
             # a drag sends many values: each waits for the one before, and the last value is always drawn
             step.input(_guard(scrub), [state, step, heat, overlay], [pan, plot], api_name="scrub", trigger_mode="always_last")
-            for c in (heat, overlay): c.change(_guard(redraw), [state, step, heat, overlay], [pan, plot], show_api=False)
-            pan.select(_guard(click), [state, step, heat, overlay], [topk_md, topk], show_api=False)
+            for c in (heat, overlay):
+                c.change(_guard(redraw), [state, step, heat, overlay], [pan, plot], api_visibility="undocumented")
+            pan.select(_guard(click), [state, step, heat, overlay], [topk_md, topk], api_visibility="undocumented")
         with gr.Tab("Complete my drawing"):
             gr.Markdown(f"Draw a digit (or upload one); the model sees only its first *n* tokens in raster order "
                         f"({w} tokens = one token row = the top {32 // h} pixel rows) and guesses the rest.")
@@ -1145,7 +1164,7 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
                        api_name="compare", **group)
             kstep.input(_guard(compare_scrub), [kstate, kstep, kheat], [ka, kb, kplot], api_name="compare_scrub",
                         trigger_mode="always_last")
-            kheat.change(_guard(compare_redraw), [kstate, kstep, kheat], [ka, kb, kplot], show_api=False)
+            kheat.change(_guard(compare_redraw), [kstate, kstep, kheat], [ka, kb, kplot], api_visibility="undocumented")
     return blocks
 
 # %% ../nbs/13_app.ipynb #460fdd7f
@@ -1160,10 +1179,14 @@ def check_port(host: str, port: int) -> None:
 
 def launch(bundle: Bundle, host: str = "127.0.0.1", port: int | None = None, inbrowser: bool = False,
            block: bool = True, workers: int = 2):
-    "Start the app server (`workers` generations at once); returns the `Blocks` (with `block=False` it runs in the background)."
+    """Start the app server (`workers` generations at once); returns the `Blocks` (with `block=False` it runs in the
+    background). Serving, it says so in one line with the address (Gradio's own banner, about share links, is left out)."""
     blocks = build_blocks(HeptapodApp(bundle, workers=workers))
-    blocks.launch(server_name=host, server_port=port, inbrowser=inbrowser, prevent_thread_lock=not block,
-                  max_file_size="5mb", show_error=False, quiet=not block, max_threads=2 * 64 + 16)
+    blocks.launch(server_name=host, server_port=port, inbrowser=inbrowser, prevent_thread_lock=True,
+                  max_file_size="5mb", show_error=False, quiet=True, max_threads=2 * 64 + 16)
+    if block:
+        print(f"heptapod-app: the app is up on {blocks.local_url} (Ctrl+C to stop)", file=sys.stderr, flush=True)
+        blocks.block_thread()
     return blocks
 
 # %% ../nbs/13_app.ipynb #c5a7e909

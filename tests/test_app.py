@@ -426,6 +426,26 @@ def test_twenty_mixed_concurrent_calls_equal_the_same_calls_alone(server, tmp_pa
         assert len(got) == len(want) > 0 and all(np.array_equal(a, b) for a, b in zip(got, want)), f"call {i} {jobs[i][1][0]} differs"
 
 
+def test_a_picture_rewritten_while_read_is_read_whole(tmp_path):
+    """Two sessions showing the same picture at once (generations of one class share their first frames) make Gradio
+    write it again at the same path while the other session's page fetches it: every read gets the whole file.
+    (Before, Gradio 6.31 rewrote it in place: about half of such reads were short, and a page showed an empty image.)"""
+    import gradio.processing_utils as pu
+    from heptapod_nb.app import _atomic_picture_cache
+    _atomic_picture_cache()
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    path = pu.save_pil_to_cache(img, str(tmp_path), format="png")
+    whole, done, sizes = Path(path).read_bytes(), threading.Event(), []
+    def write():
+        for _ in range(300): pu.save_pil_to_cache(img, str(tmp_path), format="png")
+        done.set()
+    writer = threading.Thread(target=write); writer.start()
+    while not done.is_set(): sizes.append(len(Path(path).read_bytes()))
+    writer.join()
+    assert sizes and set(sizes) == {len(whole)} and Path(path).read_bytes() == whole
+    assert [p.name for p in Path(path).parent.iterdir()] == [Path(path).name]     # no temporary file left behind
+
+
 def _chromium():
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name): return shutil.which(name)
