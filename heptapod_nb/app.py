@@ -1009,6 +1009,26 @@ def _checked(base, image: str | None = None):
     return _CHECKED[base, image]
 
 @functools.cache
+def _checked_blocks():
+    """A subclass of `gr.Blocks` that checks a request's shape before Gradio reads it: too few input values, a file
+    that was never uploaded to this server (a path the request makes up) or an image input that is no file at all
+    is refused in words with one log line (`_refuse`), where Gradio would answer a generic error and log a traceback."""
+    import gradio as gr
+    from gradio.exceptions import InvalidPathError
+    from pydantic import ValidationError
+    upload = "upload it first: POST /gradio_api/upload, or gradio_client's handle_file"
+    class CheckedBlocks(gr.Blocks):
+        async def preprocess_data(self, block_fn, inputs, *args, **kwargs):
+            name = f"/{block_fn.api_name}" if block_fn.api_name else "this event"
+            if len(inputs) < len(block_fn.inputs):
+                raise _refuse(f"{name} takes {len(block_fn.inputs)} input values, got {len(inputs)}")
+            try: return await super().preprocess_data(block_fn, inputs, *args, **kwargs)
+            except InvalidPathError: msg = "a file in the request was not uploaded to this app"
+            except ValidationError: msg = "an image input is not a file"
+            raise _refuse(f"{name}: {msg} ({upload})")
+    return CheckedBlocks
+
+@functools.cache
 def _atomic_picture_cache():
     """Make Gradio write each picture it serves to a temporary file renamed into place. Gradio (6.31) writes a picture
     in place at a path named after its bytes: when two sessions show the same picture at once (generations of one
@@ -1079,7 +1099,7 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
     first = app.generate(0, 0, T0) if first_image else None      # the page opens on a generated image, ready to scrub
     t0 = len(first) // 4 if first is not None else 0
     fig0, plot0 = app.frame(first, t0) if first is not None else (None, None)
-    with gr.Blocks(title="Heptapod: next 2D distribution prediction", analytics_enabled=False) as blocks:
+    with _checked_blocks()(title="Heptapod: next 2D distribution prediction", analytics_enabled=False) as blocks:
         gr.Markdown("## Heptapod: a causal Transformer that predicts the next **2D distribution**\n"
                     "At every step the model predicts a distribution over *every* position it has not seen yet: its "
                     "**holistic guess** of the whole image sharpens as it draws.")

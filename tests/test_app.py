@@ -1,5 +1,5 @@
 "The Gradio app driven through gradio_client (streaming included), and a real headless Chromium screenshot."
-import os, shutil, socket, subprocess, sys, threading, time
+import json, os, shutil, socket, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -360,6 +360,33 @@ def test_bad_values_refused_in_words_with_one_log_line(client, api, args, msg, c
     assert str(e.value) == msg or str(e.value).startswith(msg), str(e.value)    # never rounded, never Python's own words
     err = capfd.readouterr().err
     assert [l for l in err.splitlines() if l.strip()] == [f"heptapod-app: refused input: {e.value}"], err
+
+
+_FILE = lambda path: {"path": path, "meta": {"_type": "gradio.FileData"}}
+_UPLOAD = "(upload it first: POST /gradio_api/upload, or gradio_client's handle_file)"
+
+
+@pytest.mark.parametrize("api, data, msg", [
+    ("generate", [3], "/generate takes 8 input values, got 1"),
+    ("scrub", [], "/scrub takes 4 input values, got 0"),
+    ("complete", [None, _FILE("/etc/passwd"), 0, 24, 2, 0, 1.0],
+     f"/complete: a file in the request was not uploaded to this app {_UPLOAD}"),
+    ("complete", [{"background": _FILE("/nonexistent/digit.png"), "layers": [], "composite": None}, None, 0, 24, 2, 0, 1.0],
+     f"/complete: a file in the request was not uploaded to this app {_UPLOAD}"),
+    ("complete", [None, "digit.png", 0, 24, 2, 0, 1.0], f"/complete: an image input is not a file {_UPLOAD}"),
+])
+def test_malformed_requests_refused_in_words_with_one_log_line(server, api, data, msg, capfd):
+    """Issue 24: a request (plain HTTP, as any client may send) with too few input values or a file path that was never
+    uploaded is refused with a sentence and one log line. (Before: Gradio's generic error, `null` on the wire, and a
+    traceback on the server's log.)"""
+    import httpx
+    url = f"{server[0]}gradio_api/call/{api}"
+    capfd.readouterr()
+    event = httpx.post(url, json={"data": data}, timeout=60).json()["event_id"]
+    lines = httpx.get(f"{url}/{event}", timeout=120).text.splitlines()
+    assert lines[0] == "event: error" and json.loads(lines[1].removeprefix("data: "))["error"] == msg, lines
+    err = capfd.readouterr().err
+    assert [l for l in err.splitlines() if l.strip()] == [f"heptapod-app: refused input: {msg}"], err
 
 
 def test_fake_png_and_fractional_values_refused(client, tmp_path, capfd):
