@@ -34,8 +34,8 @@ __all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_
            'check_temperature', 'check_choice', 'check_bool', 'Layout', 'layout', 'render_figure', 'titled',
            'curve_plot', 'entropy_curves', 'heatmaps_for', 'stream_steps', 'Run', 'run_from_trace', 'Job', 'Batcher',
            'FirstStepRecorder', 'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure', 'compare_figure',
-           'LiveRecorder', 'Live', 'Feed', 'filmstrip_image', 'build_blocks', 'check_port', 'launch', 'default_port',
-           'serve', 'main']
+           'LiveRecorder', 'Live', 'Feed', 'filmstrip_image', 'build_blocks', 'check_port', 'serving_threads', 'launch',
+           'default_port', 'serve', 'main']
 
 # %% ../nbs/13_app.ipynb #1bb36eb5
 MAX_UPLOAD_SIDE = 1024
@@ -1197,10 +1197,19 @@ def check_port(host: str, port: int) -> None:
             raise OSError(f"cannot serve on {host}:{port}: {e.strerror or e} (another program holds it? "
                           f"choose another with --port or GRADIO_SERVER_PORT)") from None
 
+def serving_threads(workers: int) -> int:
+    """Torch threads per model set while serving: the cores shared by the `workers` sets that compute at once, unless
+    `OMP_NUM_THREADS` says otherwise. (30 calls at once in-process on 2 cores with 2 sets: 2 threads each, 4 busy
+    threads on 2 cores, took 15.5 s; 1 thread each 9.6 s: BENCHMARKS.md, App.)"""
+    if os.environ.get("OMP_NUM_THREADS", "").strip(): return torch.get_num_threads()
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
 def launch(bundle: Bundle, host: str = "127.0.0.1", port: int | None = None, inbrowser: bool = False,
            block: bool = True, workers: int = 2):
-    """Start the app server (`workers` generations at once); returns the `Blocks` (with `block=False` it runs in the
-    background). Serving, it says so in one line with the address (Gradio's own banner, about share links, is left out)."""
+    """Start the app server (`workers` generations at once, `serving_threads` torch threads each); returns the
+    `Blocks` (with `block=False` it runs in the background). Serving, it says so in one line with the address
+    (Gradio's own banner, about share links, is left out)."""
+    torch.set_num_threads(serving_threads(workers))
     blocks = build_blocks(HeptapodApp(bundle, workers=workers))
     blocks.launch(server_name=host, server_port=port, inbrowser=inbrowser, prevent_thread_lock=True,
                   max_file_size="5mb", show_error=False, quiet=True, max_threads=2 * 64 + 16)
