@@ -75,7 +75,7 @@ def classroom_calls(n: int, upload: str) -> list:
             calls.append(("/generate", (c, s, 0.6, 0, "random" if i % 12 == 2 else "raster", 2 if i % 12 == 6 else 1,
                                         "entropy", False)))
         elif i % 4 == 1: calls.append(("/compare", (c, s, 0.6, 1, "entropy")))
-        else: calls.append(("/complete", (None, handle_file(upload), c, 16 if i % 12 == 7 else 32, 4, s, 0.6)))
+        else: calls.append(("/complete", (None, handle_file(upload), c, 16 if i % 12 == 7 else 32, 4, s, 0.6, False)))
     return calls
 
 

@@ -108,8 +108,37 @@ def write_untrained_weights(folder, model_overrides: dict | None = None, seed: i
 class InputError(ValueError):
     "An input the app refuses (the web app shows it as a `gr.Error`)."
 
-def image_to_input(image, size: int = 32) -> torch.Tensor:
-    "A drawing or upload (numpy HxW / HxWx3 / HxWx4, or a Sketchpad dict) -> (1, 1, size, size) in [-1, 1], MNIST-style."
+def _resized(a: np.ndarray, hw: tuple) -> np.ndarray:
+    "A [0, 1] array resized to (h, w) with Lanczos filtering (area-faithful for thin strokes), clipped to [0, 1]."
+    im = Image.fromarray((a * 255).round().astype(np.uint8)).resize((hw[1], hw[0]), Image.LANCZOS)
+    return np.asarray(im, np.float32) / 255
+
+def _as_drawn(ink: np.ndarray) -> np.ndarray:
+    "The canvas mapped to 28x28 as it is: the ink keeps its place and size (a non-square canvas centred in a square)."
+    side = max(ink.shape)
+    sq = np.zeros((side, side), np.float32)
+    y0, x0 = (side - ink.shape[0]) // 2, (side - ink.shape[1]) // 2
+    sq[y0:y0 + ink.shape[0], x0:x0 + ink.shape[1]] = ink
+    return _resized(sq, (28, 28))
+
+def _centred(ink: np.ndarray) -> np.ndarray:
+    "MNIST's preprocessing: the ink's bounding box fitted in 20x20 (aspect kept), centred in 28x28 by its centre of mass."
+    ys, xs = np.nonzero(ink > 0.1)
+    crop = ink[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+    f = 20 / max(crop.shape)
+    hh, ww = max(1, round(crop.shape[0] * f)), max(1, round(crop.shape[1] * f))
+    small = _resized(crop, (hh, ww))
+    canvas = np.zeros((28, 28), np.float32)
+    m = small.sum() or 1.0
+    cy, cx = (np.arange(hh) @ small.sum(1)) / m, (np.arange(ww) @ small.sum(0)) / m
+    y0, x0 = int(round(14 - cy)), int(round(14 - cx))
+    y0, x0 = min(max(y0, 0), 28 - hh), min(max(x0, 0), 28 - ww)
+    canvas[y0:y0 + hh, x0:x0 + ww] = small
+    return canvas
+
+def image_to_input(image, size: int = 32, centre: bool = False) -> torch.Tensor:
+    """A drawing or upload (numpy HxW / HxWx3 / HxWx4, or a Sketchpad dict) -> (1, 1, size, size) in [-1, 1]: the
+    canvas as it is (a non-square one centred in a square), or with `centre` the ink fitted and centred MNIST-style."""
     if isinstance(image, dict): image = image.get("composite")
     if image is None: raise InputError("the drawing is empty: draw a digit (or upload an image) first")
     a = np.asarray(image)
@@ -124,17 +153,7 @@ def image_to_input(image, size: int = 32) -> torch.Tensor:
         ink = 1 - grey if np.median(grey) > 0.5 else grey               # dark strokes on light paper -> invert
     ink = np.clip(ink, 0, 1)
     if ink.max() < 0.1 or (ink > 0.1).sum() < 4: raise InputError("the drawing is empty: draw a digit (or upload an image) first")
-    ys, xs = np.nonzero(ink > 0.1)
-    crop = ink[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
-    f = 20 / max(crop.shape)
-    hh, ww = max(1, round(crop.shape[0] * f)), max(1, round(crop.shape[1] * f))
-    small = np.asarray(Image.fromarray((crop * 255).astype(np.uint8)).resize((ww, hh), Image.LANCZOS), np.float32) / 255
-    canvas = np.zeros((28, 28), np.float32)
-    m = small.sum() or 1.0
-    cy, cx = (np.arange(hh) @ small.sum(1)) / m, (np.arange(ww) @ small.sum(0)) / m
-    y0, x0 = int(round(14 - cy)), int(round(14 - cx))
-    y0, x0 = min(max(y0, 0), 28 - hh), min(max(x0, 0), 28 - ww)
-    canvas[y0:y0 + hh, x0:x0 + ww] = small
+    canvas = _centred(ink) if centre else _as_drawn(ink)
     p = (size - 28) // 2
     out = np.pad(canvas, ((p, size - 28 - p), (p, size - 28 - p)))
     return torch.from_numpy(out * 2 - 1)[None, None]
@@ -858,13 +877,15 @@ def _cell_topk(self, run: Run, step, x, y, heatmap="entropy", overlay=False, k: 
 HeptapodApp._candidates, HeptapodApp.cell_topk = _candidates, _cell_topk
 
 # %% ../nbs/13_app.ipynb #f1949621
-def _complete(self, image, cls=0, n_seen=32, n_samples=4, seed=0, temperature=1.0):
-    "Drawing/upload -> (the model's 2D prediction of the rest as a titled figure, completions as a list of images)."
+def _complete(self, image, cls=0, n_seen=32, n_samples=4, seed=0, temperature=1.0, centre=False):
+    """Drawing/upload -> (the model's 2D prediction of the rest as a titled figure, completions as a list of images).
+    The drawing keeps its place on the canvas; `centre`: fit and centre it as MNIST digits are (whole digits)."""
     N, (h, w) = self.b.n_positions, self.b.grid
     n_seen = check_int(n_seen, "tokens seen", 0, N - 1)
     n_samples = check_int(n_samples, "number of completions", 1, self.max_samples)
     self._args(cls, seed, temperature, 0, "raster", 1)                  # every value checked before the drawing is read
-    x = image_to_input(image, self.b.tokenizer.config.image_size if hasattr(self.b.tokenizer, "config") else 32)
+    x = image_to_input(image, self.b.tokenizer.config.image_size if hasattr(self.b.tokenizer, "config") else 32,
+                       check_bool(centre, "centre my digit"))
     with torch.no_grad(): tokens = self.b.tokenizer.encode(x.to(self.b.device))       # (1, h, w); the tokenizer
     prompt = tokens.expand(n_samples, *tokens.shape[1:]).contiguous()                   # is stateless: no model set
     out, trace = self._generate(self.b.model, cls, seed, temperature, 0, "raster", 1, prompt=prompt, prompt_len=n_seen,
@@ -1079,8 +1100,8 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
         return text, pics
     click.__annotations__["evt"] = gr.SelectData      # Gradio passes the click's pixel coordinates
 
-    def complete(sketch, upload, cls, n_seen, n_samples, seed, temp):
-        return app.complete(upload if upload is not None else sketch, cls, n_seen, n_samples, seed, temp)
+    def complete(sketch, upload, cls, n_seen, n_samples, seed, temp, centre):
+        return app.complete(upload if upload is not None else sketch, cls, n_seen, n_samples, seed, temp, centre)
 
     def compare(cls, seed, temp, tps, heat):
         for runs, t, fa, fb, plot in app.compare_stream(cls, seed, temp, tps, heat):
@@ -1144,8 +1165,9 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
                 c.change(_guard(redraw), [state, step, heat, overlay], [pan, plot], api_visibility="undocumented")
             pan.select(_guard(click), [state, step, heat, overlay], [topk_md, topk], api_visibility="undocumented")
         with gr.Tab("Complete my drawing"):
-            gr.Markdown(f"Draw a digit (or upload one); the model sees only its first *n* tokens in raster order "
-                        f"({w} tokens = one token row = the top {32 // h} pixel rows) and guesses the rest.")
+            gr.Markdown(f"Draw a digit or the start of one (or upload one): it keeps its place on the canvas. The "
+                        f"model sees only its first *n* tokens in raster order ({w} tokens = one token row = the top "
+                        f"{32 // h} pixel rows) and guesses the rest.")
             with gr.Row():
                 sketch = _checked(gr.Sketchpad, "drawing")(label="draw", type="numpy", image_mode="RGBA", canvas_size=(280, 280),
                                       brush=gr.Brush(colors=["#000000"], default_size=18, color_mode="fixed"), elem_id="sketch",
@@ -1158,11 +1180,12 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
                 nsamp = _checked(gr.Slider)(1, app.max_samples, value=4, step=1, label="completions")
                 cseed = num(0, "seed")
                 ctemp = _checked(gr.Number)(T0, label="temperature (> 0)")
+                centre = _checked(gr.Checkbox)(False, label="centre my digit (a whole digit drawn small or off-centre)")
             cbtn = gr.Button("Complete", variant="primary", elem_id="complete-btn")
             pred_img = gr.Image(elem_id="prediction", **pic)
             gr.Markdown("Completions sampled from that prediction:")
             gallery = gr.Gallery(show_label=False, columns=8, height="auto", format="png", elem_id="completions")
-            cbtn.click(_guard(complete), [sketch, upload, ccls, nseen, nsamp, cseed, ctemp], [pred_img, gallery],
+            cbtn.click(_guard(complete), [sketch, upload, ccls, nseen, nsamp, cseed, ctemp, centre], [pred_img, gallery],
                        api_name="complete", **group)
         with gr.Tab("Compare"):
             gr.Markdown("Heptapod and a next-token model side by side, same class, seed and step: the baseline knows "

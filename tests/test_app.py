@@ -88,7 +88,7 @@ def test_complete_my_drawing(client, tmp_path):
     x = load_mnist5k("val").images[0, 0].numpy()
     paper = (255 - (x + 1) * 127.5).astype(np.uint8)               # black ink on white paper
     up = handle_file(_png(tmp_path, np.asarray(Image.fromarray(paper).resize((200, 200))), "digit.png"))
-    pred, gallery = client.predict(None, up, 0, 24, 3, 0, 1.0, api_name="/complete")
+    pred, gallery = client.predict(None, up, 0, 24, 3, 0, 1.0, False, api_name="/complete")
     assert _img(pred).shape[1] > 4 * 224 and _img(pred).shape[0] >= 224
     assert len(gallery) == 3
 
@@ -98,16 +98,16 @@ def test_bad_drawings_give_errors(client, tmp_path):
     from gradio_client.exceptions import AppError
     blank = handle_file(_png(tmp_path, np.full((280, 280, 3), 255, np.uint8), "blank.png"))
     with pytest.raises(AppError, match="the drawing is empty"):
-        client.predict(None, blank, 0, 24, 2, 0, 1.0, api_name="/complete")
+        client.predict(None, blank, 0, 24, 2, 0, 1.0, False, api_name="/complete")
     with pytest.raises(AppError, match="the drawing is empty"):
-        client.predict(None, None, 0, 24, 2, 0, 1.0, api_name="/complete")
+        client.predict(None, None, 0, 24, 2, 0, 1.0, False, api_name="/complete")
     huge = np.zeros((1500, 1500, 3), np.uint8); huge[600:900, 700:800] = 255
     with pytest.raises(AppError, match="too large"):
-        client.predict(None, handle_file(_png(tmp_path, huge, "huge.png")), 0, 24, 2, 0, 1.0, api_name="/complete")
+        client.predict(None, handle_file(_png(tmp_path, huge, "huge.png")), 0, 24, 2, 0, 1.0, False, api_name="/complete")
     pen = handle_file(_png(tmp_path, np.asarray(Image.new("RGB", (64, 64), "white")).copy(), "p.png"))
     with pytest.raises(AppError, match="class must be"):
         img = np.full((64, 64, 3), 255, np.uint8); img[10:50, 30:34] = 0
-        client.predict(None, handle_file(_png(tmp_path, img, "one.png")), 11, 24, 2, 0, 1.0, api_name="/complete")
+        client.predict(None, handle_file(_png(tmp_path, img, "one.png")), 11, 24, 2, 0, 1.0, False, api_name="/complete")
 
 
 def test_compare_same_step(client):
@@ -369,11 +369,11 @@ _UPLOAD = "(upload it first: POST /gradio_api/upload, or gradio_client's handle_
 @pytest.mark.parametrize("api, data, msg", [
     ("generate", [3], "/generate takes 8 input values, got 1"),
     ("scrub", [], "/scrub takes 4 input values, got 0"),
-    ("complete", [None, _FILE("/etc/passwd"), 0, 24, 2, 0, 1.0],
+    ("complete", [None, _FILE("/etc/passwd"), 0, 24, 2, 0, 1.0, False],
      f"/complete: a file in the request was not uploaded to this app {_UPLOAD}"),
-    ("complete", [{"background": _FILE("/nonexistent/digit.png"), "layers": [], "composite": None}, None, 0, 24, 2, 0, 1.0],
+    ("complete", [{"background": _FILE("/nonexistent/digit.png"), "layers": [], "composite": None}, None, 0, 24, 2, 0, 1.0, False],
      f"/complete: a file in the request was not uploaded to this app {_UPLOAD}"),
-    ("complete", [None, "digit.png", 0, 24, 2, 0, 1.0], f"/complete: an image input is not a file {_UPLOAD}"),
+    ("complete", [None, "digit.png", 0, 24, 2, 0, 1.0, False], f"/complete: an image input is not a file {_UPLOAD}"),
 ])
 def test_malformed_requests_refused_in_words_with_one_log_line(server, api, data, msg, capfd):
     """Issue 24: a request (plain HTTP, as any client may send) with too few input values or a file path that was never
@@ -395,7 +395,7 @@ def test_fake_png_and_fractional_values_refused(client, tmp_path, capfd):
     fake = tmp_path / "digit.png"; fake.write_bytes(b"this is not a png, only its name says so" * 10)
     capfd.readouterr()
     with pytest.raises(AppError) as e:
-        client.predict(None, handle_file(str(fake)), 0, 24, 2, 0, 1.0, api_name="/complete")
+        client.predict(None, handle_file(str(fake)), 0, 24, 2, 0, 1.0, False, api_name="/complete")
     assert str(e.value) == "the upload is not an image this app can read (PNG, JPEG, WebP): UnidentifiedImageError"
     err = capfd.readouterr().err
     assert "/tmp" not in str(e.value) and "Traceback" not in err and err.count("refused input") == 1, err
@@ -405,7 +405,7 @@ def test_fake_png_and_fractional_values_refused(client, tmp_path, capfd):
                       ((3, 24.5, 2), "tokens seen must be an integer from 0 to 63, got 24.5"),
                       ((3, 24, 2.5), "number of completions must be an integer from 1 to 8, got 2.5")]:
         with pytest.raises(AppError, match=msg.replace(".", r"\.")):
-            client.predict(None, handle_file(str(ok)), *args, 0, 1.0, api_name="/complete")
+            client.predict(None, handle_file(str(ok)), *args, 0, 1.0, False, api_name="/complete")
 
 
 def test_compute_endpoints_share_one_queue(server):
@@ -441,7 +441,7 @@ def test_twenty_mixed_concurrent_calls_equal_the_same_calls_alone(server, tmp_pa
     up = tmp_path / "one.png"; Image.fromarray(img).save(up)
     calls = ([("/generate", (c, c, 1.0, 0, "raster", 8, "entropy", False)) for c in range(5)]
              + [("/compare", (c, 10 + c, 1.0, 8, "entropy")) for c in range(2)]     # the baseline takes all 64 steps
-             + [("/complete", (None, handle_file(str(up)), c, 56, 2, 20 + c, 1.0)) for c in range(3)])
+             + [("/complete", (None, handle_file(str(up)), c, 56, 2, 20 + c, 1.0, False)) for c in range(3)])
     clients = [Client(server[0], verbose=False) for _ in range(4)]
     alone = [_pixels(clients[0].predict(*args, api_name=api)) for api, args in calls]
     jobs = [(clients[i % 4], calls[i % len(calls)]) for i in range(20)]
