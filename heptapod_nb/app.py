@@ -267,6 +267,7 @@ def _colourbar(canvas, d, x, y, h, lut, vmax):
 
 def _panel_title(view: TraceView, t: int, name: str, pending=()) -> str:
     if name == "seen": return f"seen tokens ({view.n_seen(t)} of {view.seen[0].size})"
+    if name == "guess" and view.only_next and t < view.T: return "seen + next (no guess)"
     if name in pending: return f"{HEAT_TITLES[name]}: known when finished"
     if name not in HEAT_TITLES or t >= view.T: return PANEL_NAMES[name]
     a = view.heat(t, name)
@@ -859,7 +860,7 @@ def _cell_topk(self, run: Run, step, x, y, heatmap="entropy", overlay=False, k: 
     hit = layout(_which(v, heatmap), P).cell_at(_finite(x, "x must be a number"), _finite(y, "y must be a number"), v.grid)
     if hit is None: return "Click a grid cell inside one of the panels.", []
     _, r, c = hit
-    where = f"step {t}, cell (row {r}, column {c})"
+    where = f"step {t}, cell (row {r}, column {c}; counted from 0 at the top left)"
     if t >= v.T: return f"Step {t} is the finished image: move the slider to an earlier step, then click a cell.", []
     if v.seen[t, r, c]: return f"At {where} the token is already seen: nothing is predicted there.", []
     if v.only_next and not v.chosen[t, r, c]:
@@ -1085,7 +1086,8 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
             last = isinstance(run, Run)                  # the finished image; before it, a `Live` generation
             yield (fig, plot, gr.Slider(maximum=len(run) - 1, value=t), run if last else gr.skip(),
                    app.final_image(run) if last else None if t == 0 else gr.skip(),
-                   filmstrip_image(run) if last else gr.skip(), trace_summary(run.view) if last else gr.skip())
+                   filmstrip_image(run) if last else None if t == 0 else gr.skip(),   # no old digit's strip
+                   trace_summary(run.view) if last else gr.skip())
 
     def play(run, heat, overlay):
         for _, t, fig, plot in app.play(run, heat, overlay): yield fig, plot, t
@@ -1097,7 +1099,7 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
 
     def click(run, step, heat, overlay, evt):
         text, pics = app.cell_topk(run, step, *evt.index[:2], heat, overlay)
-        return text, pics
+        return text, gr.Gallery(pics, visible=bool(pics))           # no empty box where there is nothing to show
     click.__annotations__["evt"] = gr.SelectData      # Gradio passes the click's pixel coordinates
 
     def complete(sketch, upload, cls, n_seen, n_samples, seed, temp, centre):
@@ -1132,7 +1134,10 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
                 cls, seed = num(0, f"class (0-{nc - 1})"), num(0, "seed")
                 temp = _checked(gr.Number)(T0, label="temperature (> 0)", min_width=100)
                 top_k = num(0, "top-k (0 = off)")
-                order = _checked(gr.Dropdown)(list(ORDERS), value="raster", label="order", min_width=100)
+                trained = app.b.model.config.order                  # an order it was not trained on: said so
+                order = _checked(gr.Dropdown)(list(ORDERS), value=trained, label="order", min_width=100,
+                                              info=f"trained on {trained}" + ("" if trained == "random" else
+                                                   "; random is off its training"))
                 tps = num(1, "tokens per step")
             with gr.Row():
                 btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=2)
@@ -1149,7 +1154,8 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
                 plot = gr.Image(plot0, elem_id="entropy-plot", scale=2, **pic)
             topk_md = gr.Markdown("**Click a cell** of the panels above: the model's most likely codes there at "
                                   "this step, each drawn in place.", elem_id="topk-text")
-            topk = gr.Gallery(show_label=False, columns=5, height="auto", format="png", elem_id="topk", allow_preview=False)
+            topk = gr.Gallery(show_label=False, columns=5, height="auto", format="png", elem_id="topk", allow_preview=False,
+                              visible=False)                         # shown by the first click on a cell
             with gr.Accordion("Filmstrip of the whole generation", open=True):
                 strip = gr.Image(filmstrip_image(first) if first is not None else None, elem_id="filmstrip", **pic)
             with gr.Accordion("Trace data (JSON), for those who want the numbers", open=False):

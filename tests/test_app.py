@@ -599,3 +599,27 @@ def test_bad_call_refused_while_the_model_is_busy(weights, capfd):
         for g, _ in gates: g.set()
         for j in busy: j.result(timeout=300)                        # the gated generations end before the server
         blocks.close()
+
+
+def test_the_page_says_what_it_shows(weights):
+    """Issue 25, item 1 (smaller): the baseline's middle panel is not called a holistic guess; a clicked cell says how
+    cells are counted; the top-k gallery is hidden until a click; the order choice says what the model was trained on;
+    a new generation's first frame clears the previous filmstrip."""
+    from heptapod_nb.app import _panel_title, layout, _which
+    app = HeptapodApp(load_bundle(weights, "cpu"), frame_s=0)
+    heptapod, baseline = app.compare(2, 7, 1.0)
+    assert _panel_title(heptapod.view, 3, "guess") == "holistic guess"
+    assert _panel_title(baseline.view, 3, "guess") == "seen + next (no guess)"
+    v = heptapod.view
+    lay = layout(_which(v, "entropy"), (v.image_size[0] * v.scale, v.image_size[1] * v.scale))
+    x0, y0, w, h = lay.boxes[1]
+    text, pics = app.cell_topk(heptapod, 3, x0 + w - 2, y0 + h - 2)          # the bottom-right cell
+    assert f"row {v.grid[0] - 1}, column {v.grid[1] - 1}; counted from 0 at the top left" in text and pics
+    blocks = build_blocks(app, first_image=False)
+    comps = {c.elem_id: c for c in blocks.blocks.values() if getattr(c, "elem_id", None)}
+    assert comps["topk"].visible is False
+    order = next(c for c in blocks.blocks.values() if getattr(c, "label", None) == "order")
+    assert order.value == "raster" and "trained on raster; random is off its training" in order.info
+    gen = blocks.fns[next(i for i, f in blocks.fns.items() if f.api_name == "generate")].fn
+    frames = list(gen(1, 0, 1.0, 0, "raster", 1, "entropy", False))         # (to the end: no thread left running)
+    assert frames[0][5] is None and isinstance(frames[-1][5], np.ndarray)    # the last digit's filmstrip goes at once
