@@ -30,12 +30,12 @@ from .tokens import DiscreteTokenizer, token_kind
 __all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_NAMES', 'INK', 'PAPER', 'MUTED', 'TITLE_H',
            'PTITLE_H', 'CAPTION_H', 'MARGIN', 'GAP', 'BAR_W', 'COLOURS', 'ORDERS', 'HEATMAPS', 'CAPTION',
            'CAPTION_BASE', 'TRACE_FIELDS', 'FILMSTRIP_ROWS', 'Bundle', 'missing_demo_files', 'check_weights_folder',
-           'load_bundle', 'write_untrained_weights', 'InputError', 'image_to_input', 'check_int', 'check_class',
-           'check_temperature', 'check_choice', 'check_bool', 'Layout', 'layout', 'render_figure', 'titled',
-           'curve_plot', 'entropy_curves', 'heatmaps_for', 'stream_steps', 'Run', 'run_from_trace', 'Job', 'Batcher',
-           'FirstStepRecorder', 'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure', 'compare_figure',
-           'LiveRecorder', 'Live', 'Feed', 'filmstrip_image', 'build_blocks', 'check_port', 'serving_threads', 'launch',
-           'default_port', 'serve', 'main']
+           'model_files', 'load_bundle', 'write_untrained_weights', 'InputError', 'image_to_input', 'check_int',
+           'check_class', 'check_temperature', 'check_choice', 'check_bool', 'Layout', 'layout', 'render_figure',
+           'titled', 'curve_plot', 'entropy_curves', 'heatmaps_for', 'stream_steps', 'Run', 'run_from_trace', 'Job',
+           'Batcher', 'FirstStepRecorder', 'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure',
+           'compare_figure', 'LiveRecorder', 'Live', 'Feed', 'filmstrip_image', 'build_blocks', 'check_port',
+           'serving_threads', 'launch', 'default_port', 'serve', 'main']
 
 # %% ../nbs/13_app.ipynb #1bb36eb5
 MAX_UPLOAD_SIDE = 1024
@@ -71,23 +71,49 @@ def check_weights_folder(weights=None, need_baseline: bool = True) -> Path:
         raise FileNotFoundError(f"weights folder {d} lacks {missing}: run `heptapod-demo --retrain` to make the demo weights")
     return d
 
-def load_bundle(weights=None, device=None, need_baseline: bool = True, dtype=None) -> Bundle:
-    """Load tokenizer, Heptapod and baseline from `weights` (a folder; default: the bundled demo weights).
+def model_files(weights=None, model=None, tokenizer=None, baseline=None, need_baseline: bool = True) -> dict:
+    """The files to serve, {"tokenizer", "model", "baseline" (or None)}: a weights folder's three (default: the bundled
+    demo's), or a model and the tokenizer it was trained on (e.g. `heptapod-train`'s `ema.safetensors` and
+    `heptapod-train-tokenizer`'s `tokenizer.safetensors`) with an optional next-token baseline. Raises
+    `FileNotFoundError` / `ValueError` naming the missing file or the mixed arguments, before anything loads."""
+    own = {k: v for k, v in dict(model=model, tokenizer=tokenizer, baseline=baseline).items() if v is not None}
+    if not own:
+        d = check_weights_folder(weights, need_baseline)
+        files = {k: d / DEMO_FILES[k] for k in ("tokenizer", "model", "baseline")}
+        if not files["baseline"].is_file(): files["baseline"] = None
+        return files
+    if weights is not None:
+        raise ValueError("give either --weights (a folder of demo files) or --model and --tokenizer (files), not both")
+    for k in ("model", "tokenizer"):
+        if k not in own: raise ValueError(f"--{k} is needed with --{next(iter(own))}: a model is served with the "
+                                          "tokenizer its tokens came from")
+    files = {k: Path(own[k]) if k in own else None for k in ("tokenizer", "model", "baseline")}
+    for k, f in files.items():
+        if f is not None and not f.is_file(): raise FileNotFoundError(f"--{k} {f}: no such file")
+    return files
+
+def load_bundle(weights=None, device=None, need_baseline: bool = True, dtype=None, model=None, tokenizer=None,
+                baseline=None) -> Bundle:
+    """Load tokenizer, Heptapod and baseline from `weights` (a folder; default: the bundled demo weights), or from
+    the files `model`, `tokenizer` and optionally `baseline` (`model_files`; a baseline must be a next-token model).
     `dtype`: the models' compute dtype; default float64 where the tokenizer sees only codes (discrete tokens), so
     that a request's numbers do not depend on the batch it is computed in beyond ~1e-15 (float32: ~1e-6, which
     changed a heatmap cell's colour in 1 of 20 batched runs, measured; see *Concurrent use*), else float32 (the
     tokenizer decodes the model's latents in its own float32)."""
-    d, device = check_weights_folder(weights, need_baseline), get_device(device)
-    tok = load_tokenizer(d / DEMO_FILES["tokenizer"], device)
-    model = load_model(d / DEMO_FILES["model"], device).float().eval()
-    dtype = dtype or (torch.float64 if token_kind(model.config).has_likelihood else torch.float32)
-    model = model.to(dtype)
-    base = (load_model(d / DEMO_FILES["baseline"], device).to(dtype).eval()
-            if (d / DEMO_FILES["baseline"]).is_file() else None)
-    for name, m in ((DEMO_FILES["model"], model), (DEMO_FILES["baseline"], base)):   # before serving, as heptapod-sample does
-        if m is not None: check_compatible(m, tok, f"model {d / name}", f"tokenizer {d / DEMO_FILES['tokenizer']}")
-    meta = json.loads((d / "demo_meta.json").read_text()) if (d / "demo_meta.json").is_file() else {}
-    return Bundle(tok, model, base, device, meta)
+    files, device = model_files(weights, model, tokenizer, baseline, need_baseline), get_device(device)
+    tok = load_tokenizer(files["tokenizer"], device)
+    net = load_model(files["model"], device).float().eval()
+    dtype = dtype or (torch.float64 if token_kind(net.config).has_likelihood else torch.float32)
+    net = net.to(dtype)
+    base = load_model(files["baseline"], device).to(dtype).eval() if files["baseline"] is not None else None
+    if base is not None and not is_next_token(base):
+        raise ValueError(f"baseline {files['baseline']} is not a next-token model (its window is {base.config.window}, "
+                         "not 1): train one with window=1 on the same tokens")
+    for k, m in (("model", net), ("baseline", base)):          # before serving, as heptapod-sample does
+        if m is not None: check_compatible(m, tok, f"model {files[k]}", f"tokenizer {files['tokenizer']}")
+    meta_file = files["model"].parent / "demo_meta.json"
+    meta = json.loads(meta_file.read_text()) if model is None and meta_file.is_file() else {}
+    return Bundle(tok, net, base, device, meta)
 
 # %% ../nbs/13_app.ipynb #86065704
 def write_untrained_weights(folder, model_overrides: dict | None = None, seed: int = 0, tokenizer: str = "tiny-vq") -> Path:
@@ -559,7 +585,8 @@ class HeptapodApp:
 
     def _model(self, key: str):
         m = self.b.model if key == "model" else self.b.baseline
-        if m is None: raise InputError("no next-token baseline was loaded (baseline.safetensors is missing)")
+        if m is None: raise InputError("Compare is off: this app serves no next-token baseline (start it with "
+                                       "--baseline FILE, or a weights folder with baseline.safetensors)")
         return m
 
     def generate(self, cls=0, seed=0, temperature=1.0, top_k=0, order="raster", tokens_per_step=1,
@@ -1196,12 +1223,15 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
         with gr.Tab("Compare"):
             gr.Markdown("Heptapod and a next-token model side by side, same class, seed and step: the baseline knows "
                         "only its next position; Heptapod holds a distribution over the whole remaining grid.")
+            if app.b.baseline is None:
+                gr.Markdown("**Compare is off**: this app serves no next-token baseline. Start it with `--baseline "
+                            "FILE` (a model trained with `window=1` on the same tokens) to compare.", elem_id="compare-off")
             with gr.Row():
                 kcls, kseed = num(0, f"class (0-{nc - 1})"), num(0, "seed")
                 ktemp = _checked(gr.Number)(T0, label="temperature (> 0)")
                 ktps = num(1, "tokens per step (Heptapod)")
                 kheat = _checked(gr.Radio)(radio, value="entropy", label="heatmap")
-            kbtn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
+            kbtn = gr.Button("Compare", variant="primary", elem_id="compare-btn", interactive=app.b.baseline is not None)
             with gr.Row():
                 ka = gr.Image(elem_id="compare-heptapod", **pic)
                 kb = gr.Image(elem_id="compare-baseline", **pic)
@@ -1273,6 +1303,10 @@ def _parser(prog: str, retrain: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=None,
                    help="port to serve on (default: the GRADIO_SERVER_PORT environment variable, else 7860)")
     p.add_argument("--weights", default=None, help="folder with tokenizer/heptapod/baseline .safetensors (default: bundled demo)")
+    if not retrain:                                             # heptapod-app serves any trained model too
+        p.add_argument("--model", help="a trained model to serve instead (e.g. runs/tiny/ema.safetensors); needs --tokenizer")
+        p.add_argument("--tokenizer", help="the tokenizer the model's tokens came from (e.g. runs/tok/tokenizer.safetensors)")
+        p.add_argument("--baseline", help="optional: a next-token model (window=1) on the same tokens, for Compare")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--workers", type=arg_int(1), default=2, help="generations that run at once, each on its own copy of "
                    "the models (default 2, the best median latency measured on 2 cores; 1: one at a time)")
@@ -1298,9 +1332,10 @@ def _serve_args(args) -> tuple[torch.device, int]:
 def serve(argv: list[str]) -> None:
     "`heptapod-app` with `argv`: check the arguments, load the weights, serve until interrupted."
     args = _parser("heptapod-app").parse_args(argv)
-    check_weights_folder(args.weights)           # before the port: a missing folder is the error, whatever holds the port
+    own = dict(model=args.model, tokenizer=args.tokenizer, baseline=args.baseline)
+    model_files(args.weights, **own)             # before the port: a missing file is the error, whatever holds the port
     device, port = _serve_args(args)
-    bundle = load_bundle(args.weights, device)
+    bundle = load_bundle(args.weights, device, **own)
     print(f"heptapod-app: serving on http://{args.host}:{port}", file=sys.stderr, flush=True)
     launch(bundle, args.host, port, workers=args.workers)
 

@@ -623,3 +623,38 @@ def test_the_page_says_what_it_shows(weights):
     gen = blocks.fns[next(i for i, f in blocks.fns.items() if f.api_name == "generate")].fn
     frames = list(gen(1, 0, 1.0, 0, "raster", 1, "entropy", False))         # (to the end: no thread left running)
     assert frames[0][5] is None and isinstance(frames[-1][5], np.ndarray)    # the last digit's filmstrip goes at once
+
+
+def test_serve_your_own_model_files(weights, tmp_path, capsys, monkeypatch):
+    """Issue 25, item 1: heptapod-app serves any trained model with its tokenizer (--model, --tokenizer, optional
+    --baseline); without a baseline, Compare says why it is off. Bad combinations are one line and exit 2, before
+    the port is looked at."""
+    from heptapod_nb.app import model_files
+    own = dict(model=str(weights / "heptapod.safetensors"), tokenizer=str(weights / "tokenizer.safetensors"))
+    b = load_bundle(**own)
+    assert b.baseline is None and b.meta == {}
+    app = HeptapodApp(b, frame_s=0)
+    assert app.generate(1, 0, 1.0).T == b.n_positions
+    with pytest.raises(InputError, match="Compare is off: this app serves no next-token baseline"): app.compare(1, 0, 1.0)
+    blocks = build_blocks(app, first_image=False)
+    comps = {c.elem_id: c for c in blocks.blocks.values() if getattr(c, "elem_id", None)}
+    assert comps["compare-btn"].interactive is False and "Compare is off" in comps["compare-off"].value
+    with_base = load_bundle(**own, baseline=str(weights / "baseline.safetensors"))
+    assert with_base.baseline is not None and model_files(None, **own)["baseline"] is None
+    held, port = _port_in_use()                  # held: these are refused before the port is looked at
+    monkeypatch.setenv("GRADIO_SERVER_PORT", str(port))
+    m, t = own["model"], own["tokenizer"]
+    cases = [(["--model", m], "--tokenizer is needed with --model"),
+             (["--tokenizer", t, "--baseline", m], "--model is needed with --tokenizer"),
+             (["--weights", str(weights), "--model", m, "--tokenizer", t],
+              "give either --weights (a folder of demo files) or --model and --tokenizer (files), not both"),
+             (["--model", str(tmp_path / "nope.safetensors"), "--tokenizer", t], "nope.safetensors: no such file")]
+    with held:
+        for argv, msg in cases:
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.startswith("heptapod-app: error: ") and msg in err and err.count("\n") == 1, err
+    monkeypatch.setenv("GRADIO_SERVER_PORT", str(_free_port()))  # a Heptapod given as the baseline: refused on loading
+    assert main(["--model", m, "--tokenizer", t, "--baseline", m]) == 2
+    err = capsys.readouterr().err
+    assert "is not a next-token model (its window is" in err and err.count("\n") == 1, err
