@@ -222,15 +222,19 @@ def check_bool(v, name: str) -> bool:
     return bool(v)
 
 # %% ../nbs/13_app.ipynb #e4a47a93
-HEAT_TITLES = {"entropy": "entropy (nats)", "final_prob": "p(final token)", "maxprob": "max prob"}
+HEAT_TITLES = {"pixel_var": "pixel variance", "entropy": "entropy (nats)", "final_prob": "p(final token)",
+               "maxprob": "max prob"}
 HEAT_INFO = {
+    "pixel_var": "**pixel variance**: how much each unseen cell's pixels would vary over the codes the model might "
+                 "draw there (bright: its look is still open; dark: whatever is drawn looks the same). Codes that "
+                 "decode alike count as one, which code entropy does not.",
     "entropy": "**entropy**: how unsure the model is at each unseen position, in nats (bright: unsure; dark: sure; "
                "the colour bar ends at log K, a uniform guess over the K codes).",
     "final_prob": "**p(final token)**: the probability this step gave to the token finally drawn there "
                   "(bright: the model already knew it).",
     "maxprob": "**max prob**: the probability of the single most likely token there (bright: one token dominates).",
 }
-HEAT_LABELS = {"entropy": "entropy", "final_prob": "p(final token)", "maxprob": "max prob"}
+HEAT_LABELS = {"pixel_var": "pixel variance", "entropy": "code entropy", "final_prob": "p(final token)", "maxprob": "max prob"}
 PANEL_NAMES = {"seen": "seen tokens", "guess": "holistic guess", **HEAT_TITLES}
 INK, PAPER, MUTED = (20, 20, 20), (255, 255, 255), (80, 80, 80)
 TITLE_H, PTITLE_H, CAPTION_H, MARGIN, GAP, BAR_W = 38, 28, 30, 12, 20, 62
@@ -312,7 +316,7 @@ def render_figure(view: TraceView, t: int, which, overlay: bool = False, title: 
         canvas.paste(Image.fromarray(ps[name]), (x, y))
         _text(canvas, (x, y - 7), _panel_title(view, t, name, pending), 17, INK, "ls")
         if name in HEAT_TITLES:
-            _colourbar(canvas, d, x + w + 6, y, h, view.lut, view.entropy_max if name == "entropy" else 1.0)
+            _colourbar(canvas, d, x + w + 6, y, h, view.lut, view.heat_max(name))
     if caption: _text(canvas, (MARGIN, lay.size[1] - CAPTION_H // 2), caption, 15, MUTED, "lm")
     return np.asarray(canvas)
 
@@ -384,11 +388,13 @@ def entropy_curves(view: TraceView) -> tuple[np.ndarray, np.ndarray]:
 
 # %% ../nbs/13_app.ipynb #5964ba08
 ORDERS = ("raster", "random")
-HEATMAPS = ["entropy", "final_prob", "maxprob"]
+HEATMAPS = ["pixel_var", "entropy", "final_prob", "maxprob"]
 
 def heatmaps_for(view: TraceView) -> list[str]:
-    "The heatmaps a view has: all three for VQ tokens; continuous (KL) tokens have no probabilities, only entropy."
-    return HEATMAPS if token_kind(view.kind).has_likelihood else ["entropy"]
+    """The heatmaps a view has: all four for VQ tokens with every step's distribution (pixel variance needs them),
+    continuous (KL) tokens have no probabilities, only entropy."""
+    if not token_kind(view.kind).has_likelihood: return ["entropy"]
+    return [k for k in HEATMAPS if k != "pixel_var" or view.pixel_var is not None]
 
 def stream_steps(n_frames: int, max_frames: int) -> list[int]:
     "The frames a stream shows: all of them, or `max_frames` evenly spaced ones, always the first and the last."
@@ -607,7 +613,7 @@ def _which(view: TraceView, heatmap: str, n: int = 4) -> tuple:
     "seen, guess, the chosen heatmap and (n = 4) a second one: always `n` panels, whatever the options."
     kinds = heatmaps_for(view)
     heatmap = check_choice(heatmap, "heatmap", kinds)
-    second = "final_prob" if heatmap != "final_prob" else "entropy"
+    second = "entropy" if heatmap in ("pixel_var", "final_prob") else "final_prob"     # pixels beside codes
     return ("seen", "guess", heatmap) + ((second,) if n == 4 and second in kinds else ())
 
 def step_title(view: TraceView, t: int, short: bool = False, step: int | None = None, steps: int | None = None) -> str:
@@ -923,7 +929,7 @@ def _complete(self, image, cls=0, n_seen=32, n_samples=4, seed=0, temperature=1.
     with torch.no_grad(): imgs = self.b.tokenizer.decode(out).float().cpu()
     rows = f"{n_seen // w} token row{'s' if n_seen // w != 1 else ''}" + (f" + {n_seen % w}" if n_seen % w else "")
     title = f"Seeing the first {n_seen} of {N} tokens ({rows}), the model guesses the whole digit"
-    which = ("seen", "guess") + tuple(n for n in ("entropy", "maxprob") if n in heatmaps_for(view))
+    which = ("seen", "guess") + tuple(n for n in ("pixel_var", "entropy", "maxprob") if n in heatmaps_for(view))[:2]
     fig = render_figure(view, 0, which, title=title, caption="Grey in 'seen': hidden from the model. Heatmaps: how "
                         "sure it is of each hidden position. Cyan: the next position.")
     gallery = [(np.ascontiguousarray(_up(a, 4)), f"completion {i + 1}") for i, a in enumerate(images_to_uint8(imgs))]
@@ -1148,7 +1154,7 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
     T0 = app.temperature
     first = app.generate(0, 0, T0) if first_image else None      # the page opens on a generated image, ready to scrub
     t0 = len(first) // 4 if first is not None else 0
-    fig0, plot0 = app.frame(first, t0) if first is not None else (None, None)
+    fig0, plot0 = app.frame(first, t0, heats[0]) if first is not None else (None, None)
     with _checked_blocks()(title="Heptapod: next 2D distribution prediction", analytics_enabled=False) as blocks:
         gr.Markdown("## Heptapod: a causal Transformer that predicts the next **2D distribution**\n"
                     "At every step the model predicts a distribution over *every* position it has not seen yet: its "
@@ -1169,7 +1175,7 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
             with gr.Row():
                 btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=2)
                 play_btn = gr.Button("▶ Play again", elem_id="play-btn", scale=1)
-                heat = _checked(gr.Radio)(radio, value="entropy", label="heatmap", elem_id="heat", scale=2)
+                heat = _checked(gr.Radio)(radio, value=heats[0], label="heatmap", elem_id="heat", scale=2)
                 overlay = _checked(gr.Checkbox)(False, label="overlay it on the holistic guess", scale=1)
             pan = gr.Image(fig0, elem_id="panels", **pic)
             step = _checked(gr.Slider)(0, len(first) - 1 if first is not None else N, value=t0, step=1,
@@ -1230,7 +1236,7 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
                 kcls, kseed = num(0, f"class (0-{nc - 1})"), num(0, "seed")
                 ktemp = _checked(gr.Number)(T0, label="temperature (> 0)")
                 ktps = num(1, "tokens per step (Heptapod)")
-                kheat = _checked(gr.Radio)(radio, value="entropy", label="heatmap")
+                kheat = _checked(gr.Radio)(radio, value=heats[0], label="heatmap")
             kbtn = gr.Button("Compare", variant="primary", elem_id="compare-btn", interactive=app.b.baseline is not None)
             with gr.Row():
                 ka = gr.Image(elem_id="compare-heptapod", **pic)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_viz.ipynb #0bbcfb2f
 from __future__ import annotations
-import io, time
+import io, time, weakref
 
 import numpy as np
 import torch
@@ -16,13 +16,14 @@ from .config import atomic_write_bytes, get_device, to_uint8
 from .tokens import VQTokens, token_kind
 
 # %% auto #0
-__all__ = ['PANELS', 'PANEL_TITLES', 'GREY', 'images_to_uint8', 'DecodedSteps', 'TraceView', 'plot_step', 'filmstrip',
-           'gif_frames', 'save_gif', 'to_png', 'is_next_token', 'view_for_model', 'trace_summary', 'Explorer']
+__all__ = ['PANELS', 'PANEL_TITLES', 'GREY', 'PIXEL_VAR_MAX', 'images_to_uint8', 'code_patches', 'pixel_variance', 'DecodedSteps',
+           'TraceView', 'plot_step', 'filmstrip', 'gif_frames', 'save_gif', 'to_png', 'is_next_token', 'view_for_model',
+           'trace_summary', 'Explorer']
 
 # %% ../nbs/12_viz.ipynb #8deefd28
 PANELS = ("seen", "guess", "entropy", "final_prob")
 PANEL_TITLES = {"seen": "seen", "guess": "holistic guess", "entropy": "entropy", "final_prob": "p(final token)",
-                "maxprob": "max prob"}
+                "maxprob": "max prob", "pixel_var": "pixel variance"}
 GREY = np.array([128, 128, 128], np.uint8)
 
 def _cmap_lut(name: str) -> np.ndarray:
@@ -43,6 +44,33 @@ def _field(step, name):
     v = getattr(step, name, None)
     if v is None and isinstance(step, dict): v = step.get(name)
     return v
+
+# %% ../nbs/12_viz.ipynb #b006d88f
+PIXEL_VAR_MAX = 0.25                       # a [0, 1] pixel varies at most this much (half black, half white)
+_PATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+def code_patches(tokenizer, batch: int = 64) -> torch.Tensor:
+    """What each of a VQ tokenizer's K codes looks like: code k decoded on a grid filled with k, the centre cell's
+    pixels in [0, 1] -> (K, C x cell x cell) float32. Decoded once per tokenizer object (K / `batch` decoder calls)."""
+    if tokenizer in _PATCHES: return _PATCHES[tokenizer]
+    K, (h, w) = int(tokenizer.vocab_size), tuple(tokenizer.grid)
+    dev = getattr(tokenizer, "device", "cpu")
+    with torch.no_grad():
+        imgs = torch.cat([tokenizer.decode(torch.arange(k, min(k + batch, K), device=dev)[:, None, None].expand(-1, h, w))
+                          .float().cpu() for k in range(0, K, batch)])           # (K, C, H, W)
+    c = imgs.shape[-2] // h
+    y, x = (h // 2) * c, (w // 2) * c
+    table = ((imgs[:, :, y:y + c, x:x + c] + 1) / 2).reshape(K, -1).contiguous()
+    _PATCHES[tokenizer] = table
+    return table
+
+def pixel_variance(probs, table_KP: torch.Tensor) -> np.ndarray:
+    """Expected per-pixel variance of each position's decoded patch under its code distribution `probs` (..., K):
+    mean over the patch of E[x^2] - E[x]^2, pixels in [0, 1] -> (...) float32 NumPy."""
+    p = torch.as_tensor(probs).float()
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)                    # stored in float16: renormalised
+    m, m2 = p @ table_KP, p @ table_KP.square()
+    return (m2 - m.square()).clamp_min(0).mean(-1).numpy()
 
 # %% ../nbs/12_viz.ipynb #f8f31506
 class DecodedSteps:
@@ -91,8 +119,12 @@ class TraceView:
             seen0 = np.isnan(self.entropy[0]) & ~self.chosen[0]         # before step 0: the prompt (no prediction there)
             self.seen = seen0[None] | (np.cumsum(self.chosen, 0) - self.chosen).astype(bool)
         self.maxprob = np_("maxprob") if _field(steps[0], "maxprob") is not None else None
+        self.pixel_var = None                                           # needs every step's distribution (VQ, full)
+        if hasattr(tokenizer, "vocab_size") and all(_field(s, "probs") is not None for s in steps):
+            self.pixel_var = pixel_variance(torch.stack([_field(s, "probs")[b] for s in steps]), code_patches(tokenizer))
+            self.pixel_var[np.isnan(self.entropy)] = np.nan             # the cells the entropy map has: the predicted
         if only_next:                                                   # a next-token model knows only these cells
-            for a in (self.entropy, self.final_prob, self.maxprob):
+            for a in (self.entropy, self.final_prob, self.maxprob, self.pixel_var):
                 if a is not None: a[~self.chosen] = np.nan
         self.grid = self.seen.shape[1:]
         t0 = time.perf_counter()
@@ -126,16 +158,23 @@ class TraceView:
         return t % len(self)
 
     def heat(self, t: int, which: str = "entropy") -> np.ndarray:
-        "Grid map (h, w) of `which` ('entropy', 'final_prob', 'maxprob') at step `t`, NaN where not predicted."
+        "Grid map (h, w) of `which` ('entropy', 'final_prob', 'maxprob', 'pixel_var') at step `t`, NaN where not predicted."
         t = self._check(t)
+        if which == "pixel_var" and self.pixel_var is None:
+            raise ValueError("no pixel-variance map: it needs a VQ tokenizer and every step's distribution (trace='full')")
         if t == self.T: return np.full(self.grid, np.nan)
-        a = {"entropy": self.entropy, "final_prob": self.final_prob, "maxprob": self.maxprob}.get(which)
-        if a is None: raise ValueError(f"unknown heatmap {which!r}; choose 'entropy', 'final_prob' or 'maxprob'")
+        a = {"entropy": self.entropy, "final_prob": self.final_prob, "maxprob": self.maxprob,
+             "pixel_var": self.pixel_var}.get(which)
+        if a is None: raise ValueError(f"unknown heatmap {which!r}; choose 'entropy', 'final_prob', 'maxprob' or 'pixel_var'")
         return a[t]
+
+    def heat_max(self, which: str) -> float:
+        "The top of `which`'s colour scale: log K for entropy, 0.25 (the most a [0, 1] pixel can vary) for pixel variance, else 1."
+        return self.entropy_max if which == "entropy" else PIXEL_VAR_MAX if which == "pixel_var" else 1.0
 
     def _heat_rgb(self, t, which, overlay):
         a = self.heat(t, which)
-        vmax = self.entropy_max if which == "entropy" else 1.0
+        vmax = self.heat_max(which)
         idx = np.clip(np.nan_to_num(a / vmax, nan=0.0), 0, 1) * 255
         rgb = self.lut[idx.round().astype(np.int64)]
         rgb[~np.isfinite(a)] = GREY
@@ -167,7 +206,7 @@ class TraceView:
                 if self.only_next and t < self.T:                        # baseline: nothing beyond the next cells
                     hide = ~_up(self.seen[t] | self.chosen[t], self.cell)[..., None]
                     img = np.where(hide, GREY, img)
-            elif name in ("entropy", "final_prob", "maxprob"): img = self._heat_rgb(t, name, overlay)
+            elif name in ("entropy", "final_prob", "maxprob", "pixel_var"): img = self._heat_rgb(t, name, overlay)
             else: raise ValueError(f"unknown panel {name!r}; choose from {PANELS + ('maxprob',)}")
             img = np.ascontiguousarray(_up(img, self.scale))
             if name in ("seen", "guess") and t < self.T: img = self._outline(img, self.chosen[t])
@@ -217,7 +256,7 @@ def plot_step(view: TraceView, t: int, which=PANELS, overlay: bool = False, figs
         ax.axis("off"); ax.set_title(PANEL_TITLES[name], fontsize=9)
         if name in ("seen", "guess"): ax.imshow(view.panels(t, (name,))[name]); continue
         if overlay: ax.imshow(view.panels(t, (name,), overlay=True)[name]); continue
-        vmax = view.entropy_max if name == "entropy" else 1.0
+        vmax = view.heat_max(name)
         cm = matplotlib.colormaps["magma"].with_extremes(bad=(0.5, 0.5, 0.5))
         im = ax.imshow(_up(view.heat(t, name), view.cell), cmap=cm, vmin=0, vmax=vmax, interpolation="nearest")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)

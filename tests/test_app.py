@@ -618,6 +618,9 @@ def test_the_page_says_what_it_shows(weights):
     blocks = build_blocks(app, first_image=False)
     comps = {c.elem_id: c for c in blocks.blocks.values() if getattr(c, "elem_id", None)}
     assert comps["topk"].visible is False
+    assert comps["heat"].value == "pixel_var"                                # issue 25: pixels first, then code entropy
+    pv = heptapod.view.pixel_var
+    assert np.isnan(pv[3][heptapod.view.seen[3]]).all() and np.isfinite(pv[3][~heptapod.view.seen[3]]).all()
     order = next(c for c in blocks.blocks.values() if getattr(c, "label", None) == "order")
     assert order.value == "raster" and "trained on raster; random is off its training" in order.info
     gen = blocks.fns[next(i for i, f in blocks.fns.items() if f.api_name == "generate")].fn

@@ -108,7 +108,7 @@ def test_generate_streams_then_slider_scrubs(page, bundle):
     page.wait_for_function("() => document.querySelector('#step input[type=number]').value === '20'")
     _wait_src_change(page, "entropy-plot", plot)                    # the red marker moved
     app = HeptapodApp(bundle, frame_s=0)                             # the page's run, remade: seeds make it the same
-    want_panels, want_plot = app.frame(app.generate(0, 0, app.temperature), 20)
+    want_panels, want_plot = app.frame(app.generate(0, 0, app.temperature), 20, "pixel_var")   # the page's default map
     assert np.array_equal(_shown(page, "panels"), want_panels), "the panels do not show the slider's step"
     assert np.array_equal(_shown(page, "entropy-plot"), want_plot)
     _no_error_toast(page); _shot(page, "generate")
