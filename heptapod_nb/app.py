@@ -34,8 +34,8 @@ __all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_
            'check_class', 'check_temperature', 'check_choice', 'check_bool', 'Layout', 'layout', 'render_figure',
            'titled', 'curve_plot', 'entropy_curves', 'heatmaps_for', 'stream_steps', 'Run', 'run_from_trace', 'Job',
            'Batcher', 'FirstStepRecorder', 'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure',
-           'compare_figure', 'LiveRecorder', 'Live', 'Feed', 'filmstrip_image', 'build_blocks', 'check_port',
-           'serving_threads', 'launch', 'default_port', 'serve', 'main']
+           'compare_figure', 'LiveRecorder', 'Live', 'Feed', 'filmstrip_image', 'describe_models', 'build_blocks',
+           'check_port', 'serving_threads', 'launch', 'default_port', 'serve', 'main']
 
 # %% ../nbs/13_app.ipynb #1bb36eb5
 MAX_UPLOAD_SIDE = 1024
@@ -1033,6 +1033,17 @@ def filmstrip_image(run: Run, n: int = 8, panel: int = 120) -> np.ndarray:
     _colourbar(canvas, d, left + len(steps) * (pw + pad), top + 2 * (ph + pad), ph, view.lut, view.entropy_max)
     return np.asarray(canvas)
 
+# %% ../nbs/13_app.ipynb #d0e8a3d6
+def describe_models(b: Bundle) -> str:
+    "One line naming what the app serves: the Heptapod model's configuration and size, and the baseline, if any."
+    c = b.model.config
+    window = "every unseen position" if c.window == "global" else f"a window of {c.window}"
+    head = "sees h_t only" if c.head_context == "last" else "cross-attends to h_0..h_t"
+    n = sum(p.numel() for p in b.model.parameters()) / 1e6
+    base = "a next-token baseline (window 1)" if b.baseline is not None else "no baseline (Compare is off)"
+    return (f"*Serving:* Heptapod, {n:.1f}M parameters, trained to predict {window} with M={c.targets_per_step} "
+            f"targets a step, a head that {head}, next-position weight {c.next_weight:g}; and {base}.")
+
 # %% ../nbs/13_app.ipynb #b6c0fd15
 _CHECKED: dict = {}
 
@@ -1158,7 +1169,8 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
     with _checked_blocks()(title="Heptapod: next 2D distribution prediction", analytics_enabled=False) as blocks:
         gr.Markdown("## Heptapod: a causal Transformer that predicts the next **2D distribution**\n"
                     "At every step the model predicts a distribution over *every* position it has not seen yet: its "
-                    "**holistic guess** of the whole image sharpens as it draws.")
+                    "**holistic guess** of the whole image sharpens as it draws.  \n" + describe_models(app.b),
+                    elem_id="header")
         with gr.Tab("Generate"):
             gr.Markdown("Draw a digit of the class you pick and watch, step by step, what the model has seen, its "
                         "guess of the whole image and where it is unsure; then scrub back with the step slider, or "
