@@ -1030,7 +1030,7 @@ def filmstrip_image(run: Run, n: int = 8, panel: int = 120) -> np.ndarray:
         _text(canvas, (x + pw // 2, top - 7), "done" if t == view.T else f"t={t}", 14, INK, "ms")
         for i, name in enumerate(which):
             canvas.paste(Image.fromarray(ps[name]).resize((pw, ph), Image.NEAREST), (x, top + i * (ph + pad)))
-    _colourbar(canvas, d, left + len(steps) * (pw + pad), top + 2 * (ph + pad), ph, view.lut, view.entropy_max)
+    _colourbar(canvas, d, left + len(steps) * (pw + pad), top + 2 * (ph + pad), ph, view.lut, view.heat_max("entropy"))
     return np.asarray(canvas)
 
 # %% ../nbs/13_app.ipynb #d0e8a3d6

@@ -16,14 +16,15 @@ from .config import atomic_write_bytes, get_device, to_uint8
 from .tokens import VQTokens, token_kind
 
 # %% auto #0
-__all__ = ['PANELS', 'PANEL_TITLES', 'GREY', 'PIXEL_VAR_MAX', 'images_to_uint8', 'code_patches', 'pixel_variance', 'DecodedSteps',
-           'TraceView', 'plot_step', 'filmstrip', 'gif_frames', 'save_gif', 'to_png', 'is_next_token', 'view_for_model',
-           'trace_summary', 'Explorer']
+__all__ = ['PANELS', 'PANEL_TITLES', 'HEATS', 'GREY', 'PIXEL_VAR_MAX', 'images_to_uint8', 'code_patches', 'pixel_variance',
+           'DecodedSteps', 'TraceView', 'plot_step', 'filmstrip', 'gif_frames', 'save_gif', 'to_png', 'is_next_token',
+           'view_for_model', 'trace_summary', 'Explorer']
 
 # %% ../nbs/12_viz.ipynb #8deefd28
 PANELS = ("seen", "guess", "entropy", "final_prob")
 PANEL_TITLES = {"seen": "seen", "guess": "holistic guess", "entropy": "entropy", "final_prob": "p(final token)",
                 "maxprob": "max prob", "pixel_var": "pixel variance"}
+HEATS = ("entropy", "final_prob", "maxprob", "pixel_var")          # the per-position maps a view can draw
 GREY = np.array([128, 128, 128], np.uint8)
 
 def _cmap_lut(name: str) -> np.ndarray:
@@ -119,9 +120,11 @@ class TraceView:
             seen0 = np.isnan(self.entropy[0]) & ~self.chosen[0]         # before step 0: the prompt (no prediction there)
             self.seen = seen0[None] | (np.cumsum(self.chosen, 0) - self.chosen).astype(bool)
         self.maxprob = np_("maxprob") if _field(steps[0], "maxprob") is not None else None
-        self.pixel_var = None                                           # needs every step's distribution (VQ, full)
-        if hasattr(tokenizer, "vocab_size") and all(_field(s, "probs") is not None for s in steps):
-            self.pixel_var = pixel_variance(torch.stack([_field(s, "probs")[b] for s in steps]), code_patches(tokenizer))
+        probs_T = (torch.stack([_field(s, "probs")[b] for s in steps]).cpu()    # (T, h, w, K): a full trace (VQ)
+                   if all(_field(s, "probs") is not None for s in steps) else None)
+        self.pixel_var = None                                           # needs every step's distribution
+        if probs_T is not None and hasattr(tokenizer, "vocab_size"):
+            self.pixel_var = pixel_variance(probs_T, code_patches(tokenizer))
             self.pixel_var[np.isnan(self.entropy)] = np.nan             # the cells the entropy map has: the predicted
         if only_next:                                                   # a next-token model knows only these cells
             for a in (self.entropy, self.final_prob, self.maxprob, self.pixel_var):
@@ -130,9 +133,8 @@ class TraceView:
         t0 = time.perf_counter()
         with torch.no_grad():
             guess = torch.stack([_field(s, "guess")[b] for s in steps]).cpu()      # (T, h, w) or (T, C, h, w)
-            probs_T = (torch.stack([_field(s, "probs")[b] for s in steps]).float().cpu()
-                       if expectation and _field(steps[0], "probs") is not None else None)
-            guess_in = self.token_kind.display_input(guess, probs_T, torch.from_numpy(self.seen), expectation)
+            expected = probs_T.float() if expectation and probs_T is not None else None
+            guess_in = self.token_kind.display_input(guess, expected, torch.from_numpy(self.seen), expectation)
             self.guess_img = DecodedSteps(tokenizer, guess_in, decode_batch)        # (T, H, W, 3), decoded when read
             tokens = getattr(trace, "tokens", None)
             self.final_img = (images_to_uint8(tokenizer.decode(tokens[b:b + 1]).float().cpu())[0]
@@ -163,9 +165,9 @@ class TraceView:
         if which == "pixel_var" and self.pixel_var is None:
             raise ValueError("no pixel-variance map: it needs a VQ tokenizer and every step's distribution (trace='full')")
         if t == self.T: return np.full(self.grid, np.nan)
-        a = {"entropy": self.entropy, "final_prob": self.final_prob, "maxprob": self.maxprob,
-             "pixel_var": self.pixel_var}.get(which)
-        if a is None: raise ValueError(f"unknown heatmap {which!r}; choose 'entropy', 'final_prob', 'maxprob' or 'pixel_var'")
+        if which not in HEATS: raise ValueError(f"unknown heatmap {which!r}; choose from {HEATS}")
+        a = getattr(self, which)
+        if a is None: raise ValueError(f"no {which} map in this trace")
         return a[t]
 
     def heat_max(self, which: str) -> float:
@@ -206,8 +208,8 @@ class TraceView:
                 if self.only_next and t < self.T:                        # baseline: nothing beyond the next cells
                     hide = ~_up(self.seen[t] | self.chosen[t], self.cell)[..., None]
                     img = np.where(hide, GREY, img)
-            elif name in ("entropy", "final_prob", "maxprob", "pixel_var"): img = self._heat_rgb(t, name, overlay)
-            else: raise ValueError(f"unknown panel {name!r}; choose from {PANELS + ('maxprob',)}")
+            elif name in HEATS: img = self._heat_rgb(t, name, overlay)
+            else: raise ValueError(f"unknown panel {name!r}; choose from {('seen', 'guess') + HEATS}")
             img = np.ascontiguousarray(_up(img, self.scale))
             if name in ("seen", "guess") and t < self.T: img = self._outline(img, self.chosen[t])
             out[name] = img
