@@ -222,6 +222,22 @@ def test_greedy_window1_matches_trace_argmax():
             generate(_model(window=w, targets_per_step=1), [3], tokens_per_step=2)
 
 
+def test_next_token_trace_reads_its_next_position_only():
+    """A next-token model's trace holds its belief at the one position it predicts (what it was trained for, and all
+    a view of it shows), not its head's output at every other position: one query per step instead of all the
+    remaining ones (the app's Compare baseline: 1.40 s -> ~0.5 s for 8 rows, BENCHMARKS.md). That belief is the
+    distribution its token is drawn from (float64 model; entropy stored in float32, probs in float16)."""
+    m = _model(window=1, targets_per_step=1).double()
+    toks, tr = generate(m, [3, 5], seed=2, trace="full")
+    for st in tr:
+        assert torch.equal(~st.entropy.isnan(), st.chosen) and torch.equal(~st.final_prob.isnan(), st.chosen)
+        p_BK = st.sampled[:, 0].double().softmax(-1)                  # the logits its token was drawn from
+        assert torch.allclose(st.entropy[st.chosen].double(), -(p_BK * p_BK.log()).sum(-1), rtol=1e-5)
+        assert torch.allclose(st.probs[st.chosen].double(), p_BK, atol=1e-3)
+        assert torch.equal(st.guess[st.chosen], p_BK.argmax(-1))
+    assert torch.equal(toks, generate(m, [3, 5], seed=2))              # tracing never changes the samples
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_confidence_order(k):
     m = _model(order="random").double()
