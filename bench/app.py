@@ -97,19 +97,30 @@ def _pct(xs, q: float) -> float:
     xs = sorted(xs); return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
 
 
-def cpu_seconds(pid: int) -> float:
-    "User + system CPU seconds a process has used so far (Linux /proc; NaN elsewhere)."
-    try: f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, tree: bool = True) -> float:
+    """User + system CPU seconds a process has used so far, with (`tree`) those of its live child processes (the
+    app's model processes); Linux /proc, NaN elsewhere."""
+    def stat(p):
+        return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+    try: f = stat(pid)
     except OSError: return float("nan")
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    if tree:
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or d.name == str(pid): continue
+            try: g = stat(d.name)
+            except OSError: continue
+            if int(g[1]) == pid: total += cpu_seconds(int(d.name))
+    return total
 
 
-def serve_app(port: int, weights: str | None, workers: int, log) -> "subprocess.Popen":
+def serve_app(port: int, weights: str | None, workers: int, log, in_process: bool = False) -> "subprocess.Popen":
     """`heptapod-app` as a teacher starts it, in its own process (the package on this interpreter's path, e.g.
     `PYTHONPATH`); returns once the page answers."""
     import subprocess
     cmd = [sys.executable, "-c", "import sys; from heptapod_nb.app import main; sys.exit(main(sys.argv[1:]))",
-           "--port", str(port), "--workers", str(workers)] + (["--weights", weights] if weights else [])
+           "--port", str(port), "--workers", str(workers)] + (["--weights", weights] if weights else []) \
+        + (["--in-process"] if in_process else [])
     server = subprocess.Popen(cmd, stdout=log, stderr=log)
     t0 = time.perf_counter()
     while True:
@@ -121,7 +132,7 @@ def serve_app(port: int, weights: str | None, workers: int, log) -> "subprocess.
 
 
 def classroom(n: int = 30, weights: str | None = None, workers: int = 2, client_nice: int = 10,
-              tmp: str | None = None) -> dict:
+              tmp: str | None = None, in_process: bool = False) -> dict:
     """Issue 24: `n` students press Generate / Compare / Complete at once, each from their own client (a thread);
     latency per call (p50 / p90 / max), throughput, every result checked against the same call made alone; and a
     bad call (class 11) sent a second into the burst: seconds until it is refused.
@@ -141,7 +152,7 @@ def classroom(n: int = 30, weights: str | None = None, workers: int = 2, client_
     calls = classroom_calls(n, upload)
     port = free_port()
     with open(Path(tmp) / "server.log", "w") as log:
-        server = serve_app(port, weights, workers, log)
+        server = serve_app(port, weights, workers, log, in_process)
     try:
         if client_nice: os.nice(client_nice)                      # this process only: the clients, not the server
         url = f"http://127.0.0.1:{port}/"
@@ -185,7 +196,8 @@ def classroom(n: int = 30, weights: str | None = None, workers: int = 2, client_
             "alone_p50_s": round(statistics.median(alone_s), 3), "alone_max_s": round(max(alone_s), 3),
             "identical_to_alone": sum(same), "errors": errors,
             "bad_input_refused_s": round(bad.get("s", float("nan")), 3), "bad_input_message": bad.get("msg"),
-            "server": "heptapod-app in its own process", "workers": workers, "client_nice": client_nice,
+            "server": "heptapod-app in its own process" + (" (--in-process)" if in_process else " (model processes)"),
+            "workers": workers, "client_nice": client_nice,
             "server_cpu_s": round(server_cpu, 2), "clients_cpu_s": round(client_cpu, 2),
             "load_avg_1min_after": round(os.getloadavg()[0], 2)}
 
@@ -228,6 +240,8 @@ def main(argv=None):
                    "calls at once, one client each, plus a bad call during the burst (0: skip that part)")
     p.add_argument("--classroom-only", action="store_true", help="measure only the classroom burst")
     p.add_argument("--app-workers", type=int, default=2, help="the classroom server's --workers (heptapod-app's default 2)")
+    p.add_argument("--in-process", action="store_true", help="serve the classroom with heptapod-app --in-process "
+                   "(generations computed in the server's process, not in model processes)")
     p.add_argument("--client-nice", type=int, default=10, help="the classroom clients' niceness above the server's "
                    "(their browsers would run elsewhere; 0: as the server)")
     a = p.parse_args(argv)
@@ -327,7 +341,7 @@ def classroom_main(a) -> dict:
     import torch
     import heptapod_nb
     load0 = os.getloadavg()[0]
-    c = classroom(a.classroom, a.weights, a.app_workers, a.client_nice)
+    c = classroom(a.classroom, a.weights, a.app_workers, a.client_nice, in_process=a.in_process)
     res = {"classroom": c, "torch": torch.__version__, "cpu_count": os.cpu_count(),
            "load_avg_1min_before": round(load0, 2), "code": str(Path(heptapod_nb.__file__).parent),
            "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}

@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 from .config import (DEMO_FILES, FAST, Config, ConfigError, demo_dir, write_json, get_device, save_weights,
                                  seed_everything, add_debug_arg, arg_float, arg_int, cli_main)
 from .viz import TraceView, view_for_model, trace_summary, is_next_token, images_to_uint8, _up
-from .sample import Rows, TraceRecorder, generate_rows, predict_remaining
+from .sample import Rows, predict_remaining
+from .serving import Batcher, FirstStepRecorder, Job, LiveRecorder, ModelProcess, SetRunner
 from .tokenizer import TOKENIZER_PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
 from .model import PRESETS, Heptapod, load_model
 from .evaluate import check_compatible
@@ -32,10 +33,10 @@ __all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_
            'CAPTION_BASE', 'TRACE_FIELDS', 'FILMSTRIP_ROWS', 'Bundle', 'missing_demo_files', 'check_weights_folder',
            'model_files', 'load_bundle', 'write_untrained_weights', 'InputError', 'image_to_input', 'check_int',
            'check_class', 'check_temperature', 'check_choice', 'check_bool', 'Layout', 'layout', 'render_figure',
-           'titled', 'curve_plot', 'entropy_curves', 'heatmaps_for', 'stream_steps', 'Run', 'run_from_trace', 'Job',
-           'Batcher', 'FirstStepRecorder', 'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure',
-           'compare_figure', 'LiveRecorder', 'Live', 'Feed', 'filmstrip_image', 'describe_models', 'build_blocks',
-           'check_port', 'serving_threads', 'launch', 'default_port', 'serve', 'main']
+           'titled', 'curve_plot', 'entropy_curves', 'heatmaps_for', 'stream_steps', 'Run', 'run_from_trace',
+           'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure', 'compare_figure', 'Live', 'Feed',
+           'filmstrip_image', 'describe_models', 'build_blocks', 'check_port', 'serving_threads', 'launch',
+           'default_port', 'serve', 'main']
 
 # %% ../nbs/13_app.ipynb #1bb36eb5
 MAX_UPLOAD_SIDE = 1024
@@ -423,132 +424,40 @@ def run_from_trace(model, trace, tokenizer, key: str, settings: dict, scale: int
     return Run(view, key, torch.stack([s.guess[0] for s in steps]), probs, trace.tokens[:1], order, settings)
 
 # %% ../nbs/13_app.ipynb #8409a367
-@dataclass(eq=False)
-class Job:
-    "One generation waiting for the model: the bundle's model it runs on, its request (`sample.Rows`), its step schedule."
-    model: torch.nn.Module            # the bundle's model object (a model set's copy of it computes)
-    rows: Rows
-    tokens_per_step: int = 1
-    prompt_len: int = 0
-    t: float = field(default_factory=time.perf_counter)           # when it arrived
-    done: threading.Event = field(default_factory=threading.Event, repr=False)
-    result: object = None
-    error: BaseException | None = None
-
-    @property
-    def n(self) -> int: return 1 if self.rows.labels is None else int(torch.as_tensor(self.rows.labels).numel())
-    @property
-    def group(self) -> tuple:
-        "Jobs of one group can share every model call: same model, tokens per step and prompt length."
-        return id(self.model), self.tokens_per_step, self.prompt_len
-
-    def wait(self):
-        "The job's result (`sample.generate`'s for its request alone), once its batch has run; its error raised here."
-        self.done.wait()
-        if self.error is not None: raise self.error
-        return self.result
-
-class Batcher:
-    """Continuous batching, as LLM servers do it: the generations waiting at the same time run as one batched
-    generation (`sample.generate_rows`: one backbone and head call per step for all of them, each request drawing
-    from its own generators, so each result is the same call's alone). One runner thread per model set: when free,
-    it takes the oldest waiting job with the next waiting jobs of its group (at most `max_rows` rows), plus the
-    oldest group of each other model (Compare's baseline), and runs them side by side on its set. A job that
-    arrives while a batch runs waits for the next one. `gather_s`: how long a free runner lets a burst arrive
-    before it starts. `max_rows` trades throughput for latency: one batch of a whole burst ends every call at the
-    end of the burst, batches of a few rows in arrival order end the first calls early (BENCHMARKS.md, App)."""
-    def __init__(self, app, max_rows: int = 8, gather_s: float = 0.05):
-        self.app, self.max_rows, self.gather_s = app, max_rows, gather_s
-        self.cond, self.pending, self.threads, self.sizes = threading.Condition(), [], [], []
-
-    def submit(self, job: Job) -> Job:
-        with self.cond:
-            if not self.threads:                            # started on first use: an app that never generates has none
-                self.threads = [threading.Thread(target=self._run, daemon=True, name=f"heptapod-batch-{i}")
-                                for i in range(self.app.workers)]
-                for th in self.threads: th.start()
-            self.pending.append(job); self.cond.notify()
-        return job
-
-    def _take(self) -> list[list[Job]]:
-        "The next batches to run together: the oldest job's group, and the oldest group of each other model."
-        with self.cond:
-            while True:
-                while not self.pending: self.cond.wait()
-                wait = self.pending[0].t + self.gather_s - time.perf_counter()
-                if wait <= 0: break
-                self.cond.wait(wait)                        # let a burst arrive (another runner may take it meanwhile)
-            batches, models = [], set()
-            for j in list(self.pending):
-                if id(j.model) in models or j not in self.pending: continue
-                models.add(id(j.model))
-                batch, rows = [], 0
-                for o in list(self.pending):
-                    if o.group == j.group and (not batch or rows + o.n <= self.max_rows):
-                        batch.append(o); rows += o.n; self.pending.remove(o)
-                batches.append(batch)
-            return batches
-
-    def _run(self) -> None:
-        "A runner: take batches, check out a model set, compute them side by side (a thread per model), forever."
-        while True:
-            batches = self._take()
-            try:
-                with self.app.using(*[b[0].model for b in batches]) as ms:
-                    ms = ms if len(batches) > 1 else (ms,)
-                    subs = [threading.Thread(target=self._compute, args=(b, m), daemon=True)
-                            for b, m in zip(batches[1:], ms[1:])]
-                    for th in subs: th.start()
-                    self._compute(batches[0], ms[0])
-                    for th in subs: th.join()                   # a generation always ends: no timeout needed
-            except BaseException as e:                          # (nothing above raises; a job never waits forever)
-                for b in batches:
-                    for j in b:
-                        if not j.done.is_set(): j.error = e; j.done.set()
-
-    def _compute(self, batch: list[Job], model) -> None:
-        j0 = batch[0]
-        try:
-            out = generate_rows(model, [j.rows for j in batch], tokens_per_step=j0.tokens_per_step,
-                                prompt_len=j0.prompt_len, device=self.app.b.device)
-            for j, r in zip(batch, out): j.result = r
-        except BaseException as e:
-            for j in batch: j.error = e
-        finally:
-            self.sizes.append(sum(j.n for j in batch))
-            for j in batch: j.done.set()
-
-class FirstStepRecorder(TraceRecorder):
-    "A full `TraceRecorder` of the first step only (what *Complete my drawing* shows): later steps need no beliefs."
-    @property
-    def wants_beliefs(self) -> bool: return not self.trace.steps
-    def record(self, model, cv, belief, k, targets, out_BkO) -> None:
-        if not self.trace.steps: super().record(model, cv, belief, k, targets, out_BkO)
-
-# %% ../nbs/13_app.ipynb #41b1a1ec
 class HeptapodApp:
     """The app's callbacks over a `Bundle`; every method takes and returns plain values (testable without a server).
     `stream_frames` / `frame_s`: how many frames a streamed generation shows and the least pause between them;
     under load (several streams at once) a stream shows at most one intermediate frame per `load_frame_s` x the
-    streams in progress. Generations go through a `Batcher` (`max_rows`, `gather_s`); `admit`: how many calls of
-    the compute endpoints the page lets in at once (the rest wait in Gradio's queue)."""
+    streams in progress. Generations go through a `Batcher` (`max_rows`, `gather_s`) with `workers` runners:
+    model sets of this process, or (`processes=True`) `ModelProcess`es with `threads` torch threads each (close them
+    with `close()`); `admit`: how many calls of the compute endpoints the page lets in at once (the rest wait in
+    Gradio's queue)."""
     def __init__(self, bundle: Bundle, scale: int = 7, max_samples: int = 8, temperature: float | None = None,
                  workers: int = 1, stream_frames: int = 17, frame_s: float = 0.05, load_frame_s: float = 0.3,
-                 max_rows: int = 8, gather_s: float = 0.05, admit: int = 64):
+                 max_rows: int = 8, gather_s: float = 0.05, admit: int = 64, processes: bool = False, threads: int = 1):
         self.b, self.scale, self.max_samples, self.admit = bundle, scale, max_samples, admit
         self.temperature = temperature or bundle.meta.get("recipe", {}).get("temperature", 1.0)   # the UI's default
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
         if stream_frames < 2 or frame_s < 0: raise ValueError(f"stream_frames must be >= 2 and frame_s >= 0, got {stream_frames}, {frame_s}")
         self.workers, self.stream_frames, self.frame_s, self.load_frame_s = workers, stream_frames, frame_s, load_frame_s
-        self.batcher = Batcher(self, max_rows, gather_s)
         self._streams, self.active = threading.Lock(), 0               # streams in progress (frames skip under load)
         # the model sets computations check out: the bundle's own models (under the bundle's lock, which any other
-        # user of the bundle takes too), plus workers - 1 private copies (each with its own KV cache)
+        # user of the bundle takes too), plus workers - 1 private copies (each with its own KV cache); with
+        # processes, the generations compute in `workers` processes and only the clicks use the bundle's set
         self._sets: queue.SimpleQueue = queue.SimpleQueue()
         self._sets.put((self.b.lock, {}))
         models = [m for m in (self.b.model, self.b.baseline) if m is not None]
-        for _ in range(workers - 1): self._sets.put((threading.RLock(), {id(m): copy.deepcopy(m) for m in models}))
+        for _ in range(0 if processes else workers - 1):
+            self._sets.put((threading.RLock(), {id(m): copy.deepcopy(m) for m in models}))
+        self.procs = [ModelProcess({"model": self.b.model, "baseline": self.b.baseline}, self.b.device, threads)
+                      for _ in range(workers if processes else 0)]
+        for p in self.procs: p.wait_ready()                          # started together: seconds, not seconds each
+        self.batcher = Batcher(self.procs or [SetRunner(self.using, self.b.device) for _ in range(workers)], max_rows, gather_s)
+
+    def close(self) -> None:
+        "Stop the model processes, if any (a later generation starts them again)."
+        for p in self.procs: p.close()
 
     @contextmanager
     def using(self, *models):
@@ -657,13 +566,6 @@ def compare_figure(runs, t: int) -> np.ndarray:
                       "Entropy of both models (nats); red: this step", size=(760, 280))
 
 # %% ../nbs/13_app.ipynb #5a966e3d
-class LiveRecorder(TraceRecorder):
-    """A full `TraceRecorder` that also puts a copy of each step into the queue `q`, as (key, "step", step), the
-    moment it is recorded: what a live stream draws. The copy keeps p(final token) NaN (known only at the end)."""
-    def __init__(self, model, q: queue.Queue, key: str):
-        super().__init__(model, full=True); self.q, self.key = q, key
-    def on_step(self, step, n_seen: int) -> None: self.q.put((self.key, "step", replace(step)))
-
 @dataclass
 class Live:
     "A generation in progress as its stream draws it: the steps recorded so far (copies) and the steps it takes."
@@ -1282,12 +1184,13 @@ def serving_threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 def launch(bundle: Bundle, host: str = "127.0.0.1", port: int | None = None, inbrowser: bool = False,
-           block: bool = True, workers: int = 2):
-    """Start the app server (`workers` generations at once, `serving_threads` torch threads each); returns the
-    `Blocks` (with `block=False` it runs in the background). Serving, it says so in one line with the address
-    (Gradio's own banner, about share links, is left out)."""
+           block: bool = True, workers: int = 2, processes: bool = True):
+    """Start the app server: its generations computed in `workers` model processes (`processes=False`: model sets
+    in this process), `serving_threads` torch threads each; returns the `Blocks` (with `block=False` it runs in the
+    background). Serving, it says so in one line with the address (Gradio's own banner, about share links, is
+    left out)."""
     torch.set_num_threads(serving_threads(workers))
-    blocks = build_blocks(HeptapodApp(bundle, workers=workers))
+    blocks = build_blocks(HeptapodApp(bundle, workers=workers, processes=processes, threads=serving_threads(workers)))
     blocks.launch(server_name=host, server_port=port, inbrowser=inbrowser, prevent_thread_lock=True,
                   max_file_size="5mb", show_error=False, quiet=True, max_threads=2 * 64 + 16)
     if block:
@@ -1328,6 +1231,8 @@ def _parser(prog: str, retrain: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--workers", type=arg_int(1), default=2, help="generations that run at once, each on its own copy of "
                    "the models (default 2, the best median latency measured on 2 cores; 1: one at a time)")
+    p.add_argument("--in-process", action="store_true", help="compute the generations in the server's own process "
+                   "(default: in --workers model processes, each with its own GIL)")
     if retrain:
         p.add_argument("--retrain", action="store_true", help="remake the demo weights with the project's recipe first")
         p.add_argument("--minutes", type=arg_float(0, lo_open=True), default=None, help="wall-clock cap for the whole retrain in minutes (scales each stage's cap)")
@@ -1355,7 +1260,7 @@ def serve(argv: list[str]) -> None:
     device, port = _serve_args(args)
     bundle = load_bundle(args.weights, device, **own)
     print(f"heptapod-app: serving on http://{args.host}:{port}", file=sys.stderr, flush=True)
-    launch(bundle, args.host, port, workers=args.workers)
+    launch(bundle, args.host, port, workers=args.workers, processes=not args.in_process)
 
 def main(argv=None) -> int:
     "`heptapod-app`: serve the app on --host (default 127.0.0.1) / --port with the --weights folder; the exit status."

@@ -187,7 +187,7 @@ def demo(argv: list[str]) -> None:
     bundle = load_bundle(d, device)
     check_port(args.host, port)                  # again: a retrain takes minutes, another program may have taken it
     print(f"starting the app on http://{args.host}:{port}", flush=True)
-    launch(bundle, args.host, port, inbrowser=not args.no_browser, workers=args.workers)
+    launch(bundle, args.host, port, inbrowser=not args.no_browser, workers=args.workers, processes=not args.in_process)
 
 def demo_cli(argv=None) -> int:
     "`heptapod-demo` (`make demo`): open the app on the bundled weights, retraining them first if missing or asked; the exit status."

@@ -550,10 +550,11 @@ def test_a_burst_runs_in_batches_of_max_rows_in_arrival_order(weights):
     rows); each result is still the call alone's."""
     app = HeptapodApp(load_bundle(weights, "cpu"), frame_s=0, gather_s=1.0)                 # one model set
     alone = [app.generate(c % 10, 80 + c, 1.0).tokens for c in range(9)]
-    batches, compute = [], app.batcher._compute
+    runner = app.batcher.runners[0]
+    batches, compute = [], runner.compute
     def spy(batch, model):                                         # the seeds of each batch, in the order they ran
         batches.append([j.rows.seed for j in batch]); compute(batch, model)
-    app.batcher._compute = spy
+    runner.compute = spy
     def call(c):
         time.sleep(0.05 * c)                                       # arrival order 0..8, all within the gather
         return app.generate(c % 10, 80 + c, 1.0).tokens
