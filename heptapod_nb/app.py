@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .config import (DEMO_FILES, FAST, Config, ConfigError, demo_dir, write_json, get_device, save_weights,
                                  seed_everything, add_debug_arg, arg_float, arg_int, cli_main)
-from .viz import TraceView, view_for_model, trace_summary, is_next_token, images_to_uint8, _up
+from .viz import TraceView, view_for_model, trace_summary, is_next_token, images_to_uint8, _up, code_patches, group_alike
 from .sample import Rows, predict_remaining
 from .serving import Batcher, FirstStepRecorder, Job, LiveRecorder, ModelProcess, SetRunner
 from .tokenizer import TOKENIZER_PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
@@ -30,12 +30,12 @@ from .tokens import DiscreteTokenizer, token_kind
 # %% auto #0
 __all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_NAMES', 'INK', 'PAPER', 'MUTED', 'TITLE_H',
            'PTITLE_H', 'CAPTION_H', 'MARGIN', 'GAP', 'BAR_W', 'COLOURS', 'ORDERS', 'HEATMAPS', 'CAPTION',
-           'CAPTION_BASE', 'TRACE_FIELDS', 'FILMSTRIP_ROWS', 'Bundle', 'missing_demo_files', 'check_weights_folder',
-           'model_files', 'load_bundle', 'write_untrained_weights', 'InputError', 'image_to_input', 'check_int',
-           'check_class', 'check_temperature', 'check_choice', 'check_bool', 'Layout', 'layout', 'render_figure',
-           'titled', 'curve_plot', 'entropy_curves', 'heatmaps_for', 'stream_steps', 'Run', 'run_from_trace',
-           'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure', 'compare_figure', 'Live', 'Feed',
-           'filmstrip_image', 'describe_models', 'build_blocks', 'check_port', 'serving_threads', 'launch',
+           'CAPTION_BASE', 'TRACE_FIELDS', 'FILMSTRIP_ROWS', 'DEMO_WHY', 'PICK_BRUSH', 'Bundle', 'missing_demo_files',
+           'check_weights_folder', 'model_files', 'load_bundle', 'write_untrained_weights', 'InputError',
+           'image_to_input', 'check_int', 'check_class', 'check_temperature', 'check_choice', 'check_bool', 'Layout',
+           'layout', 'render_figure', 'titled', 'curve_plot', 'entropy_curves', 'heatmaps_for', 'stream_steps', 'Run',
+           'run_from_trace', 'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure', 'compare_figure', 'Live',
+           'Feed', 'filmstrip_image', 'describe_models', 'build_blocks', 'check_port', 'serving_threads', 'launch',
            'default_port', 'serve', 'main']
 
 # %% ../nbs/13_app.ipynb #1bb36eb5
@@ -769,14 +769,14 @@ def _outlined(img: np.ndarray, r: int, c: int, cell: int, f: int = 4) -> np.ndar
     return out
 
 def _candidates(self, run: Run, t: int, r: int, c: int, k: int):
-    "VQ: the top-k codes at (r, c) with their probabilities; KL: k draws of the diffusion head. -> (grids, captions)."
+    """VQ: the k most likely looks at (r, c) (`group_alike`: codes that decode alike as one, probabilities summed);
+    KL: k draws of the diffusion head. -> (grids, captions, the looks' total probability or None)."""
     v = run.view
-    if run.probs is not None:
-        p = run.probs[t, r, c].float()
-        top = p.topk(min(k, p.numel()))
-        grids = run.guess[t].expand(len(top.indices), -1, -1).clone()
-        grids[:, r, c] = top.indices
-        return grids, [f"code {int(i)}: p = {float(q):.3f}" for q, i in zip(top.values, top.indices)]
+    if run.probs is not None:                                     # the k most likely looks: codes that decode alike grouped
+        groups = group_alike(run.probs[t, r, c].float(), code_patches(self.b.tokenizer))[:k]
+        grids = run.guess[t].expand(len(groups), -1, -1).clone()
+        grids[:, r, c] = torch.tensor([codes[0] for codes, _ in groups])
+        return grids, [_codes_caption(codes, q) for codes, q in groups], sum(q for _, q in groups)
     s, (h, w) = run.settings, v.grid
     with self.using(self._model(run.model)) as m:
         pred = predict_remaining(m, run.tokens.to(self.b.device), v.n_seen(t), torch.tensor([s["cls"]], device=self.b.device),
@@ -785,7 +785,12 @@ def _candidates(self, run: Run, t: int, r: int, c: int, k: int):
     d_SC = pred.draws[0, j].cpu()
     grids = run.guess[t].expand(len(d_SC), -1, -1, -1).clone()
     grids[:, :, r, c] = d_SC.to(grids.dtype)
-    return grids, [f"diffusion draw {i + 1}" for i in range(len(d_SC))]
+    return grids, [f"diffusion draw {i + 1}" for i in range(len(d_SC))], None
+
+def _codes_caption(codes: list[int], q: float) -> str:
+    if len(codes) == 1: return f"code {codes[0]}: p = {q:.3f}"
+    more = f" and {len(codes) - 2} more" if len(codes) > 2 else ""
+    return f"codes {codes[0]}, {codes[1]}{more} (alike): p = {q:.3f}"
 
 def _cell_topk(self, run: Run, step, x, y, heatmap="entropy", overlay=False, k: int = 5):
     """A click at pixel (x, y) of the step figure -> (a sentence, [(picture, caption)]): what the model considered
@@ -800,14 +805,15 @@ def _cell_topk(self, run: Run, step, x, y, heatmap="entropy", overlay=False, k: 
     if v.seen[t, r, c]: return f"At {where} the token is already seen: nothing is predicted there.", []
     if v.only_next and not v.chosen[t, r, c]:
         return f"At {where}: the next-token baseline predicts only its next position (cyan).", []
-    grids, caps = self._candidates(run, t, r, c, k)
+    grids, caps, mass = self._candidates(run, t, r, c, k)
     with self.using(self._model(run.model)), torch.no_grad():
         imgs = images_to_uint8(self.b.tokenizer.decode(grids.to(self.b.device)).float().cpu())
     pics = [(_outlined(a, r, c, v.cell), cap) for a, cap in zip(imgs, caps)]
-    if run.probs is not None:
-        mass = float(run.probs[t, r, c].float().topk(len(pics)).values.sum())
-        return (f"At {where} the model's {len(pics)} most likely codes (together p = {mass:.2f}), each drawn in "
-                "place in that step's holistic guess (cyan square):"), pics
+    if mass is not None:
+        looks = f"{len(pics)} most likely looks" if len(pics) > 1 else "one most likely look"
+        return (f"At {where} the model's {looks} (together p = {mass:.2f}; codes that decode "
+                "alike are grouped, their probabilities summed), each drawn in place in that step's holistic guess "
+                "(cyan square):"), pics
     return f"At {where}: {len(pics)} draws of the diffusion head, each drawn in place (cyan square):", pics
 
 HeptapodApp._candidates, HeptapodApp.cell_topk = _candidates, _cell_topk
@@ -936,15 +942,22 @@ def filmstrip_image(run: Run, n: int = 8, panel: int = 120) -> np.ndarray:
     return np.asarray(canvas)
 
 # %% ../nbs/13_app.ipynb #d0e8a3d6
+DEMO_WHY = ("class-conditional at this scale, the head that cross-attends to h_0..h_t beat the h_t-only head for "
+            "the global window (class accuracy 57% vs 44%, 2 seeds each; tutorial 7's ranking is unconditional, by "
+            "linear probes). M=4 with next-position weight 1 is the recipe's first setting: M=2 with weight 8 has not "
+            "been compared class-conditionally at this scale (BENCHMARKS.md).")
+
 def describe_models(b: Bundle) -> str:
-    "One line naming what the app serves: the Heptapod model's configuration and size, and the baseline, if any."
+    """A line naming what the app serves: the Heptapod model's configuration and size, and the baseline, if any;
+    for the demo recipe's weights, a second line on why that configuration."""
     c = b.model.config
     window = "every unseen position" if c.window == "global" else f"a window of {c.window}"
     head = "sees h_t only" if c.head_context == "last" else "cross-attends to h_0..h_t"
     n = sum(p.numel() for p in b.model.parameters()) / 1e6
     base = "a next-token baseline (window 1)" if b.baseline is not None else "no baseline (Compare is off)"
+    why = f"  \n*Why this configuration:* {DEMO_WHY}" if b.meta.get("recipe") else ""     # the demo recipe's model
     return (f"*Serving:* Heptapod, {n:.1f}M parameters, trained to predict {window} with M={c.targets_per_step} "
-            f"targets a step, a head that {head}, next-position weight {c.next_weight:g}; and {base}.")
+            f"targets a step, a head that {head}, next-position weight {c.next_weight:g}; and {base}.{why}")
 
 # %% ../nbs/13_app.ipynb #b6c0fd15
 _CHECKED: dict = {}
@@ -1015,6 +1028,11 @@ def _atomic_picture_cache():
     pu.save_pil_to_cache = save_pil_to_cache
 
 # %% ../nbs/13_app.ipynb #943c1af7
+# the browser side of opening *Complete my drawing*: click the sketchpad's brush once it is drawn
+PICK_BRUSH = """() => { let n = 0; const pick = () => {
+  const b = document.querySelector('#sketch button[aria-label=Brush]');
+  if (b) b.click(); else if (n++ < 50) setTimeout(pick, 100); }; setTimeout(pick, 50); }"""
+
 def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: int | None = None):
     """The Gradio `Blocks` of the app (tabs Generate, Complete my drawing, Compare); opens on a first generated image.
     `model_concurrency`: how many of `/generate`, `/complete`, `/compare` run at once (their shared group's limit;
@@ -1099,8 +1117,8 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
                 final = gr.Image(app.final_image(first) if first is not None else None, elem_id="final-image",
                                  scale=1, **pic)
                 plot = gr.Image(plot0, elem_id="entropy-plot", scale=2, **pic)
-            topk_md = gr.Markdown("**Click a cell** of the panels above: the model's most likely codes there at "
-                                  "this step, each drawn in place.", elem_id="topk-text")
+            topk_md = gr.Markdown("**Click a cell** of the panels above: the model's most likely looks there at "
+                                  "this step (codes that decode alike grouped), each drawn in place.", elem_id="topk-text")
             topk = gr.Gallery(show_label=False, columns=5, height="auto", format="png", elem_id="topk", allow_preview=False,
                               visible=False)                         # shown by the first click on a cell
             with gr.Accordion("Filmstrip of the whole generation", open=True):
@@ -1117,14 +1135,16 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
             for c in (heat, overlay):
                 c.change(_guard(redraw), [state, step, heat, overlay], [pan, plot], api_visibility="undocumented")
             pan.select(_guard(click), [state, step, heat, overlay], [topk_md, topk], api_visibility="undocumented")
-        with gr.Tab("Complete my drawing"):
+        with gr.Tab("Complete my drawing") as complete_tab:
             gr.Markdown(f"Draw a digit or the start of one (or upload one): it keeps its place on the canvas. The "
                         f"model sees only its first *n* tokens in raster order ({w} tokens = one token row = the top "
                         f"{32 // h} pixel rows) and guesses the rest.")
             with gr.Row():
                 sketch = _checked(gr.Sketchpad, "drawing")(label="draw", type="numpy", image_mode="RGBA", canvas_size=(280, 280),
                                       brush=gr.Brush(colors=["#000000"], default_size=18, color_mode="fixed"), elem_id="sketch",
-                                      layers=False, transforms=(), placeholder="Pick the brush (left), then draw a digit")
+                                      layers=False, transforms=(), placeholder="Draw a digit")
+                # Gradio's sketchpad opens with no tool picked (a first stroke drew nothing): pick the brush on opening
+                complete_tab.select(None, js=PICK_BRUSH, api_visibility="private")
                 upload = _checked(gr.Image, "upload")(label="... or upload", type="numpy", sources=["upload", "clipboard"],
                                                       image_mode="RGBA")
             with gr.Row():

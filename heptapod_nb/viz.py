@@ -16,9 +16,9 @@ from .config import atomic_write_bytes, get_device, to_uint8
 from .tokens import VQTokens, token_kind
 
 # %% auto #0
-__all__ = ['PANELS', 'PANEL_TITLES', 'HEATS', 'GREY', 'PIXEL_VAR_MAX', 'images_to_uint8', 'code_patches', 'pixel_variance',
-           'DecodedSteps', 'TraceView', 'plot_step', 'filmstrip', 'gif_frames', 'save_gif', 'to_png', 'is_next_token',
-           'view_for_model', 'trace_summary', 'Explorer']
+__all__ = ['PANELS', 'PANEL_TITLES', 'HEATS', 'GREY', 'PIXEL_VAR_MAX', 'ALIKE_TOL', 'images_to_uint8', 'code_patches',
+           'pixel_variance', 'group_alike', 'DecodedSteps', 'TraceView', 'plot_step', 'filmstrip', 'gif_frames',
+           'save_gif', 'to_png', 'is_next_token', 'view_for_model', 'trace_summary', 'Explorer']
 
 # %% ../nbs/12_viz.ipynb #8deefd28
 PANELS = ("seen", "guess", "entropy", "final_prob")
@@ -72,6 +72,23 @@ def pixel_variance(probs, table_KP: torch.Tensor) -> np.ndarray:
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)                    # stored in float16: renormalised
     m, m2 = p @ table_KP, p @ table_KP.square()
     return (m2 - m.square()).clamp_min(0).mean(-1).numpy()
+
+# %% ../nbs/12_viz.ipynb #28d0064f
+ALIKE_TOL = 0.02                           # mean |difference| of two decoded patches (pixels in [0, 1]) that look alike
+
+def group_alike(p_K, table_KP: torch.Tensor, tol: float = ALIKE_TOL, top: int = 64) -> list[tuple[list[int], float]]:
+    """A position's `top` most likely codes (probabilities `p_K`), grouped by how they decode: each code joins the
+    group of the first more likely code whose patch (`code_patches`) is within `tol` of its own (mean absolute
+    difference) -> [(codes, total probability)], most likely group first, each group's codes most likely first."""
+    p = torch.as_tensor(p_K).float()
+    top_ = p.topk(min(top, p.numel()))
+    groups: list[tuple[list[int], float]] = []
+    for q, k in zip(top_.values.tolist(), top_.indices.tolist()):
+        for codes, _ in groups:
+            if (table_KP[codes[0]] - table_KP[k]).abs().mean() < tol: codes.append(k); break
+        else: groups.append(([k], 0.0))
+    groups = [(codes, float(p[codes].sum())) for codes, _ in groups]
+    return sorted(groups, key=lambda g: -g[1])
 
 # %% ../nbs/12_viz.ipynb #f8f31506
 class DecodedSteps:

@@ -128,9 +128,10 @@ def test_click_a_cell_shows_top_codes(page):
 
 
 def test_draw_and_complete(page):
-    "Switch tab, draw a stroke on the sketchpad with the mouse, Complete: the prediction and completions appear."
+    """Switch tab, draw a stroke on the sketchpad with the mouse, Complete: the prediction and completions appear.
+    The brush is picked when the tab opens (Gradio's sketchpad opens with no tool: a first stroke drew nothing)."""
     page.get_by_role("tab", name="Complete my drawing").click()
-    page.locator("#sketch button[aria-label=Brush]").click()        # Gradio's sketchpad starts with no tool
+    page.wait_for_timeout(500)                                     # the tab's script picks the brush
     canvas = page.locator("#sketch canvas").last
     canvas.wait_for()
     b = canvas.bounding_box()
