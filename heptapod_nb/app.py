@@ -226,9 +226,10 @@ def check_bool(v, name: str) -> bool:
 HEAT_TITLES = {"pixel_var": "pixel variance", "entropy": "entropy (nats)", "final_prob": "p(final token)",
                "maxprob": "max prob"}
 HEAT_INFO = {
-    "pixel_var": "**pixel variance**: how much each unseen cell's pixels would vary over the codes the model might "
-                 "draw there (bright: its look is still open; dark: whatever is drawn looks the same). Codes that "
-                 "decode alike count as one, which code entropy does not.",
+    "pixel_var": "**pixel variance**: how much each unseen cell's pixels would vary over what the model might "
+                 "draw there (its codes; for continuous tokens, its diffusion draws) (bright: its look is still "
+                 "open; dark: whatever is drawn looks the same). Codes that decode alike count as one, which code "
+                 "entropy does not.",
     "entropy": "**entropy**: how unsure the model is at each unseen position, in nats (bright: unsure; dark: sure; "
                "the colour bar ends at log K, a uniform guess over the K codes).",
     "final_prob": "**p(final token)**: the probability this step gave to the token finally drawn there "
@@ -392,10 +393,10 @@ ORDERS = ("raster", "random")
 HEATMAPS = ["pixel_var", "entropy", "final_prob", "maxprob"]
 
 def heatmaps_for(view: TraceView) -> list[str]:
-    """The heatmaps a view has: all four for VQ tokens with every step's distribution (pixel variance needs them),
-    continuous (KL) tokens have no probabilities, only entropy."""
-    if not token_kind(view.kind).has_likelihood: return ["entropy"]
-    return [k for k in HEATMAPS if k != "pixel_var" or view.pixel_var is not None]
+    """The heatmaps a view has: all four for VQ tokens with every step's distribution (pixel variance needs them);
+    continuous (KL) tokens have no probabilities: pixel variance of their draws (a full trace) and entropy."""
+    heats = HEATMAPS if token_kind(view.kind).has_likelihood else ["pixel_var", "entropy"]
+    return [k for k in heats if k != "pixel_var" or view.pixel_var is not None]
 
 def stream_steps(n_frames: int, max_frames: int) -> list[int]:
     "The frames a stream shows: all of them, or `max_frames` evenly spaced ones, always the first and the last."
@@ -717,7 +718,7 @@ def _paced(self, make, steps, made=None):
 
 def _heatmaps(self) -> list[str]:
     "The heatmaps the models' token kind has (checked before a generation starts, not at its first frame)."
-    return HEATMAPS if token_kind(self.b.model.config).has_likelihood else ["entropy"]
+    return HEATMAPS if token_kind(self.b.model.config).has_likelihood else ["pixel_var", "entropy"]
 
 HeptapodApp._start, HeptapodApp._work, HeptapodApp.live_figure, HeptapodApp._paced = _start, _work, _live_figure, _paced
 HeptapodApp.heatmaps = _heatmaps

@@ -182,7 +182,8 @@ class TraceStep:
     maxprob: torch.Tensor       # float: max probability (VQ; NaN for KL)
     final_prob: torch.Tensor    # float: probability this step gave to the token finally chosen there (VQ; NaN for KL)
     guess: torch.Tensor         # VQ long (B, h, w) seen + argmax; KL float (B, C, h, w) seen + mean of draws
-    probs: torch.Tensor | None = None   # float16 (B, h, w, K), only with trace="full" (zeros on seen positions)
+    probs: torch.Tensor | None = None   # VQ, trace="full": float16 (B, h, w, K) distributions (zeros on seen positions)
+    draws: torch.Tensor | None = None   # KL, trace="full": float16 (B, S, C, h, w) the belief's S draws as latent grids
     # what the sampler actually drew from (the fields above query every remaining position at once, for pictures):
     queries: torch.Tensor | None = None      # long (B, G, M): the step's query sets (flat positions), as in training
     query_valid: torch.Tensor | None = None  # bool (B, G, M)
@@ -207,10 +208,11 @@ def trace_step(model, belief: Prediction, t: int, seen_BN, chosen_BN, flat, full
     "A `TraceStep` from the step's belief over the remaining positions (grid-shaped, on the CPU)."
     grid = model.config.grid
     nan_BN = torch.full(seen_BN.shape, float("nan"), device=seen_BN.device)
-    entropy_BN, maxprob_BN, guess, probs = model.kind.trace_stats(belief, flat, nan_BN, grid, full)
+    entropy_BN, maxprob_BN, guess, belief_ = model.kind.trace_stats(belief, flat, nan_BN, grid, full)
     return TraceStep(t=t, seen=_grid(seen_BN.clone(), grid).cpu(), chosen=_grid(chosen_BN, grid).cpu(),
                      entropy=_grid(entropy_BN, grid).float().cpu(), maxprob=_grid(maxprob_BN, grid).float().cpu(),
-                     final_prob=_grid(nan_BN, grid).float().cpu(), guess=guess, probs=probs)
+                     final_prob=_grid(nan_BN, grid).float().cpu(), guess=guess,
+                     **({model.kind.full_field: belief_} if belief_ is not None else {}))
 
 class NoTrace:
     "The recorder of an untraced `generate`: asks for nothing, records nothing, returns the tokens alone."

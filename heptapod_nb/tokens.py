@@ -94,6 +94,7 @@ class TokenKind:
     name: ClassVar[str] = ""
     tokenizer_protocol: ClassVar[type] = Tokenizer
     has_likelihood: ClassVar[bool] = False       # the head gives a probability for every possible token (trace p(final))
+    full_field: ClassVar[str] = ""               # the `TraceStep` field a full trace fills with the step's belief
 
     @classmethod
     def from_spec(cls, spec) -> "TokenKind": raise NotImplementedError
@@ -127,6 +128,7 @@ class VQTokens(TokenKind):
     name = "vq"
     tokenizer_protocol = DiscreteTokenizer
     has_likelihood = True
+    full_field = "probs"                          # every remaining position's distribution over the K codes
 
     def __init__(self, vocab_size: int | None = None): self.vocab_size = vocab_size
 
@@ -238,6 +240,7 @@ class KLTokens(TokenKind):
     name = "kl"
     tokenizer_protocol = ContinuousTokenizer
     has_likelihood = False
+    full_field = "draws"                          # the belief's draws, each as a whole latent grid (seen tokens kept)
 
     def __init__(self, channels: int | None = None, diff_draws: int = 4, diff_steps: int = 25):
         self.channels, self.diff_draws, self.diff_steps = channels, diff_draws, diff_steps
@@ -333,12 +336,19 @@ class KLTokens(TokenKind):
     def likelihood(self, out_BRZ, tokens_BRC): return None     # implicit distribution: no closed-form probability
 
     def trace_stats(self, pred: Prediction, flat, nan_BN, grid, full: bool = False):
-        "(Gaussian entropy of the draws (B, N), NaN max prob, seen + mean of draws grid (CPU), None)."
+        """(Gaussian entropy of the draws (B, N), NaN max prob, seen + mean of draws grid (CPU), and with `full` the
+        draws as grids (B, S, C, h, w) float16 CPU: draw s at every remaining position, the seen tokens elsewhere)."""
         d_BRSC, pos_BR = pred.draws, pred.positions
         var_BRC = d_BRSC.var(2).clamp(min=1e-8) if d_BRSC.shape[2] > 1 else torch.full_like(d_BRSC[:, :, 0], 1e-8)
         entropy_BN = nan_BN.scatter(1, pos_BR, 0.5 * (math.log(2 * math.pi * math.e) + var_BRC.log()).sum(-1))
-        guess_BNC = flat.float().scatter(1, self._expand(flat, pos_BR), d_BRSC.mean(2))
-        return entropy_BN, nan_BN, self.to_grid(guess_BNC, grid).cpu(), None
+        idx = self._expand(flat, pos_BR)
+        guess_BNC = flat.float().scatter(1, idx, d_BRSC.mean(2))
+        draws = None
+        if full:
+            B, S = d_BRSC.shape[0], d_BRSC.shape[2]
+            grids = torch.stack([flat.float().scatter(1, idx, d_BRSC[:, :, s]) for s in range(S)], 1)   # (B, S, N, C)
+            draws = self.to_grid(grids.flatten(0, 1), grid).unflatten(0, (B, S)).half().cpu()
+        return entropy_BN, nan_BN, self.to_grid(guess_BNC, grid).cpu(), draws
 
     # ---- pictures -------------------------------------------------------------------------------------------
     def display_input(self, guess_T, probs_T, seen_T, expectation: bool): return guess_T

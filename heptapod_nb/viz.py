@@ -17,8 +17,9 @@ from .tokens import VQTokens, token_kind
 
 # %% auto #0
 __all__ = ['PANELS', 'PANEL_TITLES', 'HEATS', 'GREY', 'PIXEL_VAR_MAX', 'ALIKE_TOL', 'images_to_uint8', 'code_patches',
-           'pixel_variance', 'group_alike', 'DecodedSteps', 'TraceView', 'plot_step', 'filmstrip', 'gif_frames',
-           'save_gif', 'to_png', 'is_next_token', 'view_for_model', 'trace_summary', 'Explorer']
+           'pixel_variance', 'draws_pixel_variance', 'group_alike', 'DecodedSteps', 'TraceView', 'plot_step',
+           'filmstrip', 'gif_frames', 'save_gif', 'to_png', 'is_next_token', 'view_for_model', 'trace_summary',
+           'Explorer']
 
 # %% ../nbs/12_viz.ipynb #8deefd28
 PANELS = ("seen", "guess", "entropy", "final_prob")
@@ -72,6 +73,21 @@ def pixel_variance(probs, table_KP: torch.Tensor) -> np.ndarray:
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)                    # stored in float16: renormalised
     m, m2 = p @ table_KP, p @ table_KP.square()
     return (m2 - m.square()).clamp_min(0).mean(-1).numpy()
+
+# %% ../nbs/12_viz.ipynb #53a2e664
+def draws_pixel_variance(draws_TSC, tokenizer, chunk: int = 32) -> np.ndarray:
+    """KL: each step's S draw grids (T, S, C, h, w) decoded (`chunk` images a decoder call); per pixel in [0, 1] the
+    variance over the draws (unbiased), averaged over each cell's pixels and channels -> (T, h, w) float32 NumPy."""
+    T, S, _, h, w = draws_TSC.shape
+    if S < 2: raise ValueError(f"pixel variance over draws needs at least 2 draws per position, got {S}")
+    z = draws_TSC.flatten(0, 1).float()
+    dev = getattr(tokenizer, "device", "cpu")
+    with torch.no_grad():
+        x = torch.cat([tokenizer.decode(z[i:i + chunk].to(dev)).float().cpu() for i in range(0, len(z), chunk)])
+    x = ((x.double() + 1) / 2).clamp(0, 1).unflatten(0, (T, S))          # (T, S, C, H, W)
+    v = x.var(1).mean(1)                                                 # (T, H, W)
+    H, W = v.shape[1:]
+    return v.unflatten(1, (h, H // h)).unflatten(3, (w, W // w)).mean((2, 4)).float().numpy()
 
 # %% ../nbs/12_viz.ipynb #28d0064f
 ALIKE_TOL = 0.02                           # mean |difference| of two decoded patches (pixels in [0, 1]) that look alike
@@ -143,6 +159,11 @@ class TraceView:
         if probs_T is not None and hasattr(tokenizer, "vocab_size"):
             self.pixel_var = pixel_variance(probs_T, code_patches(tokenizer))
             self.pixel_var[np.isnan(self.entropy)] = np.nan             # the cells the entropy map has: the predicted
+        draws_T = (torch.stack([_field(s, "draws")[b] for s in steps])      # (T, S, C, h, w): a full trace (KL)
+                   if all(_field(s, "draws") is not None for s in steps) else None)
+        if draws_T is not None and draws_T.shape[1] > 1:
+            self.pixel_var = draws_pixel_variance(draws_T, tokenizer)
+            self.pixel_var[np.isnan(self.entropy)] = np.nan
         if only_next:                                                   # a next-token model knows only these cells
             for a in (self.entropy, self.final_prob, self.maxprob, self.pixel_var):
                 if a is not None: a[~self.chosen] = np.nan
@@ -180,7 +201,7 @@ class TraceView:
         "Grid map (h, w) of `which` ('entropy', 'final_prob', 'maxprob', 'pixel_var') at step `t`, NaN where not predicted."
         t = self._check(t)
         if which == "pixel_var" and self.pixel_var is None:
-            raise ValueError("no pixel-variance map: it needs a VQ tokenizer and every step's distribution (trace='full')")
+            raise ValueError("no pixel-variance map: it needs every step's distribution (VQ) or draws (KL): trace='full'")
         if t == self.T: return np.full(self.grid, np.nan)
         if which not in HEATS: raise ValueError(f"unknown heatmap {which!r}; choose from {HEATS}")
         a = getattr(self, which)

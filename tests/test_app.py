@@ -288,7 +288,7 @@ def test_click_on_a_cell_vq_codes_and_kl_draws(server, tmp_path):
     """A click maps to its grid cell: VQ lists the top codes with the trace's probabilities (sorted, the first the
     cell's max), each drawn in place; KL shows draws of the diffusion head; seen cells and clicks outside say so."""
     import torch
-    from heptapod_nb.app import layout, _which, _outlined
+    from heptapod_nb.app import layout, _which, _outlined, heatmaps_for
     from heptapod_nb.viz import images_to_uint8
     for bundle in (server[1], load_bundle(write_untrained_weights(tmp_path, tokenizer="tiny-kl"), "cpu")):
         app = HeptapodApp(bundle, frame_s=0)
@@ -309,6 +309,8 @@ def test_click_on_a_cell_vq_codes_and_kl_draws(server, tmp_path):
             assert all(np.array_equal(_outlined(a, 5, 6, v.cell), p) for a, (p, _) in zip(want, pics))
         else:
             assert run.probs is None and "diffusion" in text
+            assert app.heatmaps() == heatmaps_for(v) == ["pixel_var", "entropy"]      # KL: variance of its draws first
+            assert np.isfinite(v.heat(2, "pixel_var")).sum() == 48 and app.frame(run, 2, "pixel_var")[0].ndim == 3
         assert "already seen" in app.cell_topk(run, 2, lay.boxes[0][0] + 2, lay.boxes[0][1] + 2)[0]
         assert "inside one of the panels" in app.cell_topk(run, 2, 1, 1)[0]
         assert "finished image" in app.cell_topk(run, run.T, x, y)[0]
