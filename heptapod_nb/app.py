@@ -26,11 +26,12 @@ from .tokenizer import TOKENIZER_PRESETS, build_tokenizer, load_tokenizer, save_
 from .model import PRESETS, Heptapod, load_model
 from .evaluate import check_compatible
 from .tokens import DiscreteTokenizer, token_kind
+from .head import ORDERS                      # the orders the sampler draws: the page offers each
 
 # %% auto #0
 __all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_NAMES', 'INK', 'PAPER', 'MUTED', 'TITLE_H',
-           'PTITLE_H', 'CAPTION_H', 'MARGIN', 'GAP', 'BAR_W', 'COLOURS', 'ORDERS', 'HEATMAPS', 'CAPTION',
-           'CAPTION_BASE', 'TRACE_FIELDS', 'FILMSTRIP_ROWS', 'DEMO_WHY', 'PICK_BRUSH', 'Bundle', 'missing_demo_files',
+           'PTITLE_H', 'CAPTION_H', 'MARGIN', 'GAP', 'BAR_W', 'COLOURS', 'HEATMAPS', 'CAPTION', 'CAPTION_BASE',
+           'TRACE_FIELDS', 'FILMSTRIP_ROWS', 'DEMO_WHY', 'PICK_BRUSH', 'Bundle', 'missing_demo_files',
            'check_weights_folder', 'model_files', 'load_bundle', 'write_untrained_weights', 'InputError',
            'image_to_input', 'check_int', 'check_class', 'check_temperature', 'check_choice', 'check_bool', 'Layout',
            'layout', 'render_figure', 'titled', 'curve_plot', 'entropy_curves', 'heatmaps_for', 'stream_steps', 'Run',
@@ -389,7 +390,6 @@ def entropy_curves(view: TraceView) -> tuple[np.ndarray, np.ndarray]:
     return mean, nxt
 
 # %% ../nbs/13_app.ipynb #5964ba08
-ORDERS = ("raster", "random")
 HEATMAPS = ["pixel_var", "entropy", "final_prob", "maxprob"]
 
 def heatmaps_for(view: TraceView) -> list[str]:

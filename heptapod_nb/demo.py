@@ -16,6 +16,7 @@ from .data import TokenDataset, load_mnist5k
 from .tokenizer import save_tokenizer
 from .tokenizer_train import TokenizerTrainConfig, train_tokenizer
 from .model import load_model
+from .tokens import token_sizes
 from .train import TrainConfig, train
 from .classifier import mnist_classifier
 from .evaluate import score_samples
@@ -79,7 +80,7 @@ def token_folder(root, tok, tokens: torch.Tensor, labels: torch.Tensor) -> Path:
     "Tokens (N, h, w) of `tok` and their labels as a `TokenDataset` folder at `root`, the data `train.train` reads."
     root = Path(root)
     meta = TokenDataset.create(root, len(tokens), tok.kind, tuple(tok.grid), int(labels.max()) + 1,
-                               vocab_size=getattr(tok, "vocab_size", None), channels=getattr(tok, "channels", None))
+                               **token_sizes(tok))
     codes = np.load(root / "codes.npy", mmap_mode="r+"); codes[:, 0] = tokens.numpy(); codes.flush()
     lab = np.load(root / "labels.npy", mmap_mode="r+"); lab[:] = labels.numpy(); lab.flush()
     TokenDataset.write_meta(root, {**meta, "done": len(tokens)})

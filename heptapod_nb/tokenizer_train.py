@@ -19,6 +19,7 @@ from .config import (Config, ConfigError, FAST, RunLock, add_debug_arg, arg_floa
 from .optim import DistInfo, backward_step, barrier, dist_env, lr_factor, setup_distributed
 from .data import ImageFolderDataset, TokenDataset, check_image_channels, load_mnist5k, worker_error
 from .tokenizer import TOKENIZER_PRESETS, TokenizerConfig, build_tokenizer, load_tokenizer, psnr, save_tokenizer
+from .tokens import token_sizes
 from .tokenizer_losses import LPIPS, PatchDiscriminator, adaptive_weight, hinge_d_loss, recon_loss
 
 # %% auto #0
@@ -484,7 +485,7 @@ def extract_tokens(tok, ds, out, augs: int = 1, batch_size: int = 256, sample: b
     if overwrite and rank == 0:
         for f in TOKEN_FILES: (out / f).unlink(missing_ok=True)
     want = dict(kind=tok.kind, grid=list(tok.grid), num_classes=int(getattr(ds, "num_classes", 0)), n=n, augs=augs,
-                vocab_size=getattr(tok, "vocab_size", None), channels=getattr(tok, "channels", None),
+                **token_sizes(tok),
                 **(extra or {}))
     meta_path = out / "meta.json"
     if rank == 0 and not meta_path.exists():

@@ -18,7 +18,8 @@ from .head import DiffusionMLP
 
 # %% auto #0
 __all__ = ['TOKEN_KINDS', 'Tokenizer', 'DiscreteTokenizer', 'ContinuousTokenizer', 'check_sampling_args', 'filter_logits',
-           'sample_logits', 'DrawSettings', 'Prediction', 'TokenKind', 'VQTokens', 'KLTokens', 'token_kind']
+           'sample_logits', 'DrawSettings', 'Prediction', 'TokenKind', 'VQTokens', 'KLTokens', 'token_kind',
+           'token_sizes']
 
 # %% ../nbs/06a_tokens.ipynb #eb9bb231
 @runtime_checkable
@@ -366,3 +367,8 @@ def token_kind(spec) -> TokenKind:
         raise ConfigError(f"token kind must be one of {sorted(TOKEN_KINDS)}, got {name!r}"
                           + ("" if isinstance(spec, str) else f" (from a {type(spec).__name__})"))
     return TOKEN_KINDS[name].from_spec(spec)
+
+def token_sizes(tok) -> dict:
+    """A tokenizer's token sizes as token folders and configs record them: {'vocab_size': K (VQ) or None,
+    'channels': C (KL) or None}."""
+    return dict(vocab_size=getattr(tok, "vocab_size", None), channels=getattr(tok, "channels", None))

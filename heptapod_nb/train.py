@@ -26,7 +26,7 @@ from .tokenizer import load_tokenizer
 from .transformer import Block
 from .head import Head2D, MLPHead
 from .model import PRESETS, Heptapod, save_model
-from .tokens import token_kind
+from .tokens import token_kind, token_sizes
 from .cost import per_image
 
 # %% auto #0
@@ -141,7 +141,7 @@ class TrainData:
                                   f"{c_tok}-channel images (its in_channels): use a tokenizer made for this data")
             t0, tok = self.encode(x0[None].to(device)), self.tokenizer
             self.info = dict(kind=tok.kind, grid=tuple(t0.shape[-2:]), num_classes=self.dataset.num_classes,
-                             vocab_size=getattr(tok, "vocab_size", None), channels=getattr(tok, "channels", None))
+                             **token_sizes(tok))
         else:
             if cfg.data == "mnist5k" or not (Path(cfg.data) / "meta.json").exists():
                 raise ConfigError(f"--data {cfg.data!r} is not a token dataset (no meta.json); to train on images pass --tokenizer too")
