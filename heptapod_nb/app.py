@@ -300,9 +300,11 @@ def _colourbar(canvas, d, x, y, h, lut, vmax):
 
 def _panel_title(view: TraceView, t: int, name: str, pending=()) -> str:
     if name == "seen": return f"seen tokens ({view.n_seen(t)} of {view.seen[0].size})"
-    if name == "guess" and view.only_next and t < view.T: return "seen + next (no guess)"
+    if name == "guess" and t >= view.T: return "finished image"
+    if name == "guess" and view.only_next: return "seen + next (no guess)"
     if name in pending: return f"{HEAT_TITLES[name]}: known when finished"
-    if name not in HEAT_TITLES or t >= view.T: return PANEL_NAMES[name]
+    if name in HEAT_TITLES and t >= view.T: return f"{HEAT_TITLES[name]}: all drawn, none left"
+    if name not in HEAT_TITLES: return PANEL_NAMES[name]
     a = view.heat(t, name)
     return f"{HEAT_TITLES[name]}, mean {np.nanmean(a):.2f}" if np.isfinite(a).any() else HEAT_TITLES[name]
 
@@ -537,8 +539,9 @@ def step_title(view: TraceView, t: int, short: bool = False, step: int | None = 
     return (f"{who}, step {t_} of {T}: {seen}, predicting "
             + ("its next position only" if view.only_next else f"all {N - n} unseen positions at once"))
 
-CAPTION = "Grey in 'seen': not drawn yet. Grey in a heatmap: already seen, nothing to predict. Cyan: drawn at this step."
-CAPTION_BASE = "Grey: not predicted (a next-token model predicts its next position only, cyan)."
+CAPTION = ("Grey in 'seen': not drawn yet. Grey in a heatmap: already seen, nothing to predict. Cyan: the cell(s) "
+           "drawn at this step ('seen' shows what was known before it).")
+CAPTION_BASE = "Grey: not predicted (a next-token model predicts its next position only: cyan, drawn at this step)."
 
 def _caption(v: TraceView, n_panels: int) -> str:
     return CAPTION_BASE if v.only_next else CAPTION if n_panels == 4 else "Grey: seen (heatmap) / not drawn yet (seen). Cyan: drawn now."
@@ -789,9 +792,9 @@ def _candidates(self, run: Run, t: int, r: int, c: int, k: int):
     return grids, [f"diffusion draw {i + 1}" for i in range(len(d_SC))], None
 
 def _codes_caption(codes: list[int], q: float) -> str:
-    if len(codes) == 1: return f"code {codes[0]}: p = {q:.3f}"
-    more = f" and {len(codes) - 2} more" if len(codes) > 2 else ""
-    return f"codes {codes[0]}, {codes[1]}{more} (alike): p = {q:.3f}"
+    "A look's caption, its probability first (a gallery cuts long captions): 'p = 0.410, code 28' / '..., 22 codes alike: 28, ...'."
+    if len(codes) == 1: return f"p = {q:.3f}, code {codes[0]}"
+    return f"p = {q:.3f}, {len(codes)} codes alike: {', '.join(map(str, codes[:3]))}" + (", ..." if len(codes) > 3 else "")
 
 def _cell_topk(self, run: Run, step, x, y, heatmap="entropy", overlay=False, k: int = 5):
     """A click at pixel (x, y) of the step figure -> (a sentence, [(picture, caption)]): what the model considered
@@ -837,7 +840,7 @@ def _complete(self, image, cls=0, n_seen=32, n_samples=4, seed=0, temperature=1.
     view = TraceView(first, self.b.tokenizer, scale=self.scale, label="prediction")
     with torch.no_grad(): imgs = self.b.tokenizer.decode(out).float().cpu()
     rows = f"{n_seen // w} token row{'s' if n_seen // w != 1 else ''}" + (f" + {n_seen % w}" if n_seen % w else "")
-    title = f"Seeing the first {n_seen} of {N} tokens ({rows}), the model guesses the whole digit"
+    title = f"Seeing the first {n_seen} of {N} tokens ({rows}), the model guesses the whole digit (class {int(cls)})"
     which = ("seen", "guess") + tuple(n for n in ("pixel_var", "entropy", "maxprob") if n in heatmaps_for(view))[:2]
     fig = render_figure(view, 0, which, title=title, caption="Grey in 'seen': hidden from the model. Heatmaps: how "
                         "sure it is of each hidden position. Cyan: the next position.")
@@ -944,7 +947,7 @@ def filmstrip_image(run: Run, n: int = 8, panel: int = 120) -> np.ndarray:
 
 # %% ../nbs/13_app.ipynb #d0e8a3d6
 DEMO_WHY = ("class-conditional at this scale, the head that cross-attends to h_0..h_t beat the h_t-only head for "
-            "the global window (class accuracy 57% vs 44%, 2 seeds each; tutorial 7's ranking is unconditional, by "
+            "the global window (a 300-step screen: class accuracy 57% vs 44%, 2 seeds each; tutorial 7's ranking is unconditional, by "
             "linear probes). M=4 with next-position weight 1 is the recipe's first setting: M=2 with weight 8 has not "
             "been compared class-conditionally at this scale (BENCHMARKS.md).")
 

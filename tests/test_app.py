@@ -251,8 +251,14 @@ def test_concurrent_streams_equal_the_same_streams_alone(server):
 
 
 def _first_code(caption: str) -> int:
-    "The most likely code of a click caption: 'code 12: p = 0.3' or 'codes 12, 40 and 3 more (alike): p = 0.6'."
-    return int(caption.split(":")[0].split()[1].rstrip(","))
+    "The most likely code of a click caption: 'p = 0.300, code 12' or 'p = 0.600, 5 codes alike: 12, 40, 7, ...'."
+    import re
+    return int(re.search(r"(?:code |alike: )(\d+)", caption).group(1))
+
+
+def _p(caption: str) -> float:
+    import re
+    return float(re.match(r"p = ([0-9.]+)", caption).group(1))
 
 
 def test_click_groups_codes_that_decode_alike():
@@ -280,7 +286,7 @@ def test_click_groups_codes_that_decode_alike():
         p = run.probs[t, r, c].float()
         for k, (_, cap) in zip(firsts, pics):
             assert all((tbl[j] - tbl[k]).abs().mean() < ALIKE_TOL for j in groups[k])
-            assert abs(float(cap.split("p = ")[1]) - float(p[groups[k]].sum())) < 1e-3
+            assert abs(_p(cap) - float(p[groups[k]].sum())) < 1e-3
         assert len(groups[firsts[0]]) > 1                              # a background cell: many codes, one look
 
 
@@ -301,7 +307,7 @@ def test_click_on_a_cell_vq_codes_and_kl_draws(server, tmp_path):
         grids = [p.astype(float) for p, _ in pics]
         assert all(not np.array_equal(grids[0], g) for g in grids[1:]), "the candidates draw the same picture"
         if v.kind == "vq":
-            ps = [float(c.split("p = ")[1]) for _, c in pics]
+            ps = [_p(c) for _, c in pics]
             assert ps == sorted(ps, reverse=True) and ps[0] >= float(run.probs[2, 5, 6].float().max()) - 1e-3
             codes = torch.tensor([_first_code(c) for _, c in pics])
             g = run.guess[2].expand(5, -1, -1).clone(); g[:, 5, 6] = codes       # each code at the clicked cell
@@ -639,7 +645,8 @@ def test_bad_call_refused_while_the_model_is_busy(weights, capfd):
 
 
 def test_the_page_says_what_it_shows(weights):
-    """Issue 25, item 1 (smaller): the baseline's middle panel is not called a holistic guess; a clicked cell says how
+    """Issue 25, item 1 (smaller): the baseline's middle panel is not called a holistic guess (nor is the finished image;
+    the last frame's heatmaps say why they are empty); a clicked cell says how
     cells are counted; the top-k gallery is hidden until a click; the order choice says what the model was trained on;
     a new generation's first frame clears the previous filmstrip."""
     from heptapod_nb.app import _panel_title, layout, _which
@@ -647,6 +654,10 @@ def test_the_page_says_what_it_shows(weights):
     heptapod, baseline = app.compare(2, 7, 1.0)
     assert _panel_title(heptapod.view, 3, "guess") == "holistic guess"
     assert _panel_title(baseline.view, 3, "guess") == "seen + next (no guess)"
+    for r in (heptapod, baseline):            # the last frame: the finished image, heatmaps said to be empty (a walk
+        T = r.view.T                          # found "holistic guess" over the baseline's finished image, blank maps)
+        assert _panel_title(r.view, T, "guess") == "finished image"
+        assert _panel_title(r.view, T, "entropy") == "entropy (nats): all drawn, none left"
     v = heptapod.view
     lay = layout(_which(v, "entropy"), (v.image_size[0] * v.scale, v.image_size[1] * v.scale))
     x0, y0, w, h = lay.boxes[1]
