@@ -1166,7 +1166,10 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
                        api_name="complete", **group)
         with gr.Tab("Compare"):
             gr.Markdown("Heptapod and a next-token model side by side, same class, seed and step: the baseline knows "
-                        "only its next position; Heptapod holds a distribution over the whole remaining grid.")
+                        "only its next position; Heptapod holds a distribution over the whole remaining grid. In the "
+                        "curves below, the baseline is usually the surer of the two *at its next position*: that is "
+                        "all it is trained on, while Heptapod's training is spread over every position it predicts "
+                        "(in the window ablation its next-position cross-entropy is higher too: BENCHMARKS.md).")
             if app.b.baseline is None:
                 gr.Markdown("**Compare is off**: this app serves no next-token baseline. Start it with `--baseline "
                             "FILE` (a model trained with `window=1` on the same tokens) to compare.", elem_id="compare-off")
