@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .config import (DEMO_FILES, FAST, Config, ConfigError, demo_dir, write_json, get_device, save_weights,
                                  seed_everything, add_debug_arg, arg_float, arg_int, cli_main)
-from .viz import TraceView, view_for_model, trace_summary, is_next_token, images_to_uint8, _up, code_patches, group_alike
-from .sample import Rows, predict_remaining
+from .viz import TraceView, view_for_model, trace_summary, images_to_uint8, _up, code_patches, group_alike
+from .sample import Rows, is_next_token, predict_remaining
 from .serving import Batcher, FirstStepRecorder, Job, LiveRecorder, ModelProcess, SetRunner
 from .tokenizer import TOKENIZER_PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
 from .model import PRESETS, Heptapod, load_model
@@ -34,10 +34,10 @@ __all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_
            'TRACE_FIELDS', 'FILMSTRIP_ROWS', 'DEMO_WHY', 'PICK_BRUSH', 'Bundle', 'missing_demo_files',
            'check_weights_folder', 'model_files', 'load_bundle', 'write_untrained_weights', 'InputError',
            'image_to_input', 'check_int', 'check_class', 'check_temperature', 'check_choice', 'check_bool', 'Layout',
-           'layout', 'render_figure', 'titled', 'curve_plot', 'entropy_curves', 'heatmaps_for', 'stream_steps', 'Run',
-           'run_from_trace', 'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure', 'compare_figure', 'Live',
-           'Feed', 'filmstrip_image', 'describe_models', 'build_blocks', 'check_port', 'serving_threads', 'launch',
-           'default_port', 'serve', 'main']
+           'layout', 'render_figure', 'titled', 'curve_plot', 'entropy_curves', 'kind_heatmaps', 'heatmaps_for',
+           'stream_steps', 'Run', 'run_from_trace', 'HeptapodApp', 'step_title', 'step_figure', 'entropy_figure',
+           'compare_figure', 'Live', 'Feed', 'filmstrip_image', 'describe_models', 'build_blocks', 'check_port',
+           'serving_threads', 'launch', 'default_port', 'serve', 'main']
 
 # %% ../nbs/13_app.ipynb #1bb36eb5
 MAX_UPLOAD_SIDE = 1024
@@ -394,11 +394,14 @@ def entropy_curves(view: TraceView) -> tuple[np.ndarray, np.ndarray]:
 # %% ../nbs/13_app.ipynb #5964ba08
 HEATMAPS = ["pixel_var", "entropy", "final_prob", "maxprob"]
 
+def kind_heatmaps(kind) -> list[str]:
+    """The heatmaps a token kind can have: all four with probabilities (VQ); continuous (KL) tokens have none,
+    so pixel variance of their draws and entropy."""
+    return HEATMAPS if token_kind(kind).has_likelihood else ["pixel_var", "entropy"]
+
 def heatmaps_for(view: TraceView) -> list[str]:
-    """The heatmaps a view has: all four for VQ tokens with every step's distribution (pixel variance needs them);
-    continuous (KL) tokens have no probabilities: pixel variance of their draws (a full trace) and entropy."""
-    heats = HEATMAPS if token_kind(view.kind).has_likelihood else ["pixel_var", "entropy"]
-    return [k for k in heats if k != "pixel_var" or view.pixel_var is not None]
+    "The heatmaps a view has: its kind's (`kind_heatmaps`), pixel variance only with a full trace (it needs it)."
+    return [k for k in kind_heatmaps(view.kind) if k != "pixel_var" or view.pixel_var is not None]
 
 def stream_steps(n_frames: int, max_frames: int) -> list[int]:
     "The frames a stream shows: all of them, or `max_frames` evenly spaced ones, always the first and the last."
@@ -721,7 +724,7 @@ def _paced(self, make, steps, made=None):
 
 def _heatmaps(self) -> list[str]:
     "The heatmaps the models' token kind has (checked before a generation starts, not at its first frame)."
-    return HEATMAPS if token_kind(self.b.model.config).has_likelihood else ["pixel_var", "entropy"]
+    return kind_heatmaps(self.b.model.config)
 
 HeptapodApp._start, HeptapodApp._work, HeptapodApp.live_figure, HeptapodApp._paced = _start, _work, _live_figure, _paced
 HeptapodApp.heatmaps = _heatmaps
@@ -1216,8 +1219,9 @@ def launch(bundle: Bundle, host: str = "127.0.0.1", port: int | None = None, inb
     in this process), `serving_threads` torch threads each; returns the `Blocks` (with `block=False` it runs in the
     background). Serving, it says so in one line with the address (Gradio's own banner, about share links, is
     left out)."""
-    torch.set_num_threads(serving_threads(workers))
-    blocks = build_blocks(HeptapodApp(bundle, workers=workers, processes=processes, threads=serving_threads(workers)))
+    threads = serving_threads(workers)
+    torch.set_num_threads(threads)
+    blocks = build_blocks(HeptapodApp(bundle, workers=workers, processes=processes, threads=threads))
     blocks.launch(server_name=host, server_port=port, inbrowser=inbrowser, prevent_thread_lock=True,
                   max_file_size="5mb", show_error=False, quiet=True, max_threads=2 * 64 + 16)
     if block:

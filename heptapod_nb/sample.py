@@ -16,8 +16,8 @@ from .tokens import filter_logits, sample_logits  # noqa: F401 (re-exported: the
 # %% auto #0
 __all__ = ['check_generate_args', 'batch_labels', 'resolve_order', 'Canvas', 'start_canvas', 'prefill', 'remaining_positions',
            'predict_from_states', 'predict_remaining', 'beliefs', 'choose_confident', 'draw', 'commit', 'TraceStep',
-           'Trace', 'trace_step', 'NoTrace', 'TraceRecorder', 'sampling_mode', 'Rows', 'belief_positions',
-           'finish_rows', 'generate_rows', 'generate']
+           'Trace', 'trace_step', 'NoTrace', 'TraceRecorder', 'sampling_mode', 'Rows', 'is_next_token',
+           'belief_positions', 'finish_rows', 'generate_rows', 'generate']
 
 # %% ../nbs/08_sampling.ipynb #3b875aa8
 def check_generate_args(model, device, temperature, top_k, top_p, tokens_per_step, trace, order):
@@ -317,11 +317,15 @@ def _start_part(model, r: Rows, row0: int, N: int, prompt_len: int, device, diff
     return labels_B, cv, _Part(slice(row0, row0 + B), gen, tgen, DrawSettings(r.temperature, r.top_k, r.top_p, diff_steps),
                                recorder, confidence)
 
+def is_next_token(model) -> bool:
+    "True for the next-token baseline (`window == 1`), whose head is trained on the next position only."
+    return getattr(getattr(model, "config", None), "window", None) == 1
+
 def belief_positions(model, cv: Canvas, confidence: bool = False) -> torch.Tensor:
     """Where a step's beliefs are read (B, R): every remaining position, or, for a next-token model (`window == 1`,
     one token per step) with a fixed order, its next position only: the one position it was trained to predict
     (its head's output elsewhere is not a prediction, and the views hide it). A confidence order needs them all."""
-    if model.config.window == 1 and not confidence: return cv.order_BN[:, cv.n:cv.n + 1]
+    if is_next_token(model) and not confidence: return cv.order_BN[:, cv.n:cv.n + 1]
     return remaining_positions(cv.seen_BN, cv.n)
 
 def _step_beliefs(model, cv: Canvas, parts, draws: int) -> list:

@@ -14,12 +14,12 @@ from PIL import Image, ImageDraw
 
 from .config import atomic_write_bytes, get_device, to_uint8
 from .tokens import VQTokens, token_kind
+from .sample import is_next_token           # which model a view hides all but the next cell for
 
 # %% auto #0
-__all__ = ['PANELS', 'PANEL_TITLES', 'HEATS', 'GREY', 'PIXEL_VAR_MAX', 'ALIKE_TOL', 'images_to_uint8', 'code_patches',
-           'pixel_variance', 'draws_pixel_variance', 'group_alike', 'DecodedSteps', 'TraceView', 'plot_step',
-           'filmstrip', 'gif_frames', 'save_gif', 'to_png', 'is_next_token', 'view_for_model', 'trace_summary',
-           'Explorer']
+__all__ = ['PANELS', 'PANEL_TITLES', 'HEATS', 'GREY', 'PIXEL_VAR_MAX', 'ALIKE_TOL', 'images_to_uint8', 'decode_chunks',
+           'code_patches', 'pixel_variance', 'draws_pixel_variance', 'group_alike', 'DecodedSteps', 'TraceView',
+           'plot_step', 'filmstrip', 'gif_frames', 'save_gif', 'to_png', 'view_for_model', 'trace_summary', 'Explorer']
 
 # %% ../nbs/12_viz.ipynb #8deefd28
 PANELS = ("seen", "guess", "entropy", "final_prob")
@@ -51,15 +51,18 @@ def _field(step, name):
 PIXEL_VAR_MAX = 0.25                       # a [0, 1] pixel varies at most this much (half black, half white)
 _PATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+def decode_chunks(tokenizer, z: torch.Tensor, chunk: int) -> torch.Tensor:
+    "`tokenizer.decode` of the token grids `z` (n, ...), `chunk` at a time on the tokenizer's device -> (n, C, H, W) float32 CPU."
+    dev = getattr(tokenizer, "device", "cpu")
+    with torch.no_grad():
+        return torch.cat([tokenizer.decode(z[i:i + chunk].to(dev)).float().cpu() for i in range(0, len(z), chunk)])
+
 def code_patches(tokenizer, batch: int = 64) -> torch.Tensor:
     """What each of a VQ tokenizer's K codes looks like: code k decoded on a grid filled with k, the centre cell's
     pixels in [0, 1] -> (K, C x cell x cell) float32. Decoded once per tokenizer object (K / `batch` decoder calls)."""
     if tokenizer in _PATCHES: return _PATCHES[tokenizer]
     K, (h, w) = int(tokenizer.vocab_size), tuple(tokenizer.grid)
-    dev = getattr(tokenizer, "device", "cpu")
-    with torch.no_grad():
-        imgs = torch.cat([tokenizer.decode(torch.arange(k, min(k + batch, K), device=dev)[:, None, None].expand(-1, h, w))
-                          .float().cpu() for k in range(0, K, batch)])           # (K, C, H, W)
+    imgs = decode_chunks(tokenizer, torch.arange(K)[:, None, None].expand(-1, h, w), batch)   # (K, C, H, W)
     c = imgs.shape[-2] // h
     y, x = (h // 2) * c, (w // 2) * c
     table = ((imgs[:, :, y:y + c, x:x + c] + 1) / 2).reshape(K, -1).contiguous()
@@ -80,10 +83,7 @@ def draws_pixel_variance(draws_TSC, tokenizer, chunk: int = 32) -> np.ndarray:
     variance over the draws (unbiased), averaged over each cell's pixels and channels -> (T, h, w) float32 NumPy."""
     T, S, _, h, w = draws_TSC.shape
     if S < 2: raise ValueError(f"pixel variance over draws needs at least 2 draws per position, got {S}")
-    z = draws_TSC.flatten(0, 1).float()
-    dev = getattr(tokenizer, "device", "cpu")
-    with torch.no_grad():
-        x = torch.cat([tokenizer.decode(z[i:i + chunk].to(dev)).float().cpu() for i in range(0, len(z), chunk)])
+    x = decode_chunks(tokenizer, draws_TSC.flatten(0, 1).float(), chunk)
     x = ((x.double() + 1) / 2).clamp(0, 1).unflatten(0, (T, S))          # (T, S, C, H, W)
     v = x.var(1).mean(1)                                                 # (T, H, W)
     H, W = v.shape[1:]
@@ -337,10 +337,6 @@ def to_png(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO(); Image.fromarray(rgb).save(buf, format="PNG", compress_level=1); return buf.getvalue()
 
 # %% ../nbs/12_viz.ipynb #a96e4454
-def is_next_token(model) -> bool:
-    "True for the next-token baseline (`window == 1`), whose head is trained on the next position only."
-    return getattr(getattr(model, "config", None), "window", None) == 1
-
 def view_for_model(model, trace, tokenizer, b: int = 0, **kw) -> TraceView:
     "A `TraceView` labelled by the model's kind; the baseline shows only what it predicts (the next cells)."
     base = is_next_token(model)
