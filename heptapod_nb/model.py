@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from .config import Config, ConfigError, check_state_dict, get_preset, load_weights, save_weights
 from .transformer import CausalTransformer, init_gpt_
-from .head import HEADS, HeadLoss, Targets, cosine_alpha_bar, make_order, select_targets
+from .head import HEADS, HeadLoss
+from .targets import Targets, make_order, select_targets
 from .tokens import TOKEN_KINDS, VQTokens, token_kind
 
 # %% auto #0
@@ -243,6 +244,4 @@ def load_model(path, device="cpu", config: HeptapodConfig | None = None) -> Hept
     check_state_dict(model, sd, what=f"checkpoint {path}")
     model = model.to_empty(device=device)
     model.load_state_dict(sd)
-    if model.diffusion is not None:  # non-persistent buffer: rebuild it on the real device
-        model.diffusion.alpha_bar = cosine_alpha_bar(model.diffusion.T, device=device)
     return model.eval()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import get_device
-from .head import commit_supported, make_order, sampling_targets
+from .targets import commit_supported, make_order, sampling_targets
 from .tokens import DrawSettings, Prediction, VQTokens, check_sampling_args
 from .tokens import filter_logits, sample_logits  # noqa: F401 (re-exported: they used to live here)
 
@@ -395,7 +395,7 @@ def generate(model, labels=None, *, seed: int = 0, temperature: float = 1.0, top
     """Sample token grids (B, h, w) [KL: (B, C, h, w)] from `model`; with `trace` also a `Trace` of every step.
     `kv_cache=False` recomputes the whole prefix at every step instead (same samples, for speed comparisons).
     `tokens_per_step=k` commits the next k positions per step, each drawn from a query set of the kind training used
-    (`head.sampling_targets`); it is refused where offsets 1..k-1 were never supervised (k > window, or M = 1).
+    (`targets.sampling_targets`); it is refused where offsets 1..k-1 were never supervised (k > window, or M = 1).
     `trace` may also be a recorder instance (a `NoTrace` / `TraceRecorder` subclass) that watches each step.
     (One request of `generate_rows`.)"""
     return generate_rows(model, [Rows(labels, seed, temperature, top_k, top_p, order, trace, prompt, batch)],

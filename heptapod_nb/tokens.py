@@ -14,12 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .head import DiffusionMLP
+from .transformer import modulate
 
 # %% auto #0
 __all__ = ['TOKEN_KINDS', 'Tokenizer', 'DiscreteTokenizer', 'ContinuousTokenizer', 'check_sampling_args', 'filter_logits',
-           'sample_logits', 'DrawSettings', 'Prediction', 'TokenKind', 'VQTokens', 'KLTokens', 'token_kind',
-           'token_sizes']
+           'sample_logits', 'DrawSettings', 'Prediction', 'TokenKind', 'VQTokens', 'cosine_alpha_bar',
+           'timestep_embedding', 'ResBlockAdaLN', 'DiffusionMLP', 'KLTokens', 'token_kind', 'token_sizes']
 
 # %% ../nbs/06a_tokens.ipynb #eb9bb231
 @runtime_checkable
@@ -234,6 +234,112 @@ class VQTokens(TokenKind):
         "The largest possible entropy (log K), the scale of entropy pictures."
         K = getattr(tokenizer, "vocab_size", None) or self.vocab_size
         return math.log(K) if K else None
+
+# %% ../nbs/06a_tokens.ipynb #cecc61d9
+def cosine_alpha_bar(T: int = 1000, s: float = 0.008, floor: float = 1e-4, device=None):
+    "Cumulative signal fraction alpha_bar of the cosine schedule (Nichol & Dhariwal), floored at `floor`."
+    t = torch.arange(T + 1, device=device, dtype=torch.float64) / T
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, 0).clamp(min=floor).float()
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    "Sinusoidal embedding of (float) timesteps t (V,) -> (V, dim)."
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    a = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(a), torch.sin(a)], -1)          # float32: cast to the weights' dtype by the caller
+
+class ResBlockAdaLN(nn.Module):
+    "x + gate * mlp(modulate(norm(x))), shift/scale/gate from the conditioning."
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x, c):
+        shift, scale, gate = self.ada(c).chunk(3, -1)
+        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
+
+class DiffusionMLP(nn.Module):
+    "Per-token epsilon-prediction denoiser eps(x_s, s, z) with adaLN residual blocks; cosine schedule."
+    def __init__(self, channels: int, cond_dim: int, width: int = 256, depth: int = 3, T: int = 1000):
+        super().__init__()
+        self.channels, self.T, self.width = channels, T, width
+        self.inp = nn.Linear(channels, width)
+        self.t_emb = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.z_emb = nn.Linear(cond_dim, width)
+        self.blocks = nn.ModuleList(ResBlockAdaLN(width) for _ in range(depth))
+        self.norm_f = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada_f = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, channels)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear): nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
+        nn.init.normal_(self.t_emb[0].weight, 0, 0.02); nn.init.normal_(self.t_emb[2].weight, 0, 0.02)
+        for b in self.blocks: nn.init.zeros_(b.ada[1].weight); nn.init.zeros_(b.ada[1].bias)
+        nn.init.zeros_(self.ada_f[1].weight); nn.init.zeros_(self.ada_f[1].bias)
+        nn.init.zeros_(self.out.weight); nn.init.zeros_(self.out.bias)
+
+    def forward(self, x_VC, t_V, z_VZ):
+        "Predicted noise for noisy tokens `x_VC` at integer times `t_V` given conditions `z_VZ`."
+        dt = self.inp.weight.dtype                        # bf16 / float64 models: inputs follow the weights
+        c = self.t_emb(timestep_embedding(t_V, self.width).to(dt)) + self.z_emb(z_VZ.to(dt))
+        h = self.inp(x_VC.to(dt))
+        for b in self.blocks: h = b(h, c)
+        shift, scale = self.ada_f(c).chunk(2, -1)
+        return self.out(modulate(self.norm_f(h), shift, scale))
+
+    def schedule(self):
+        """alpha_bar on the weights' device, float32 (float64 for a float64 denoiser): the denoiser owns its schedule and
+        computes it (on the CPU, cached per device), so that nothing needs restoring after a load on the meta device,
+        and a bf16 copy never rounds alpha_bar[0] to 1 (the sampler divides by 1 - alpha_bar)."""
+        w = self.out.weight
+        key = (w.device, w.dtype == torch.float64)
+        if getattr(self, "_schedule_key", None) != key:
+            ab = cosine_alpha_bar(self.T).to(w.device)
+            self._alpha_bar, self._schedule_key = (ab.double() if key[1] else ab), key
+        return self._alpha_bar
+
+    def draw_noise(self, V: int, draws: int, device=None, dtype=None, generator=None):
+        "Times (draws, V) and noise (draws, V, C) for the loss of V targets, drawn in this order (times, then noise)."
+        t = torch.randint(0, self.T, (V * draws,), device=device, generator=generator)
+        eps = torch.randn(V * draws, self.channels, device=device, generator=generator, dtype=dtype)
+        return t.view(draws, V), eps.view(draws, V, self.channels)
+
+    def loss(self, x0_VC, z_VZ, draws: int = 4, generator=None, noise=None):
+        """Per-target epsilon MSE (V,), averaged over `draws` noise/time draws per target; `noise` = (times, noise)
+        from `draw_noise` (drawn here when None: the chunked loss draws them once for all targets, then slices)."""
+        V = x0_VC.shape[0]
+        t_DV, eps_DVC = noise if noise is not None else self.draw_noise(V, draws, x0_VC.device, x0_VC.dtype, generator)
+        draws = t_DV.shape[0]
+        x0 = x0_VC.repeat(draws, 1); z = z_VZ.repeat(draws, 1)
+        t, eps = t_DV.reshape(-1), eps_DVC.reshape(-1, self.channels)
+        ab = self.schedule()[t][:, None].to(x0.dtype)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        mse = (self(xt, t, z).to(eps.dtype) - eps).pow(2).mean(-1)
+        return mse.view(draws, V).mean(0)
+
+    @torch.no_grad()
+    def sample(self, z_VZ, steps: int = 25, temperature: float = 1.0, eta: float = 1.0, generator=None):
+        "Tokens (V, C) from conditions z: a `steps`-step DDIM chain (eta=1: DDPM-like), noise scaled by `temperature`."
+        V, dev = z_VZ.shape[0], z_VZ.device
+        ts = torch.linspace(self.T - 1, 0, steps, device=dev).round().long()
+        x = temperature * torch.randn(V, self.channels, device=dev, generator=generator, dtype=z_VZ.dtype)
+        abar = self.schedule()
+        for i, t in enumerate(ts):
+            ab = abar[t]
+            ab_prev = abar[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=dev)
+            eps = self(x, t.expand(V), z_VZ)
+            x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+            sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).clamp(min=0).sqrt()
+            x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+            if i + 1 < len(ts):
+                x = x + temperature * sigma * torch.randn(x.shape, device=dev, generator=generator, dtype=x.dtype)
+        return x
 
 # %% ../nbs/06a_tokens.ipynb #6f63ff18
 class KLTokens(TokenKind):

@@ -24,7 +24,7 @@ from .optim import (DistInfo, EMA, TrainingDiverged, backward, barrier, broadcas
 from .data import ImageFolderDataset, TokenDataset, load_mnist5k, worker_error
 from .tokenizer import load_tokenizer
 from .transformer import Block
-from .head import Head2D, MLPHead
+from .head import HEADS
 from .model import PRESETS, Heptapod, save_model
 from .tokens import token_kind, token_sizes
 from .cost import per_image
@@ -319,7 +319,7 @@ def set_rng_state(s: dict, device: torch.device):
     if device.type == "cuda" and s.get("cuda") is not None: torch.cuda.set_rng_state(s["cuda"], device)
 
 # %% ../nbs/09_train.ipynb #754f09d2
-FSDP_UNITS: tuple[type, ...] = (Block, Head2D, MLPHead)
+FSDP_UNITS: tuple[type, ...] = (Block, *HEADS.values())   # the backbone blocks and every head class
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
     "The modules FSDP shards as units: every instance of a class in `FSDP_UNITS` (subclasses included)."

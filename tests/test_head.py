@@ -4,8 +4,9 @@ import torch
 
 torch.set_num_threads(1)   # on the shared 2-core box, 2 spinning OpenMP threads are many times slower (BENCHMARKS.md)
 from heptapod_nb.config import ConfigError
-from heptapod_nb.head import (HEAD_CONTEXTS, HEADS, DiffusionMLP, Head2D, MLPHead, check_head_variant, commit_supported, cosine_alpha_bar,
-                              make_order, num_slots, sampling_targets, select_targets, timestep_embedding, window_size)
+from heptapod_nb.head import HEAD_CONTEXTS, HEADS, Head2D, MLPHead, check_head_variant
+from heptapod_nb.targets import commit_supported, make_order, num_slots, sampling_targets, select_targets, window_size
+from heptapod_nb.tokens import DiffusionMLP, cosine_alpha_bar, timestep_embedding
 
 N = 16
 
@@ -317,7 +318,7 @@ def test_diffusion_schedule_and_loss():
     with torch.no_grad():
         for p in dm.parameters(): p.normal_(0, 0.3)
     dd = dm.double()
-    ab = dd.alpha_bar[t][:, None].double()
+    ab = dd.schedule()[t][:, None].double()
     x0d, zd = x0.double().repeat(4, 1), z.double().repeat(4, 1)
     gr = g(0); t = torch.randint(0, dm.T, (20,), generator=gr); eps = torch.randn(20, 3, generator=gr, dtype=torch.float64)
     ref = (dd(ab.sqrt() * x0d + (1 - ab).sqrt() * eps, t, zd) - eps).pow(2).mean(-1).view(4, 5).mean(0)

@@ -6,7 +6,8 @@ import torch
 torch.set_num_threads(1)   # on the shared 2-core box, 2 spinning OpenMP threads are many times slower (BENCHMARKS.md)
 import torch.nn.functional as F
 from heptapod_nb.config import ConfigError, save_weights
-from heptapod_nb.head import Targets, make_order, sampling_targets, select_targets
+from heptapod_nb.tokens import DiffusionMLP
+from heptapod_nb.targets import Targets, make_order, sampling_targets, select_targets
 from heptapod_nb.model import PRESETS, Heptapod, HeptapodConfig, load_model, save_model
 
 SMALL = dict(vocab_size=8, grid=(4, 4), num_classes=8, dim=32, depth=2, n_heads=4, head_width=32, head_depth=2,
@@ -329,7 +330,10 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     m2 = load_model(p)
     assert m2.config == m.config
     for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()): assert torch.equal(a, b), k
-    assert torch.equal(m2.diffusion.alpha_bar, m.diffusion.alpha_bar)
+    assert torch.equal(m2.diffusion.schedule(), m.diffusion.schedule())   # the loaded denoiser computes its own schedule
+    with torch.device("meta"): fresh = DiffusionMLP(3, 8, width=8, depth=1)
+    fresh = fresh.to_empty(device="cpu"); assert torch.equal(fresh.schedule(), m.diffusion.schedule())   # no buffer to restore
+    assert fresh.double().schedule().dtype == torch.float64 and fresh.bfloat16().schedule().dtype == torch.float32
     with pytest.raises(ConfigError, match="different config"): load_model(p, config=m.config.replace(depth=3))
     save_weights(tmp_path / "bad.safetensors", _model(depth=3), m.config, kind="heptapod")
     with pytest.raises(ConfigError, match="does not match"): load_model(tmp_path / "bad.safetensors")

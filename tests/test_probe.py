@@ -13,7 +13,7 @@ import torch.nn as nn
 from heptapod_nb.sample import generate
 from heptapod_nb.model import Heptapod, HeptapodConfig
 from heptapod_nb.ablation import next_position_ce
-from heptapod_nb.head import select_targets
+from heptapod_nb.targets import select_targets
 from heptapod_nb.probe import (backbone_states, ce_by_position, class_coverage, commitment_curves, mnist_is, probe_accuracy,
                                probe_model, probe_steps, probe_table, quality_metrics, step_cost, summarize_probe)
 

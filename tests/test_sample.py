@@ -5,7 +5,7 @@ import pytest
 import torch
 
 torch.set_num_threads(1)   # on the shared 2-core box, 2 spinning OpenMP threads are many times slower (BENCHMARKS.md)
-from heptapod_nb.head import Targets, make_order, num_slots, window_size
+from heptapod_nb.targets import Targets, make_order, num_slots, window_size
 from heptapod_nb.model import Heptapod, HeptapodConfig
 from heptapod_nb.sample import (NoTrace, Trace, TraceRecorder, TraceStep, filter_logits, generate, predict_remaining,
                                 sample_logits)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import heptapod_nb
 from heptapod_nb.config import ConfigError
 from heptapod_nb.data import TokenDataset
-from heptapod_nb.head import DiffusionMLP
+from heptapod_nb.tokens import DiffusionMLP
 from heptapod_nb.model import Heptapod, HeptapodConfig
 from heptapod_nb.pretrained import TOKENIZER_FORMATS, load_llamagen_vq, load_mar_kl, load_tokenizer_as
 from heptapod_nb.sample import generate
