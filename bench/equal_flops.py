@@ -70,7 +70,7 @@ def flops_per_step(model_config, info: dict, batch: int) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from heptapod_nb.model import Heptapod
-    from heptapod_nb.train import random_tokens
+    from heptapod_nb.model import random_tokens
     m = Heptapod(model_config).train()
     x, y = random_tokens(info, batch, "cpu", torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as fc: m(x, m.check_labels(y if model_config.num_classes else None, batch))["loss"].backward()
@@ -89,7 +89,8 @@ def plan(a, names: list[str], modes: list[str], root) -> dict:
     "{mode: allot(...)} for the configs `names` as `run_probe` (uncond) and `run_ablation` (cond) build them."
     import torch
     from heptapod_nb.probe import probe_model
-    from heptapod_nb.train import TrainConfig, TrainData, model_config_for
+    from heptapod_nb.train import TrainConfig, model_config_for
+    from heptapod_nb.train_data import TrainData
     torch.set_num_threads(a.threads)
     info = TrainData(TrainConfig(data=str(Path(root) / "train")), torch.device("cpu")).info
     out = {}

@@ -72,7 +72,7 @@ def choose_micro_batch(model, info, device, per_rank: int, amp, budget_bytes: fl
     """heptapod-train's `micro_batch="auto"` for one process: probe steps at 1 and 2 images, the largest divisor of
     `per_rank` within `train.AUTO_MARGIN` of the budget (the device's memory on CUDA); -> dict(micro_batch, ...)."""
     import torch
-    from heptapod_nb.train import AUTO_MARGIN, plan_micro_batch, probe_step_memory, resident_bytes
+    from heptapod_nb.cost import AUTO_MARGIN, plan_micro_batch, probe_step_memory, resident_bytes
     if budget_bytes is None:
         if device.type != "cuda": raise SystemExit("bench/gpu.py: --micro-batch auto off CUDA needs --memory-budget-gb")
         budget_bytes = torch.cuda.get_device_properties(device).total_memory
@@ -89,7 +89,8 @@ def bench_train(model, info, batch, steps, warmup, device, bf16, compile_, micro
     of a run), with clipping, AdamW and the EMA update as heptapod-train does them."""
     import torch
     from heptapod_nb.optim import EMA, backward, optimizer_step
-    from heptapod_nb.train import LossModule, param_groups, random_tokens
+    from heptapod_nb.model import LossModule, random_tokens
+    from heptapod_nb.optim import param_groups
     mb = micro_batch or batch
     if batch % mb: raise SystemExit(f"bench/gpu.py: micro-batch {mb} does not divide the batch {batch}")
     accum = batch // mb
@@ -149,7 +150,7 @@ def bench_sample(model, info, n, device, bf16):
 def flops_only(a, mc, model, info, params, device):
     "Counted FLOPs of one image (forward + backward, including any activation-checkpoint recompute) and the images/s and"
     " tokens/s per GPU they imply at `a.mfu` of an H100/H200's dense bf16 peak."
-    from heptapod_nb.train import LossModule, random_tokens
+    from heptapod_nb.model import LossModule, random_tokens
     x, y = random_tokens(info, 1, device)
     f = step_flops(lambda b: LossModule(model)(x, y), 1)
     peak = (a.peak_tflops or PEAK_BF16_TFLOPS["H100"]) * 1e12
@@ -220,7 +221,7 @@ def main(argv=None):
     import torch
     from heptapod_nb.config import apply_overrides, get_device, get_preset
     from heptapod_nb.model import PRESETS, Heptapod
-    from heptapod_nb.train import token_info
+    from heptapod_nb.model import token_info
     dev = get_device(a.device)
     cpu = dev.type == "cpu"
     if cpu: torch.set_num_threads(a.threads)

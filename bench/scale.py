@@ -117,7 +117,7 @@ def run_one(preset: str, variant: str, precision: str, batches, extra: dict, lla
     from heptapod_nb.config import get_preset
     from heptapod_nb.cost import per_image
     from heptapod_nb.model import PRESETS, Heptapod
-    from heptapod_nb.train import random_tokens, token_info
+    from heptapod_nb.model import random_tokens, token_info
     mc = get_preset(PRESETS, preset, **{**extra, **variant_overrides(variant)})
     torch.manual_seed(0)
     if variant == "ref": model = reference_model(mc)

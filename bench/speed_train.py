@@ -12,7 +12,8 @@ import torch
 
 from heptapod_nb.config import get_preset, parse_value
 from heptapod_nb.model import PRESETS, Heptapod
-from heptapod_nb.train import LossModule, param_groups, random_tokens, token_info
+from heptapod_nb.model import LossModule, random_tokens, token_info
+from heptapod_nb.optim import param_groups
 
 
 class Runner:

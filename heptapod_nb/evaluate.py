@@ -12,7 +12,7 @@ import torch
 
 from .config import ConfigError, RunLock, add_debug_arg, arg_float, arg_int, make_parent, weights_run, atomic_write_bytes, cli_main, write_json, get_device
 from .model import load_model
-from .optim import dist_env
+from .distributed import dist_env
 from .pretrained import TOKENIZER_FORMATS, load_tokenizer_as
 from .sample import generate
 from .tokens import token_kind

@@ -5,6 +5,7 @@
 # %% ../nbs/07_model.ipynb #2bb67f79
 from __future__ import annotations
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import ClassVar, Literal, Union
 
 import torch
@@ -17,7 +18,8 @@ from .targets import Targets, make_order, select_targets
 from .tokens import TOKEN_KINDS, VQTokens, token_kind
 
 # %% auto #0
-__all__ = ['PRESETS', 'HeptapodConfig', 'Heptapod', 'save_model', 'load_model']
+__all__ = ['PRESETS', 'TOKEN_FACT_KEYS', 'HeptapodConfig', 'Heptapod', 'save_model', 'load_model', 'token_info', 'random_tokens',
+           'LossModule']
 
 # %% ../nbs/07_model.ipynb #57c96b2b
 @dataclass
@@ -245,3 +247,30 @@ def load_model(path, device="cpu", config: HeptapodConfig | None = None) -> Hept
     model = model.to_empty(device=device)
     model.load_state_dict(sd)
     return model.eval()
+
+# %% ../nbs/07_model.ipynb #e0c4cd55
+TOKEN_FACT_KEYS = {"kind": ("kind", "token_kind", "tokens"), "grid": ("grid", "grid_size"),
+              "vocab_size": ("vocab_size", "codebook_size"), "channels": ("channels", "token_channels", "token_dim"),
+              "num_classes": ("num_classes",)}
+
+def token_info(model_config) -> dict:
+    "The token facts (kind, grid, vocab_size, channels, num_classes) that a model config holds."
+    out = {}
+    for key, candidates in TOKEN_FACT_KEYS.items():
+        for c in candidates:
+            if hasattr(model_config, c): out[key] = getattr(model_config, c); break
+    return out
+
+def random_tokens(info: dict, batch: int, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    "Random `(tokens, labels)` shaped like a TokenDataset batch for `info` (benchmarks, smoke tests)."
+    nc = info.get("num_classes") or 1
+    x = token_kind(SimpleNamespace(**info)).random(batch, tuple(info["grid"]), generator, device)
+    return x, torch.randint(nc, (batch,), generator=generator).to(device)
+
+class LossModule(nn.Module):
+    "`forward(tokens, labels)` = `model.loss(tokens, labels)`, so DDP/FSDP/compile see the loss as the forward."
+    def __init__(self, model: nn.Module):
+        super().__init__(); self.model = model
+    def forward(self, tokens, labels):
+        if getattr(getattr(self.model, "config", None), "num_classes", None) == 0: labels = None   # unconditional model:
+        return self.model.loss(tokens, labels)                                                   # a dataset's labels unused

@@ -16,36 +16,19 @@ from tqdm.auto import tqdm
 
 from .config import (Config, ConfigError, FAST, RunLock, add_debug_arg, arg_float, arg_int, apply_overrides, atomic_save, cli_main,
                                 deprecated, one_line, write_json, get_preset, seed_everything)
-from .optim import DistInfo, backward_step, barrier, dist_env, lr_factor, setup_distributed
-from .data import ImageFolderDataset, TokenDataset, check_image_channels, load_mnist5k, worker_error
+from .optim import backward_step, lr_factor
+from .distributed import DistInfo, barrier, dist_env, setup_distributed
+from .data import DATASETS, TokenDataset, check_image_channels, data_channels, has_split, load_images, worker_error
 from .tokenizer import TOKENIZER_PRESETS, TokenizerConfig, build_tokenizer, load_tokenizer, psnr, save_tokenizer
 from .tokens import token_sizes
 from .tokenizer_losses import LPIPS, PatchDiscriminator, adaptive_weight, hinge_d_loss, recon_loss
 
 # %% auto #0
-__all__ = ['TOKENIZER_RUN_FILES', 'TOKEN_FILES', 'load_images', 'data_channels', 'default_workers', 'check_out_dir', 'batches',
-           'TokenizerTrainConfig', 'evaluate', 'codebook_fingerprint', 'check_ranks_agree', 'fit_scale_factor',
-           'train_tokenizer', 'train_tokenizer_main', 'train_tokenizer_cli', 'extract_tokens', 'extract_main',
-           'extract_cli']
+__all__ = ['TOKENIZER_RUN_FILES', 'TOKEN_FILES', 'default_workers', 'check_out_dir', 'batches', 'TokenizerTrainConfig',
+           'evaluate', 'codebook_fingerprint', 'check_ranks_agree', 'fit_scale_factor', 'train_tokenizer',
+           'train_tokenizer_main', 'train_tokenizer_cli', 'extract_tokens', 'extract_main', 'extract_cli']
 
 # %% ../nbs/04_tokenizer_train.ipynb #03233827
-def load_images(data: str, split: str = "train", image_size: int = 256, flip: bool = False, channels: int | None = None,
-                skip_bad: bool = False, verify: bool = False):
-    """`mnist5k` (32x32, 1 channel) or an image folder path -> a dataset of ((C, H, W) in [-1, 1], label).
-    A folder loads with `channels` (1 or 3; None or 0: detected from the images), `skip_bad`, `verify` as `ImageFolderDataset`."""
-    if data == "mnist5k":
-        if channels not in (None, 0, 1): raise ConfigError(f"mnist5k is grayscale (1 channel); --channels {channels} does not apply")
-        return load_mnist5k(split)
-    root = Path(data)
-    if not root.exists(): raise FileNotFoundError(f"--data must be 'mnist5k' or an image folder; not found: {root}")
-    if not root.is_dir(): raise NotADirectoryError(f"--data must be 'mnist5k' or an image folder; {root} is a file")
-    if (root / split).is_dir(): root = root / split
-    return ImageFolderDataset(root, size=image_size, flip=flip, skip_bad=skip_bad, channels=channels or None, verify=verify)
-
-def data_channels(ds) -> int:
-    "Channels of the images `ds` gives: an `ImageFolderDataset`'s `channels`, an in-memory dataset's image shape."
-    return ds.channels if isinstance(ds, ImageFolderDataset) else int(ds.images.shape[1])
-
 def default_workers(world: int = 1) -> int:
     "DataLoader workers per process: min(4, CPUs per process - 1); 0 when a process has 2 CPUs or fewer."
     try: n = len(os.sched_getaffinity(0))
@@ -88,7 +71,7 @@ def batches(ds, batch_size: int, rank: int, world: int, seed: int, epoch: int = 
 class TokenizerTrainConfig(Config):
     "One tokenizer training run."
     preset: str = "tiny-vq"                 # TOKENIZER_PRESETS name
-    data: str = "mnist5k"                   # 'mnist5k' or an image folder (class sub-folders; uses <data>/train if present)
+    data: str = "mnist5k"                   # a name of data.DATASETS or an image folder (class sub-folders; <data>/train if present)
     channels: int = 0                       # folder images as 1 (grayscale) or 3 (RGB); 0: detect (1 if all grayscale)
     skip_bad: bool = False                  # leave unreadable images out (listed at the end) instead of stopping
     image_size: int = 0                     # folder images are resized to this (0: the preset's image_size)
@@ -228,8 +211,9 @@ def _train_images(cfg: TokenizerTrainConfig, tcfg: TokenizerConfig, overrides, l
     if len(train_ds) // world < cfg.batch_size:      # the batch loop would never yield a batch
         raise ConfigError(f"{cfg.data} has {len(train_ds)} training images ({len(train_ds) // world} per process), fewer than "
                           f"one batch of --batch-size {cfg.batch_size}: lower --batch-size or add images")
-    if cfg.data == "mnist5k" and size != 32:
-        raise ConfigError(f"mnist5k images are 1x32x32 but the tokenizer expects {tcfg.in_channels}x{size}x{size}")
+    if cfg.data in DATASETS and size != (shape := DATASETS[cfg.data].image_shape)[-1]:
+        raise ConfigError(f"{cfg.data} images are {'x'.join(map(str, shape))} but the tokenizer expects "
+                          f"{tcfg.in_channels}x{size}x{size}")
     return train_ds, tcfg.replace(image_size=size)
 
 def _resume_state(tok, loaded, tcfg: TokenizerConfig, ckpt: Path, state_path: Path, device) -> dict:
@@ -330,8 +314,8 @@ class _TokenizerRun:
         self.stats.update(tok.batch_stats(idx))
 
     def evaluate(self, final: bool = False) -> dict:
-        "Val metrics: all of MNIST-5k's val, or `eval_batches` batches of a folder (every batch at the end for MNIST)."
-        if self.cfg.data == "mnist5k": return evaluate(self.tok, self.val_ds, 250, None if final else self.cfg.eval_batches)
+        "Val metrics: `eval_batches` batches (a bundled dataset: of 250, and its whole val set at the end), or of a folder."
+        if self.cfg.data in DATASETS: return evaluate(self.tok, self.val_ds, 250, None if final else self.cfg.eval_batches)
         return evaluate(self.tok, self.val_ds, self.cfg.batch_size, self.cfg.eval_batches)
 
     def summary(self, train_s: float) -> dict:
@@ -360,7 +344,7 @@ def _setup_tokenizer_run(cfg: TokenizerTrainConfig, overrides, resume: bool, ove
     train_ds, tcfg = _train_images(cfg, tcfg, overrides, loaded, ckpt, di.world)
     tok = build_tokenizer(tcfg, di.device)
     state = _resume_state(tok, loaded, tcfg, ckpt, state_path, di.device) if loaded is not None else None
-    has_val = cfg.data == "mnist5k" or (Path(cfg.data) / "val").is_dir()
+    has_val = has_split(cfg.data, "val")
     val_ds = load_images(cfg.data, "val", tcfg.image_size, channels=tcfg.in_channels, skip_bad=cfg.skip_bad) if has_val else None
     if overwrite and di.main:
         for f in existing: (out / f).unlink(missing_ok=True)
@@ -533,8 +517,8 @@ def extract_main(argv=None) -> dict:
     "`heptapod-extract` as a function: errors raise; prints and returns the meta dict (also in <out>/meta.json)."
     p = argparse.ArgumentParser(prog="heptapod-extract", description="Encode a dataset into a TokenDataset folder.")
     p.add_argument("--tokenizer", required=True, help="tokenizer .safetensors written by heptapod-train-tokenizer")
-    p.add_argument("--data", default="mnist5k", help="'mnist5k' or an image folder")
-    p.add_argument("--split", default="train", help="train | val (mnist5k; a folder uses <data>/<split> if present)")
+    p.add_argument("--data", default="mnist5k", help=f"{' / '.join(DATASETS)} or an image folder")
+    p.add_argument("--split", default="train", help="train | val (a folder uses <data>/<split> if present)")
     p.add_argument("--out", required=True, help="output TokenDataset folder")
     p.add_argument("--augs", type=arg_int(1, 2), default=1, help="1, or 2 to add a horizontal-flip copy")
     p.add_argument("--batch-size", type=arg_int(1), default=256, help="per process")

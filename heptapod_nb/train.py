@@ -4,38 +4,33 @@
 
 # %% ../nbs/09_train.ipynb #001e9fb0
 from __future__ import annotations
-import argparse, contextlib, dataclasses, hashlib, json, math, random, re, signal, sys, threading, time, warnings
+import argparse, contextlib, dataclasses, json, math, signal, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Literal, Union
+from typing import Callable, Literal, Union
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import (Config, ConfigError, FAST, RunLock, add_debug_arg, arg_float, arg_int, apply_overrides, atomic_save, atomic_write_bytes,
-                                cli_main, parse_value, write_json, get_preset, seed_everything, check_state_dict, save_weights)
-from .optim import (DistInfo, EMA, TrainingDiverged, backward, barrier, broadcast_object, dist_env, lr_factor,
-                               optimizer_step, param_groups, setup_distributed, step_progress)
-from .data import ImageFolderDataset, TokenDataset, load_mnist5k, worker_error
-from .tokenizer import load_tokenizer
-from .transformer import Block
-from .head import HEADS
-from .model import PRESETS, Heptapod, save_model
-from .tokens import token_kind, token_sizes
-from .cost import per_image
+from .config import (Config, ConfigError, RunLock, add_debug_arg, arg_float, arg_int, apply_overrides, atomic_write_bytes,
+                                cli_main, parse_value, get_preset, seed_everything, check_state_dict, save_weights)
+from .optim import EMA, TrainingDiverged, backward, lr_factor, optimizer_step, param_groups, step_progress
+from .distributed import (DistInfo, barrier, broadcast_object, dist_env, full_model_state, full_optim_state,
+                                     setup_distributed, shard_fsdp)
+from .checkpoint import (CKPT_FORMAT, CheckpointError, StopSignals, ignore_stop_signals, latest_good_checkpoint,
+                                    list_checkpoints, load_checkpoint, prune_checkpoints, resolve_resume, rng_state,
+                                    save_checkpoint, set_rng_state)
+from .data import worker_error
+from .train_data import TrainData, rank_batches
+from .model import PRESETS, TOKEN_FACT_KEYS, Heptapod, LossModule, save_model
+from .cost import plan_micro_batch, probe_step_memory, resident_bytes
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'FSDP_UNITS', 'AUTO_MARGIN', 'RUN_FILES', 'TrainConfig', 'split_overrides', 'make_config',
-           'epoch_permutation', 'rank_batches', 'TrainData', 'model_config_for', 'token_info', 'random_tokens',
-           'LossModule', 'lr_lambda', 'CheckpointError', 'save_checkpoint', 'verify_checkpoint', 'load_checkpoint',
-           'list_checkpoints', 'latest_good_checkpoint', 'resolve_resume', 'prune_checkpoints', 'rng_state',
-           'set_rng_state', 'fsdp_units', 'StopSignals', 'resident_bytes', 'plan_micro_batch', 'probe_step_memory',
-           'run_files', 'train', 'build_parser', 'main', 'read_metrics', 'plot_metrics']
+__all__ = ['RUN_FILES', 'TrainConfig', 'split_overrides', 'make_config', 'model_config_for', 'lr_lambda', 'run_files', 'train',
+           'build_parser', 'main', 'read_metrics', 'plot_metrics']
 
 # %% ../nbs/09_train.ipynb #54ebf55c
 @dataclass
@@ -107,70 +102,12 @@ def make_config(overrides=(), config_file: str | None = None, **kwargs) -> Train
     cfg = apply_overrides(cfg, train_ov)
     return cfg.replace(model={**cfg.model, **model_ov}) if model_ov else cfg
 
-# %% ../nbs/09_train.ipynb #e810f851
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    "The order of the `n` examples in `epoch`: a fixed function of `(seed, epoch)`."
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-def rank_batches(n: int, seed: int, epoch: int, start: int, batch_size: int, rank: int, world: int,
-                 micro_batch: int) -> list[list[int]]:
-    "Index lists of this rank's micro-batches for steps `start ..` of `epoch`, in order."
-    perm, per_rank = epoch_permutation(n, seed, epoch), batch_size // world
-    out = []
-    for s in range(start, n // batch_size):
-        mine = perm[s * batch_size + rank * per_rank: s * batch_size + (rank + 1) * per_rank]
-        out += [mine[a: a + micro_batch].tolist() for a in range(0, per_rank, micro_batch)]
-    return out
-
-# %% ../nbs/09_train.ipynb #66b24cb7
-class TrainData:
-    "The training set and how to turn one of its batches into `(tokens, labels)` on `device`."
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        if not cfg.data: raise ConfigError("no training data: pass --data (a TokenDataset folder, or mnist5k / an image folder with --tokenizer)")
-        self.tokenizer = None
-        if cfg.tokenizer:
-            self.tokenizer = load_tokenizer(cfg.tokenizer).to(device).eval()
-            for p in self.tokenizer.parameters(): p.requires_grad_(False)
-            self.dataset = load_mnist5k("train") if cfg.data == "mnist5k" else ImageFolderDataset(
-                cfg.data, cfg.image_size or self.tokenizer.image_shape[-1], flip=True)
-            x0, _ = self.dataset[0]
-            c_img, c_tok = int(x0.shape[0]), int(self.tokenizer.image_shape[0])
-            if c_img != c_tok:
-                raise ConfigError(f"--data {cfg.data} gives {c_img}-channel images but tokenizer {cfg.tokenizer} was trained on "
-                                  f"{c_tok}-channel images (its in_channels): use a tokenizer made for this data")
-            t0, tok = self.encode(x0[None].to(device)), self.tokenizer
-            self.info = dict(kind=tok.kind, grid=tuple(t0.shape[-2:]), num_classes=self.dataset.num_classes,
-                             **token_sizes(tok))
-        else:
-            if cfg.data == "mnist5k" or not (Path(cfg.data) / "meta.json").exists():
-                raise ConfigError(f"--data {cfg.data!r} is not a token dataset (no meta.json); to train on images pass --tokenizer too")
-            self.dataset = TokenDataset(cfg.data, aug=cfg.aug, seed=cfg.seed)
-            d = self.dataset
-            self.info = dict(kind=d.kind, grid=tuple(d.grid), num_classes=d.num_classes, vocab_size=d.vocab_size, channels=d.channels)
-        self.tokens_per_image = self.info["grid"][0] * self.info["grid"][1]
-
-    def set_epoch(self, epoch: int):
-        if hasattr(self.dataset, "set_epoch"): self.dataset.set_epoch(epoch)
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.tokenizer.encode(images)
-
-    def to_tokens(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-        x = x.to(device, non_blocking=True)
-        return self.encode(x) if self.tokenizer is not None else x
-
 # %% ../nbs/09_train.ipynb #4b9ae345
-_DATA_KEYS = {"kind": ("kind", "token_kind", "tokens"), "grid": ("grid", "grid_size"),
-              "vocab_size": ("vocab_size", "codebook_size"), "channels": ("channels", "token_channels", "token_dim"),
-              "num_classes": ("num_classes",)}
-
 def model_config_for(cfg: TrainConfig, info: dict):
     "The model config: preset `cfg.preset`, the data's token facts, then `cfg.model` overrides."
     mc = get_preset(PRESETS, cfg.preset)
     names, facts = set(type(mc).field_names()), {}
-    for key, candidates in _DATA_KEYS.items():
+    for key, candidates in TOKEN_FACT_KEYS.items():
         if info.get(key) is None: continue
         for c in candidates:
             if c in names:
@@ -180,219 +117,18 @@ def model_config_for(cfg: TrainConfig, info: dict):
     mc = mc.replace(**facts)
     return apply_overrides(mc, dict(cfg.model))
 
-def token_info(model_config) -> dict:
-    "The token facts (kind, grid, vocab_size, channels, num_classes) that a model config holds."
-    out = {}
-    for key, candidates in _DATA_KEYS.items():
-        for c in candidates:
-            if hasattr(model_config, c): out[key] = getattr(model_config, c); break
-    return out
-
-def random_tokens(info: dict, batch: int, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    "Random `(tokens, labels)` shaped like a TokenDataset batch for `info` (benchmarks, smoke tests)."
-    nc = info.get("num_classes") or 1
-    x = token_kind(SimpleNamespace(**info)).random(batch, tuple(info["grid"]), generator, device)
-    return x, torch.randint(nc, (batch,), generator=generator).to(device)
-
-class LossModule(nn.Module):
-    "`forward(tokens, labels)` = `model.loss(tokens, labels)`, so DDP/FSDP/compile see the loss as the forward."
-    def __init__(self, model: nn.Module):
-        super().__init__(); self.model = model
-    def forward(self, tokens, labels):
-        if getattr(getattr(self.model, "config", None), "num_classes", None) == 0: labels = None   # unconditional model:
-        return self.model.loss(tokens, labels)                                                   # a dataset's labels unused
-
 # %% ../nbs/09_train.ipynb #5e045ab4
 def lr_lambda(cfg: TrainConfig):
     "Multiplier of `cfg.lr` at a step (`optim.lr_factor`): linear warmup, then cosine down to `min_lr` (or constant)."
     floor = cfg.min_lr / cfg.lr if cfg.lr else 0.0
     return lambda step: lr_factor(step_progress(step, cfg.steps, cfg.warmup), step, cfg.warmup, floor, cfg.schedule)
 
-# %% ../nbs/09_train.ipynb #438aa11a
-class CheckpointError(ConfigError):
-    "A checkpoint that is missing, truncated, corrupt or from another model."
-
-CKPT_FORMAT = "heptapod_nb.train/1"
-_CKPT_RE = re.compile(r"^step_(\d{8,})\.pt$")
-_EXPECTED = ("--resume takes a training checkpoint (RUN/checkpoints/step_XXXXXXXX.pt, with its .json sidecar) or a run "
-             "folder (RUN), or no value for the newest checkpoint in --out")
-
-def _sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk): h.update(b)
-    return h.hexdigest()
-
-def save_checkpoint(path, state: dict) -> Path:
-    "Write `state` to `path` atomically (temp + fsync + rename), then its `.json` sidecar (size, sha256, step)."
-    path = atomic_save(path, lambda f: torch.save(state, f))
-    side = dict(format=CKPT_FORMAT, step=int(state.get("step", -1)), bytes=path.stat().st_size, sha256=_sha256(path))
-    write_json(path.with_suffix(".json"), side)
-    return path
-
-def _weights_or_not(path: Path) -> str:
-    "'model weights (for sampling), ' when `path` really is a safetensors file, else ''."
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), "pt"): return "model weights (for sampling), "
-    except Exception: return ""
-
-def verify_checkpoint(path) -> dict:
-    "The sidecar of checkpoint `path` if the file is complete and intact; `CheckpointError` naming the problem if not."
-    path = Path(path)
-    if not path.exists(): raise CheckpointError(f"checkpoint not found: {path}")
-    if path.is_dir(): raise CheckpointError(f"{path} is a folder; {_EXPECTED}")
-    side_path = path.with_suffix(".json")
-    if path.suffix != ".pt":
-        raise CheckpointError(f"{path} is {_weights_or_not(path)}not a training checkpoint; {_EXPECTED}")
-    if not side_path.exists():
-        raise CheckpointError(f"checkpoint {path} has no sidecar {side_path.name}: its write never finished, refusing it")
-    try: side = json.loads(side_path.read_text())
-    except json.JSONDecodeError as e: raise CheckpointError(f"checkpoint sidecar {side_path} is not valid JSON: {e}") from e
-    if not isinstance(side, dict) or side.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path} is not a heptapod_nb training checkpoint (its {side_path.name} is not a "
-                              f"checkpoint sidecar of format {CKPT_FORMAT}); {_EXPECTED}")
-    size = path.stat().st_size
-    if size != side.get("bytes"):
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {size} bytes on disk, {side.get('bytes')} were written")
-    if _sha256(path) != side.get("sha256"):
-        raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match the one recorded when it was written")
-    return side
-
-def load_checkpoint(path, map_location="cpu", verify: bool = True) -> dict:
-    "A verified checkpoint's state dict (`CheckpointError` if the file is damaged or not a training checkpoint)."
-    if verify: verify_checkpoint(path)
-    try: state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path} is not a heptapod_nb training checkpoint (format {CKPT_FORMAT})")
-    return state
-
-def list_checkpoints(folder) -> list[Path]:
-    "Checkpoint files in `folder`, oldest first (by step)."
-    folder = Path(folder)
-    if not folder.is_dir(): return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-def latest_good_checkpoint(folder, log=print) -> Path | None:
-    "The newest checkpoint in `folder` that verifies; damaged ones are reported through `log` and skipped."
-    for p in reversed(list_checkpoints(folder)):
-        try: verify_checkpoint(p); return p
-        except CheckpointError as e: log(f"refusing {e}; falling back to the previous checkpoint")
-    return None
-
-def resolve_resume(resume, log=print) -> Path | None:
-    """The checkpoint that `--resume PATH` names: PATH itself (verified), or the newest good checkpoint of a run
-    folder (`PATH/checkpoints/`) or of a checkpoints folder; `CheckpointError` saying what was expected otherwise."""
-    path = Path(resume)
-    if path.is_dir():
-        for folder in (path / "checkpoints", path):
-            if list_checkpoints(folder):
-                found = latest_good_checkpoint(folder, log=log)
-                if found is None: raise CheckpointError(f"no checkpoint in {folder} verifies (all are damaged)")
-                return found
-        raise CheckpointError(f"{path} holds no training checkpoint (step_XXXXXXXX.pt, here or in {path / 'checkpoints'}); {_EXPECTED}")
-    verify_checkpoint(path)
-    return path
-
-def prune_checkpoints(folder, keep: int):
-    "Delete all but the newest `keep` checkpoints (sidecar first, so a half-deleted one is never trusted)."
-    found = list_checkpoints(folder)
-    for p in found[:max(0, len(found) - keep)]:
-        p.with_suffix(".json").unlink(missing_ok=True); p.unlink(missing_ok=True)
-
-# %% ../nbs/09_train.ipynb #bc48bdd3
-def rng_state(device: torch.device) -> dict:
-    "This process's Python, NumPy, torch (and CUDA) RNG states."
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-def set_rng_state(s: dict, device: torch.device):
-    "Restore what `rng_state` returned."
-    random.setstate(s["python"])
-    name, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(s["torch"])
-    if device.type == "cuda" and s.get("cuda") is not None: torch.cuda.set_rng_state(s["cuda"], device)
-
 # %% ../nbs/09_train.ipynb #754f09d2
-FSDP_UNITS: tuple[type, ...] = (Block, *HEADS.values())   # the backbone blocks and every head class
-
-def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    "The modules FSDP shards as units: every instance of a class in `FSDP_UNITS` (subclasses included)."
-    return [m for m in model.modules() if isinstance(m, FSDP_UNITS)]
-
-def _shard_fsdp(wrapper: LossModule, bf16: bool):
-    """FSDP2: shard every backbone block and the 2D head as units, then the rest (embeddings, diffusion MLP) at the
-    root. A unit must use its parameters only inside its own `forward` (FSDP gathers them in a forward hook): the
-    head's blocks are not units because `Head2D.forward` (and `MLPHead.forward`) call their adaLN layers themselves."""
-    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy   # lazy: only FSDP runs need it
-    # bf16 compute reduces gradients in float32; otherwise in the parameters' own dtype (float32, or float64)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
-    blocks = fsdp_units(wrapper.model)
-    for m in blocks: fully_shard(m, mp_policy=mp)
-    fully_shard(wrapper, mp_policy=mp)
-    return len(blocks)
-
-def _full_model_state(raw: nn.Module, wrapper, fsdp: bool) -> dict:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
-        sd = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k[len("model."):]: v for k, v in sd.items()}
-    return {k: v.detach().cpu() for k, v in raw.state_dict().items()}
-
-def _full_optim_state(wrapper, opt, fsdp: bool) -> dict:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, StateDictOptions
-        return get_optimizer_state_dict(wrapper, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return opt.state_dict()
-
 def _export(raw: nn.Module, sd: dict, path: Path, where: str = "", run: dict | None = None):
     "Save weights `sd` of a model like `raw` for sampling/eval (`heptapod_nb.model.save_model` for a Heptapod)."
     if isinstance(raw, Heptapod):
         m = Heptapod(raw.config); m.load_state_dict(sd); return save_model(m, path, where, run)
     return save_weights(path, sd, getattr(raw, "config", None), kind=type(raw).__name__.lower(), where=where, run=run)
-
-class StopSignals:
-    """While active (in the main thread), SIGINT and SIGTERM only set `signum`: the step in progress finishes, the
-    loop writes a checkpoint and returns. A second signal interrupts at once (`KeyboardInterrupt`), except while a
-    checkpoint is being written (`critical()`): then it waits until the write is done, so the run never ends
-    between a started and a finished checkpoint."""
-    NAMES = ("SIGINT", "SIGTERM")
-    def __init__(self): self.signum, self._old, self._critical, self._pending = None, {}, False, None
-    def _handle(self, signum, frame):
-        if self.signum is None: self.signum = signum
-        elif self._critical: self._pending = signum
-        else: raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-
-    @contextlib.contextmanager
-    def critical(self):
-        "A section a second signal does not interrupt: it is raised when the section ends."
-        self._critical = True
-        try: yield
-        finally:
-            self._critical = False
-            if self._pending is not None:
-                sig, self._pending = self._pending, None
-                raise KeyboardInterrupt(f"second {signal.Signals(sig).name}")
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for name in self.NAMES:
-                if (sig := getattr(signal, name, None)) is not None: self._old[sig] = signal.signal(sig, self._handle)
-        return self
-    def __exit__(self, *exc):
-        for sig, old in self._old.items(): signal.signal(sig, old if old is not None else signal.SIG_DFL)
-        self._old = {}
-
-def _worker_init(worker_id: int):
-    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops the run cleanly (they would die
-    mid-batch). So a worker outlives a plain `terminate()`: the loop shuts its workers down itself on every exit
-    (else `multiprocessing`'s exit handler would wait for them forever)."""
-    for name in StopSignals.NAMES:
-        if (sig := getattr(signal, name, None)) is not None: signal.signal(sig, signal.SIG_IGN)
 
 def _cfg_dict(m: nn.Module):
     c = getattr(m, "config", None)
@@ -401,42 +137,6 @@ def _cfg_dict(m: nn.Module):
 
 
 # %% ../nbs/09_train.ipynb #314b7e57
-AUTO_MARGIN = 0.8       # micro_batch="auto" plans for at most this fraction of the memory budget
-
-def resident_bytes(model: nn.Module, ema: bool, ddp: bool = False, optimizer_states: int = 2) -> int:
-    """Bytes a training run holds whatever its micro-batch: weights and buffers, a gradient per trainable weight, the
-    optimizer's `optimizer_states` copies (AdamW: 2), the float32 EMA copy and DDP's gradient buckets."""
-    ps = list(model.parameters())
-    train_b = sum(p.numel() * p.element_size() for p in ps if p.requires_grad)
-    held = sum(p.numel() * p.element_size() for p in ps) + sum(b.numel() * b.element_size() for b in model.buffers())
-    return held + train_b * (1 + optimizer_states + int(ddp)) + (4 * sum(p.numel() for p in ps) if ema else 0)
-
-def plan_micro_batch(per_image: float, fixed: float, resident: float, budget: float, per_rank: int,
-                     margin: float = AUTO_MARGIN) -> int:
-    """The largest divisor `mb` of `per_rank` with resident + fixed + per_image * mb <= margin * budget (bytes);
-    `ConfigError` when one image does not fit."""
-    room = margin * budget - resident - fixed
-    if per_image > room:
-        gib = lambda b: f"{b / 2**30:.2f} GiB"
-        raise ConfigError(f"micro_batch=auto: one image does not fit the memory budget of {gib(budget)}: a step of one "
-                          f"image needs {gib(resident + fixed + per_image)} (run state {gib(resident)}, step {gib(fixed + per_image)}), "
-                          f"over the {margin:.0%} planned; raise memory_budget_gb, use a smaller model or shard it (--fsdp)")
-    return max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d * per_image <= room)
-
-def probe_step_memory(model: nn.Module, info: dict, device, amp=contextlib.nullcontext, batches=(1, 2), seed: int = 0) -> dict:
-    """Peak memory of forward + backward on random batches of `batches` images (`info`: the token facts), in train
-    mode under `amp`; -> `cost.per_image`'s dict(per_image, fixed) in bytes. RNG states are restored and gradients
-    cleared afterwards."""
-    device = torch.device(device)
-    net, saved, was = LossModule(model), rng_state(device), model.training
-    g = torch.Generator().manual_seed(seed)
-    def loss_fn(b):
-        x, y = random_tokens(info, b, device, g)
-        with amp(): return net(x, y)
-    model.train()
-    try: return per_image(loss_fn, model.parameters(), device, batches, flops=False)["peak_bytes"]
-    finally: set_rng_state(saved, device); model.train(was)
-
 def _auto_micro_batch(cfg: TrainConfig, di: DistInfo, raw: nn.Module, info: dict, bf16: bool, state, per_rank: int) -> tuple[int, str]:
     "micro_batch=auto: the checkpoint's (same world size) or the planned micro-batch; -> (it, what the run header adds)."
     kept = state.get("micro_batch") if state is not None else None
@@ -521,7 +221,7 @@ def _build_model(cfg: TrainConfig, model, info: dict, dev, state, ck_path) -> nn
 def _wrap(raw: nn.Module, cfg: TrainConfig, di: DistInfo, bf16: bool):
     "(LossModule, the module the loop calls, the DDP module or None): FSDP, DDP or plain, then compiled if asked."
     wrapper, ddp = LossModule(raw), None
-    if cfg.fsdp: _shard_fsdp(wrapper, bf16); net = wrapper
+    if cfg.fsdp: shard_fsdp(wrapper, bf16); net = wrapper
     elif di.initialized:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ddp = net = DDP(wrapper, device_ids=[di.device.index] if di.device.type == "cuda" else None)
@@ -567,18 +267,39 @@ def _start_log(out: Path, cfg: TrainConfig, raw: nn.Module, state, step: int) ->
     return metrics_path
 
 # %% ../nbs/09_train.ipynb #b38aef12
+@dataclass(kw_only=True, eq=False)
 class _Run:
-    "The state of one training run while the loop runs (see `train`)."
-    def __init__(self, cfg, di, data, raw, wrapper, net, ddp, opt, sched, ema, pos, mb, accum, bf16, out, ck_path, state, say, stop):
-        self.cfg, self.di, self.data, self.raw, self.wrapper, self.net, self.ddp = cfg, di, data, raw, wrapper, net, ddp
-        self.opt, self.sched, self.ema, self.mb, self.accum, self.say, self.stop = opt, sched, ema, mb, accum, say, stop
-        self.step, self.epoch, self.index = pos
-        self.out, self.ckdir, self.spe = out, out / "checkpoints", len(data.dataset) // cfg.batch_size
-        self.amp = (lambda: torch.autocast(di.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-        self.last_ckpt, self.ckpt_step, self.stopped_by = ck_path, (self.step if state is not None else None), None
+    "The state of one training run while the loop runs (see `train`): what `_setup` made, then the loop's counters."
+    cfg: TrainConfig
+    di: DistInfo
+    data: TrainData
+    raw: nn.Module                  # the model itself
+    wrapper: nn.Module              # the LossModule around it (FSDP-sharded with --fsdp)
+    net: nn.Module                  # what the loop calls: the wrapper, or DDP around it
+    ddp: bool
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: EMA | None
+    pos: tuple[int, int, int]       # (step, epoch, index in the epoch) to start from
+    mb: int                         # micro-batch of each process
+    accum: int                      # micro-batches per optimizer step
+    bf16: bool
+    out: Path
+    ck_path: Path | None            # the checkpoint resumed from
+    state: dict | None              # its contents
+    say: Callable
+    stop: StopSignals | None
+
+    def __post_init__(self):
+        self.step, self.epoch, self.index = self.pos
+        self.ckdir, self.spe = self.out / "checkpoints", len(self.data.dataset) // self.cfg.batch_size
+        self.amp = (lambda: torch.autocast(self.di.device.type, dtype=torch.bfloat16)) if self.bf16 else contextlib.nullcontext
+        state = self.state
+        self.last_ckpt, self.ckpt_step, self.stopped_by = self.ck_path, (self.step if state is not None else None), None
         self.acc_loss, self.acc_n = state.get("log_acc", (0.0, 0)) if state is not None else (0.0, 0)   # the log interval in progress
+        self.state = None                                                   # the loop never reads it again: free it
         self.last_loss, self.gn = float("nan"), float("nan")
-        self.metrics_path = out / "metrics.jsonl"
+        self.metrics_path = self.out / "metrics.jsonl"
         self.started = self.t0 = time.perf_counter()
 
     def checkpoint(self):
@@ -590,8 +311,8 @@ class _Run:
         else: rng_all = [rng_state(dev)]
         st = dict(format=CKPT_FORMAT, step=self.step, epoch=self.epoch, index=self.index, batch_size=cfg.batch_size, micro_batch=self.mb,
                   examples=len(self.data.dataset),
-                  world_size=di.world, model=_full_model_state(self.raw, self.wrapper, cfg.fsdp),
-                  optimizer=_full_optim_state(self.wrapper, self.opt, cfg.fsdp), scheduler=self.sched.state_dict(),
+                  world_size=di.world, model=full_model_state(self.raw, self.wrapper, cfg.fsdp),
+                  optimizer=full_optim_state(self.wrapper, self.opt, cfg.fsdp), scheduler=self.sched.state_dict(),
                   ema=self.ema.full_state() if self.ema else None, rng=rng_all, model_config=_cfg_dict(self.raw),
                   train_config=cfg.to_dict(), log_acc=(self.acc_loss, self.acc_n))
         if di.main:
@@ -654,7 +375,7 @@ class _Run:
         self.data.set_epoch(self.epoch)
         batches = rank_batches(len(self.data.dataset), cfg.seed, self.epoch, self.index, cfg.batch_size, self.di.rank, self.di.world, self.mb)
         loader = DataLoader(self.data.dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=dev.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.seed + self.epoch), worker_init_fn=_worker_init)
+                            generator=torch.Generator().manual_seed(cfg.seed + self.epoch), worker_init_fn=ignore_stop_signals)
         it, this_epoch = iter(loader), self.epoch
         try:
             while self.epoch == this_epoch and self.step < cfg.steps:
@@ -669,7 +390,7 @@ class _Run:
                     self.stopped_by = why
                     if self.ckpt_step != self.step: self.checkpoint()
                     break
-        finally:                                           # workers ignore SIGTERM (see _worker_init): end them here
+        finally:                                           # workers ignore SIGTERM (see ignore_stop_signals): end them here
             if hasattr(it, "_shutdown_workers"): it._shutdown_workers()
             del it, loader
 
@@ -681,7 +402,7 @@ class _Run:
     def finish(self) -> dict:
         """Export the weights of the last step (raw and EMA) for sampling and eval, also when the run stopped early
         (a signal, the time cap: their metadata says `finished: false`); -> the summary with their paths."""
-        sd = _full_model_state(self.raw, self.wrapper, self.cfg.fsdp)
+        sd = full_model_state(self.raw, self.wrapper, self.cfg.fsdp)
         ema_sd = self.ema.full_state() if self.ema is not None else None
         paths, where = {}, f"at step {self.step}"
         run = dict(step=self.step, steps=self.cfg.steps, finished=self.step >= self.cfg.steps)
@@ -755,7 +476,8 @@ def _setup(cfg: TrainConfig, resume, model, di: DistInfo, say, stop, overwrite: 
         f"{' FSDP' if cfg.fsdp else ' DDP' if ddp else ''}, {'bf16' if bf16 else 'fp32'}, global batch {B} = {di.world} x {accum} x {mb}{auto}, "
         f"{n} examples, {spe} steps/epoch, {cfg.steps} steps")
     if di.main: _start_log(out, cfg, raw, state, pos[0])
-    return _Run(cfg, di, data, raw, wrapper, net, ddp, opt, sched, ema, pos, mb, accum, bf16, out, ck_path, state, say, stop)
+    return _Run(cfg=cfg, di=di, data=data, raw=raw, wrapper=wrapper, net=net, ddp=ddp, opt=opt, sched=sched, ema=ema, pos=pos,
+                mb=mb, accum=accum, bf16=bf16, out=out, ck_path=ck_path, state=state, say=say, stop=stop)
 
 def _train(cfg: TrainConfig, resume, model, di: DistInfo, log, stop: StopSignals | None = None, overwrite: bool = False) -> dict:
     say = (log or (lambda m: print(m, flush=True))) if di.main else (lambda m: None)

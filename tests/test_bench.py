@@ -99,7 +99,7 @@ def test_gpu_bench_peaks_mfu_and_counted_flops():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from heptapod_nb.model import HeptapodConfig, Heptapod
-    from heptapod_nb.train import LossModule, random_tokens, token_info
+    from heptapod_nb.model import LossModule, random_tokens, token_info
     gpu = _load("gpu")
     for name, tf in [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
                      ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100 80GB PCIe", 312.0),

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from heptapod_nb.model import PRESETS, Heptapod
-from heptapod_nb.optim import (EMA, TrainingDiverged, backward, backward_step, dist_env, lr_factor, optimizer_step,
-                               param_groups, setup_distributed, step_progress)
+from heptapod_nb.distributed import dist_env, setup_distributed
+from heptapod_nb.optim import EMA, TrainingDiverged, backward, backward_step, lr_factor, optimizer_step, param_groups, step_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 

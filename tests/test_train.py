@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 from heptapod_nb.config import weights_run
 from heptapod_nb.data import TokenDataset
-from heptapod_nb.train import (CheckpointError, TrainingDiverged, list_checkpoints, load_checkpoint, main, make_config,
-                               read_metrics, train, verify_checkpoint)
+from heptapod_nb.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, verify_checkpoint
+from heptapod_nb.optim import TrainingDiverged
+from heptapod_nb.train import main, make_config, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -214,7 +215,8 @@ class NaNAfter(torch.nn.Module):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokens, tmp_path):
     from heptapod_nb.model import Heptapod
-    from heptapod_nb.train import TrainData, model_config_for
+    from heptapod_nb.train import model_config_for
+    from heptapod_nb.train_data import TrainData
     cfg = make_config(COMMON + ["steps=20", "ckpt_every=3"], preset="tiny", data=tokens,
                       out=str(tmp_path / "r"), progress=False)
     torch.manual_seed(0)
@@ -333,7 +335,7 @@ def test_fsdp_units_are_found_by_class_not_by_name():
     "FSDP shards every Block and Head2D, subclasses included: a renamed or new head class cannot be left unsharded."
     from heptapod_nb.head import Head2D, MLPHead
     from heptapod_nb.model import PRESETS, Heptapod
-    from heptapod_nb.train import FSDP_UNITS, fsdp_units
+    from heptapod_nb.distributed import FSDP_UNITS, fsdp_units
     from heptapod_nb.transformer import Block
     assert FSDP_UNITS == (Block, Head2D, MLPHead)
     m = Heptapod(PRESETS["tiny"].replace(dim=32, depth=3, n_heads=2, head_width=32, head_depth=1, head_heads=2))
@@ -356,7 +358,10 @@ def test_time_cap_ends_the_run_like_its_last_step(tokens, tmp_path):
 # ---- micro_batch="auto" (issue 23) -------------------------------------------------------------------------------
 def _auto_setup(tokens, tmp_path, *extra):
     "The run's model (built as the run builds it), its per-image step memory and run state, for the auto tests."
-    from heptapod_nb.train import TrainData, model_config_for, probe_step_memory, resident_bytes, token_info
+    from heptapod_nb.cost import probe_step_memory, resident_bytes
+    from heptapod_nb.model import token_info
+    from heptapod_nb.train import model_config_for
+    from heptapod_nb.train_data import TrainData
     from heptapod_nb.model import Heptapod
     from heptapod_nb.config import seed_everything
     cfg = make_config([*COMMON, *STEPS4, *extra], preset="tiny", data=tokens, out=str(tmp_path / "x"))
@@ -370,7 +375,8 @@ def test_auto_micro_batch_fits_the_budget_and_keeps_the_batch(tokens, tmp_path, 
     (8 would not fit), the global batch stays 8 by accumulating 2, the header says so, and a measured step of 4
     images (cost.PeakMemory) plus the run's state fits the budget. Random orders: the probe's draws would show."""
     from heptapod_nb.cost import measure_step
-    from heptapod_nb.train import AUTO_MARGIN, random_tokens, token_info
+    from heptapod_nb.cost import AUTO_MARGIN
+    from heptapod_nb.model import random_tokens, token_info
     rand = "model.order=random"
     model, peak, resident = _auto_setup(tokens, tmp_path, rand)
     budget = (resident + peak["fixed"] + 6 * peak["per_image"]) / AUTO_MARGIN
@@ -482,7 +488,7 @@ def test_train_user_errors_named(tokens, tmp_path, capsys):
 def test_a_second_signal_waits_for_the_checkpoint_being_written():
     """Issue 24: a second Ctrl-C while a checkpoint was being written ended the run with no checkpoint (1 try in 5).
     StopSignals defers a second signal inside `critical()` and raises it when the section ends."""
-    from heptapod_nb.train import StopSignals
+    from heptapod_nb.checkpoint import StopSignals
     s = StopSignals()
     s._handle(signal.SIGINT, None)                                     # the first: finish the step, checkpoint, stop
     assert s.signum == signal.SIGINT
