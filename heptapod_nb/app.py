@@ -18,15 +18,15 @@ from types import SimpleNamespace
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import (DEMO_FILES, FAST, Config, ConfigError, demo_dir, write_json, get_device, save_weights,
-                                 seed_everything, add_debug_arg, arg_float, arg_int, cli_main)
-from .viz import TraceView, view_for_model, trace_summary, images_to_uint8, _up, code_patches, group_alike
+                                 seed_everything, add_debug_arg, arg_float, arg_int, cli_main, images_to_uint8)
+from .viz import TraceView, view_for_model, trace_summary, upscale, code_patches, group_alike
 from .sample import Rows, is_next_token, predict_remaining
 from .serving import Batcher, FirstStepRecorder, Job, LiveRecorder, ModelProcess, SetRunner
 from .tokenizer import TOKENIZER_PRESETS, build_tokenizer, load_tokenizer, save_tokenizer
 from .model import PRESETS, Heptapod, load_model
 from .evaluate import check_compatible
 from .tokens import DiscreteTokenizer, token_kind
-from .head import ORDERS                      # the orders the sampler draws: the page offers each
+from .targets import ORDERS                      # the orders the sampler draws: the page offers each
 
 # %% auto #0
 __all__ = ['MAX_UPLOAD_SIDE', 'HEAT_TITLES', 'HEAT_INFO', 'HEAT_LABELS', 'PANEL_NAMES', 'INK', 'PAPER', 'MUTED', 'TITLE_H',
@@ -328,7 +328,7 @@ def render_figure(view: TraceView, t: int, which, overlay: bool = False, title: 
 def titled(img: np.ndarray, title: str, size: int = 256) -> np.ndarray:
     "`img` scaled (nearest) to `size` px wide under a one-line `title`."
     f = max(1, size // img.shape[1])
-    body = Image.fromarray(np.ascontiguousarray(_up(img, f)))
+    body = Image.fromarray(np.ascontiguousarray(upscale(img, f)))
     canvas = Image.new("RGB", (body.width + 2 * MARGIN, body.height + TITLE_H + MARGIN), PAPER)
     canvas.paste(body, (MARGIN, TITLE_H))
     _text(canvas, (MARGIN, TITLE_H // 2 + 2), title, 19, INK, "lm")
@@ -768,7 +768,7 @@ HeptapodApp.final_image = _final_image
 # %% ../nbs/13_app.ipynb #0a144070
 def _outlined(img: np.ndarray, r: int, c: int, cell: int, f: int = 4) -> np.ndarray:
     "`img` upscaled `f` times with grid cell (r, c) (`cell` px) outlined in cyan."
-    out = np.ascontiguousarray(_up(img, f))
+    out = np.ascontiguousarray(upscale(img, f))
     y, x, s = r * cell * f, c * cell * f, cell * f
     for k in range(2):
         out[y + k, x:x + s] = out[y + s - 1 - k, x:x + s] = (0, 200, 255)
@@ -847,7 +847,7 @@ def _complete(self, image, cls=0, n_seen=32, n_samples=4, seed=0, temperature=1.
     which = ("seen", "guess") + tuple(n for n in ("pixel_var", "entropy", "maxprob") if n in heatmaps_for(view))[:2]
     fig = render_figure(view, 0, which, title=title, caption="Grey in 'seen': hidden from the model. Heatmaps: how "
                         "sure it is of each hidden position. Cyan: the next position.")
-    gallery = [(np.ascontiguousarray(_up(a, 4)), f"completion {i + 1}") for i, a in enumerate(images_to_uint8(imgs))]
+    gallery = [(np.ascontiguousarray(upscale(a, 4)), f"completion {i + 1}") for i, a in enumerate(images_to_uint8(imgs))]
     return fig, gallery
 
 HeptapodApp.complete = _complete

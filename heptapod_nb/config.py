@@ -13,9 +13,9 @@ import torch
 # %% auto #0
 __all__ = ['FAST', 'DEMO_FILES', 'USER_ERRORS', 'get_device', 'seed_everything', 'demo_dir', 'ConfigError', 'deprecated',
            'Config', 'make_folder', 'make_parent', 'atomic_save', 'RunLock', 'atomic_write_bytes', 'write_json',
-           'to_uint8', 'parse_value', 'apply_overrides', 'get_preset', 'check_state_dict', 'weights_sha256',
-           'nonfinite_tensors', 'save_weights', 'weights_run', 'load_weights', 'add_debug_arg', 'arg_int', 'arg_float',
-           'cli_convention', 'one_line', 'cli_main']
+           'to_uint8', 'images_to_uint8', 'parse_value', 'apply_overrides', 'get_preset', 'check_state_dict',
+           'weights_sha256', 'nonfinite_tensors', 'save_weights', 'weights_run', 'load_weights', 'add_debug_arg',
+           'arg_int', 'arg_float', 'cli_convention', 'one_line', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #8fe41d5e
 FAST: bool = os.environ.get("HEPTAPOD_FAST", "0") not in ("", "0", "false", "False")
@@ -212,6 +212,13 @@ def write_json(path, obj, indent: int | None = 2, default=None) -> Path:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     "Float images in [-1, 1] (any shape, any device) -> uint8 in [0, 255]: clamped, then rounded to the nearest level."
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+def images_to_uint8(images) -> np.ndarray:
+    """Images (B, C, H, W) in [-1, 1] (C = 1 or 3; a tensor or an array) -> uint8 (B, H, W, 3) numpy, grey repeated to
+    3 channels: pictures to show and ADM `.npz` sample files. The rounding is `to_uint8`'s."""
+    x = to_uint8(torch.as_tensor(images).cpu())
+    if x.ndim != 4 or x.shape[1] not in (1, 3): raise ValueError(f"images must be (B, 1 or 3, H, W), got shape {tuple(x.shape)}")
+    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
 
 # %% ../nbs/00_config.ipynb #8b935e79
 def parse_value(s: str):

@@ -12,13 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from . import config
-from .config import ConfigError, atomic_save, check_state_dict, get_device
+from .config import ConfigError, atomic_save, check_state_dict, get_device, images_to_uint8
 from .metrics import feature_stats, frechet_distance, inception_score
 
 # %% auto #0
-__all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'ConvBN', 'InceptionA', 'InceptionB', 'InceptionC', 'InceptionD', 'InceptionE',
-           'InceptionV3', 'load_inception', 'images_to_float', 'inception_outputs', 'to_uint8', 'save_npz',
+__all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'to_uint8', 'ConvBN', 'InceptionA', 'InceptionB', 'InceptionC', 'InceptionD',
+           'InceptionE', 'InceptionV3', 'load_inception', 'images_to_float', 'inception_outputs', 'save_npz',
            'load_npz_images', 'save_ref_stats', 'load_ref_stats', 'inception_metrics', 'fid_from_npz']
 
 # %% ../nbs/10a_inception.ipynb #7a77d5b5
@@ -203,14 +202,12 @@ def inception_outputs(net: InceptionV3, images, batch_size: int = 50, device=Non
     return np.concatenate(pools), np.concatenate(logits)
 
 # %% ../nbs/10a_inception.ipynb #16bec82d
-def to_uint8(images_BCHW: torch.Tensor) -> np.ndarray:
-    "Float images (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, 3) numpy (grey repeated to 3 channels)."
-    return config.to_uint8(images_to_float(images_BCHW)).permute(0, 2, 3, 1).cpu().numpy()   # the one rounding rule
+to_uint8 = images_to_uint8      # the name `evaluate.py` imports; float images -> uint8 (B, H, W, 3): `config.images_to_uint8`
 
 def save_npz(images_uint8_NHWC, path, **extra) -> Path:
     "Write the ADM sample file: `arr_0` uint8 (N, H, W, 3) (grey repeated to 3 channels), atomically."
     x = np.asarray(images_uint8_NHWC)
-    if x.dtype != np.uint8: raise ValueError(f"save_npz wants uint8 images, got dtype {x.dtype} (use to_uint8 for floats)")
+    if x.dtype != np.uint8: raise ValueError(f"save_npz wants uint8 images, got dtype {x.dtype} (use config.images_to_uint8 for floats)")
     if x.ndim == 3: x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3): raise ValueError(f"save_npz wants (N, H, W[, 1 or 3]) images, got {x.shape}")
     if x.shape[-1] == 1: x = np.repeat(x, 3, axis=-1)

@@ -12,14 +12,14 @@ import matplotlib
 import matplotlib.pyplot as plt
 from PIL import Image, ImageDraw
 
-from .config import atomic_write_bytes, get_device, to_uint8
+from .config import atomic_write_bytes, get_device, images_to_uint8
 from .tokens import VQTokens, token_kind
 from .sample import is_next_token           # which model a view hides all but the next cell for
 
 # %% auto #0
-__all__ = ['PANELS', 'PANEL_TITLES', 'HEATS', 'GREY', 'PIXEL_VAR_MAX', 'ALIKE_TOL', 'images_to_uint8', 'decode_chunks',
-           'code_patches', 'pixel_variance', 'draws_pixel_variance', 'group_alike', 'DecodedSteps', 'TraceView',
-           'plot_step', 'filmstrip', 'gif_frames', 'save_gif', 'to_png', 'view_for_model', 'trace_summary', 'Explorer']
+__all__ = ['PANELS', 'PANEL_TITLES', 'HEATS', 'GREY', 'PIXEL_VAR_MAX', 'ALIKE_TOL', 'upscale', 'decode_chunks', 'code_patches',
+           'pixel_variance', 'draws_pixel_variance', 'group_alike', 'DecodedSteps', 'TraceView', 'plot_step',
+           'filmstrip', 'gif_frames', 'save_gif', 'to_png', 'view_for_model', 'trace_summary', 'Explorer']
 
 # %% ../nbs/12_viz.ipynb #8deefd28
 PANELS = ("seen", "guess", "entropy", "final_prob")
@@ -31,14 +31,7 @@ GREY = np.array([128, 128, 128], np.uint8)
 def _cmap_lut(name: str) -> np.ndarray:
     return (matplotlib.colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
 
-def images_to_uint8(images) -> np.ndarray:
-    "Images (B, C, H, W) in [-1, 1] (C = 1 or 3) -> uint8 (B, H, W, 3)."
-    x = to_uint8(torch.as_tensor(images).cpu())
-    if x.shape[1] == 1: x = x.expand(-1, 3, -1, -1)
-    if x.shape[1] != 3: raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(x.shape)}")
-    return x.permute(0, 2, 3, 1).numpy()
-
-def _up(a: np.ndarray, f: int) -> np.ndarray:
+def upscale(a: np.ndarray, f: int) -> np.ndarray:
     "Nearest upsampling of the first two axes by an integer factor."
     return a if f == 1 else a.repeat(f, 0).repeat(f, 1)
 
@@ -218,10 +211,10 @@ class TraceView:
         idx = np.clip(np.nan_to_num(a / vmax, nan=0.0), 0, 1) * 255
         rgb = self.lut[idx.round().astype(np.int64)]
         rgb[~np.isfinite(a)] = GREY
-        rgb = _up(rgb, self.cell)
+        rgb = upscale(rgb, self.cell)
         if overlay:
             img = self.guess_img[t] if t < self.T else self.final_img
-            m = _up(np.isfinite(a), self.cell)[..., None]
+            m = upscale(np.isfinite(a), self.cell)[..., None]
             rgb = np.where(m, (self.alpha * rgb + (1 - self.alpha) * img).round(), img).astype(np.uint8)
         return rgb
 
@@ -236,7 +229,7 @@ class TraceView:
     def panels(self, t: int, which=PANELS, overlay: bool = False) -> dict[str, np.ndarray]:
         "The panels of step `t` as uint8 RGB arrays (scale x image size); `which` picks and orders them."
         t = self._check(t)
-        unknown = ~_up(self.seen[t], self.cell)[..., None] if t < self.T else None
+        unknown = ~upscale(self.seen[t], self.cell)[..., None] if t < self.T else None
         out = {}
         for name in which:
             if name == "seen":
@@ -244,11 +237,11 @@ class TraceView:
             elif name == "guess":
                 img = self.final_img.copy() if t == self.T else self.guess_img[t].copy()
                 if self.only_next and t < self.T:                        # baseline: nothing beyond the next cells
-                    hide = ~_up(self.seen[t] | self.chosen[t], self.cell)[..., None]
+                    hide = ~upscale(self.seen[t] | self.chosen[t], self.cell)[..., None]
                     img = np.where(hide, GREY, img)
             elif name in HEATS: img = self._heat_rgb(t, name, overlay)
             else: raise ValueError(f"unknown panel {name!r}; choose from {('seen', 'guess') + HEATS}")
-            img = np.ascontiguousarray(_up(img, self.scale))
+            img = np.ascontiguousarray(upscale(img, self.scale))
             if name in ("seen", "guess") and t < self.T: img = self._outline(img, self.chosen[t])
             out[name] = img
         return out
@@ -298,7 +291,7 @@ def plot_step(view: TraceView, t: int, which=PANELS, overlay: bool = False, figs
         if overlay: ax.imshow(view.panels(t, (name,), overlay=True)[name]); continue
         vmax = view.heat_max(name)
         cm = matplotlib.colormaps["magma"].with_extremes(bad=(0.5, 0.5, 0.5))
-        im = ax.imshow(_up(view.heat(t, name), view.cell), cmap=cm, vmin=0, vmax=vmax, interpolation="nearest")
+        im = ax.imshow(upscale(view.heat(t, name), view.cell), cmap=cm, vmin=0, vmax=vmax, interpolation="nearest")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=7)
     fig.suptitle(view.title(t), fontsize=10); fig.tight_layout()
     return fig

@@ -295,7 +295,7 @@ def test_click_on_a_cell_vq_codes_and_kl_draws(server, tmp_path):
     cell's max), each drawn in place; KL shows draws of the diffusion head; seen cells and clicks outside say so."""
     import torch
     from heptapod_nb.app import layout, _which, _outlined, heatmaps_for
-    from heptapod_nb.viz import images_to_uint8
+    from heptapod_nb.config import images_to_uint8
     for bundle in (server[1], load_bundle(write_untrained_weights(tmp_path, tokenizer="tiny-kl"), "cpu")):
         app = HeptapodApp(bundle, frame_s=0)
         run = app.generate(2, 3, 1.0, 0, "raster", 8)

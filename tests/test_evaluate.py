@@ -9,7 +9,8 @@ from heptapod_nb.data import load_mnist5k
 from heptapod_nb.evaluate import (balanced_labels, block_seed, check_compatible, eval_cli, eval_main, gather_parts,
                                   rank_blocks, sample_cli, sample_main, sample_to_dir)
 from heptapod_nb.classifier import default_classifier_path
-from heptapod_nb.inception import load_npz_images, save_npz, to_uint8
+from heptapod_nb.config import images_to_uint8
+from heptapod_nb.inception import load_npz_images, save_npz
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_labels_blocks_seeds():
 def test_eval_cli_mnist(tmp_path, clf_path, capsys):
     va = load_mnist5k("val")
     idx = torch.arange(0, 500, 25)                                           # 20 real digits, 2 per class
-    p = save_npz(to_uint8(va.images[idx]), tmp_path / "s.npz", arr_1=va.labels[idx].numpy())
+    p = save_npz(images_to_uint8(va.images[idx]), tmp_path / "s.npz", arr_1=va.labels[idx].numpy())
     out = tmp_path / "r" / "eval.json"
     res = eval_cli(["--samples", str(p), "--classifier", str(clf_path), "--out", str(out)])
     assert "mnist_fid" in capsys.readouterr().out

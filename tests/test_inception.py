@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from heptapod_nb import inception
-from heptapod_nb.config import ConfigError
+from heptapod_nb.config import ConfigError, images_to_uint8
 from heptapod_nb.inception import (InceptionV3, inception_metrics, load_inception, load_npz_images, load_ref_stats,
-                                   save_npz, save_ref_stats, to_uint8)
+                                   save_npz, save_ref_stats)
 from test_metrics import _ref_frechet                     # the float64 Frechet reference (tests/ is on sys.path)
 
 
@@ -147,7 +147,7 @@ def test_npz_format(tmp_path):
     assert (x == grey[..., None]).all()
     assert (load_npz_images(p) == x).all()
     f = torch.tensor([[[[-1.0, 1.0], [0.0, 0.5]]]])                     # (1, 1, 2, 2) in [-1, 1]
-    u = to_uint8(f)
+    u = images_to_uint8(f)
     assert u.shape == (1, 2, 2, 3) and u[0, :, :, 0].tolist() == [[0, 255], [128, 191]]
     with pytest.raises(ValueError, match="uint8"):
         save_npz(x.astype(np.float32), tmp_path / "b.npz")

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from heptapod_nb.config import images_to_uint8
 from heptapod_nb.viz import (PANELS, GREY, Explorer, TraceView, filmstrip, plot_step, save_gif, trace_summary,
-                             view_for_model, images_to_uint8)
+                             view_for_model)
 
 
 class Levels:
