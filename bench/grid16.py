@@ -49,6 +49,7 @@ def tokenizer16(a) -> tuple[Path, dict]:
     from heptapod_nb.data import load_mnist5k
     from heptapod_nb.tokenizer import load_tokenizer
     from heptapod_nb.tokenizer_train import TokenizerTrainConfig, evaluate, train_tokenizer
+    from heptapod_nb.tokens import VQTokens, token_kind
     out = Path(a.work) / "tokenizer"
     path = Path(a.tokenizer) if a.tokenizer else out / "tokenizer.safetensors"
     if a.tokenizer and not path.exists(): raise FileNotFoundError(f"--tokenizer {path} does not exist")
@@ -62,7 +63,7 @@ def tokenizer16(a) -> tuple[Path, dict]:
         info = json.loads((out / "summary.json").read_text())
     tok = load_tokenizer(path).eval()
     grid = tuple(tok.encode(torch.zeros(1, 1, 32, 32)).shape[-2:])
-    if tok.kind != "vq" or grid != (16, 16):
+    if not isinstance(token_kind(tok), VQTokens) or grid != (16, 16):
         raise ConfigError(f"{path} is a {tok.kind} tokenizer with a {grid} grid at 32x32; the miniature needs VQ 16x16")
     val = evaluate(tok, load_mnist5k("val"))
     return path, dict(path=str(path), grid=list(grid), steps=info.get("steps"), train_seconds=info.get("train_seconds"),

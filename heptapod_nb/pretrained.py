@@ -12,7 +12,7 @@ import torch
 from .config import ConfigError, check_state_dict
 from .tokenizer import (TOKENIZER_PRESETS, TokenizerConfig, VQTokenizer, KLTokenizer, build_tokenizer,
                                    load_tokenizer)
-from .tokens import KLTokens, VQTokens   # kind names only (06a imports config and head, not this module)
+from .tokens import KLTokens, VQTokens   # the kinds the loaders need (06a does not import this module)
 
 # %% auto #0
 __all__ = ['TOKENIZER_FORMATS', 'read_checkpoint', 'llamagen_to_ours', 'ours_to_llamagen', 'load_llamagen_vq', 'load_mar_kl',
@@ -60,7 +60,7 @@ def load_llamagen_vq(path, device="cpu", config: TokenizerConfig | None = None,
                      trust_pickle: bool = False) -> VQTokenizer:
     "LlamaGen's VQ tokenizer (`vq_ds16_c2i.pt`, weights under 'model') as a `VQTokenizer` (RGB 256x256 -> 16x16)."
     cfg = config or TOKENIZER_PRESETS["llamagen-vq16"]
-    if cfg.kind != VQTokens.name: raise ConfigError(f"load_llamagen_vq needs a {VQTokens.name!r} config, got {cfg.kind!r}")
+    VQTokens.require(cfg, "load_llamagen_vq")
     raw = read_checkpoint(path, "model", trust_pickle)
     L = len(cfg.ch_mult)
     sd = {llamagen_to_ours(k, L): v for k, v in raw.items() if k != "quantize.codebook_used"}
@@ -71,7 +71,7 @@ def load_llamagen_vq(path, device="cpu", config: TokenizerConfig | None = None,
 def load_mar_kl(path, device="cpu", config: TokenizerConfig | None = None, trust_pickle: bool = False) -> KLTokenizer:
     "MAR's KL-16 VAE (`kl16.ckpt`, weights under 'model') as a `KLTokenizer` (RGB 256x256 -> 16x16x16, scale 0.2325)."
     cfg = config or TOKENIZER_PRESETS["mar-kl16"]
-    if cfg.kind != KLTokens.name: raise ConfigError(f"load_mar_kl needs a {KLTokens.name!r} config, got {cfg.kind!r}")
+    KLTokens.require(cfg, "load_mar_kl")
     raw = read_checkpoint(path, "model", trust_pickle)
     sd = {k: v for k, v in raw.items() if not k.startswith("loss.")}
     tok = build_tokenizer(cfg)

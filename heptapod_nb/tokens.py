@@ -99,6 +99,13 @@ class TokenKind:
 
     @classmethod
     def from_spec(cls, spec) -> "TokenKind": raise NotImplementedError
+
+    @classmethod
+    def require(cls, spec, who: str) -> "TokenKind":
+        "The kind of `spec` (as `token_kind` reads it) if it is this kind; `ConfigError` naming `who` otherwise."
+        kind = token_kind(spec)
+        if not isinstance(kind, cls): raise ConfigError(f"{who} needs {cls.name!r} tokens, got {kind.name!r}")
+        return kind
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
     def __eq__(self, other): return type(self) is type(other) and vars(self) == vars(other)
     def __hash__(self): return hash((type(self), tuple(sorted(vars(self).items()))))

@@ -233,7 +233,7 @@ def test_checkpoint_file_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot read"):
         read_checkpoint(tmp_path / "junk.pt")
-    with pytest.raises(ConfigError, match="needs a 'vq' config"):
+    with pytest.raises(ConfigError, match="needs 'vq' tokens"):
         load_llamagen_vq(tmp_path / "x.pt", config=TOKENIZER_PRESETS["tiny-kl"])
 
 
