@@ -148,7 +148,7 @@ def main(argv=None):
     p.add_argument("--skip", default="", help="comma-separated groups to skip: sampler,app,train,tokenizer,data")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    from heptapod_nb.app import load_bundle
+    from heptapod_nb.bundle import load_bundle
     skip, res, t0 = set(filter(None, a.skip.split(","))), {}, time.time()
     bundle = load_bundle(None, "cpu")
     with tempfile.TemporaryDirectory() as d:

@@ -33,7 +33,8 @@ def concurrent_generations(bundle, workers: int, n: int = 20) -> dict:
     from gradio_client import Client
     from PIL import Image
     import numpy as np
-    from heptapod_nb.app import HeptapodApp, build_blocks
+    from heptapod_nb.app import HeptapodApp
+    from heptapod_nb.app_ui import build_blocks
     blocks = build_blocks(HeptapodApp(bundle, workers=workers), first_image=False)
     port = free_port()
     blocks.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, show_error=False)
@@ -118,7 +119,7 @@ def serve_app(port: int, weights: str | None, workers: int, log, in_process: boo
     """`heptapod-app` as a teacher starts it, in its own process (the package on this interpreter's path, e.g.
     `PYTHONPATH`); returns once the page answers."""
     import subprocess
-    cmd = [sys.executable, "-c", "import sys; from heptapod_nb.app import main; sys.exit(main(sys.argv[1:]))",
+    cmd = [sys.executable, "-c", "import sys; from heptapod_nb.app_cli import main; sys.exit(main(sys.argv[1:]))",
            "--port", str(port), "--workers", str(workers)] + (["--weights", weights] if weights else []) \
         + (["--in-process"] if in_process else [])
     server = subprocess.Popen(cmd, stdout=log, stderr=log)
@@ -268,7 +269,9 @@ def main(argv=None):
     t_start = time.perf_counter()
     import torch
     torch.set_num_threads(a.threads)
-    from heptapod_nb.app import HeptapodApp, build_blocks, load_bundle, demo_dir
+    from heptapod_nb.app import HeptapodApp
+    from heptapod_nb.app_ui import build_blocks
+    from heptapod_nb.bundle import demo_dir, load_bundle
     bundle = load_bundle(a.weights, "cpu")
     app = HeptapodApp(bundle)
     blocks = build_blocks(app)                                     # includes the first generation the page opens on

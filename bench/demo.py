@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from heptapod_nb.ablation import ablation_tokens, mean_std, next_position_ce, val_grids
-from heptapod_nb.app import load_bundle
-from heptapod_nb.config import DEMO_FILES, demo_dir, write_json
+from heptapod_nb.bundle import DEMO_FILES, demo_dir, load_bundle
+from heptapod_nb.config import write_json
 from heptapod_nb.evaluate import score_samples
 from heptapod_nb.classifier import mnist_classifier
 

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from speed_train import Runner                                   # the training-step timer of bench/speed_train.py
 
-from heptapod_nb.app import load_bundle
+from heptapod_nb.bundle import load_bundle
 from heptapod_nb.config import get_preset, write_json
 from heptapod_nb.ablation import mean_std
 from heptapod_nb.evaluate import score_samples

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DEMO_FILES, ConfigError, demo_dir
+from .config import ConfigError
+from .bundle import DEMO_FILES, demo_dir
 from .data import TokenDataset, load_mnist5k
-from .head import make_order, select_targets
+from .targets import make_order, select_targets
 from .model import Heptapod, HeptapodConfig
-from .train import TrainConfig, list_checkpoints, load_checkpoint, read_metrics, train
+from .checkpoint import list_checkpoints, load_checkpoint
+from .train import TrainConfig, read_metrics, train
 from .evaluate import score_samples
 from .classifier import mnist_classifier
 from .tokenizer import load_tokenizer
@@ -22,9 +24,9 @@ from .tokenizer_train import extract_tokens
 from .tokens import token_kind
 
 # %% auto #0
-__all__ = ['ABLATION', 'ablation_label', 'ablation_tokens', 'val_grids', 'next_position_ce', 'class_gain', 'run_ablation',
-           'mean_std', 'summarize', 'ablation_table', 'earlier_results', 'summarize_curves', 'curve_table',
-           'plot_curves', 'plot_ablation']
+__all__ = ['ABLATION', 'ablation_label', 'ablation_tokens', 'val_grids', 'next_position_ce', 'class_gain', 'train_seconds',
+           'run_ablation', 'mean_std', 'summarize', 'ablation_table', 'earlier_results', 'summarize_curves',
+           'curve_table', 'plot_curves', 'plot_ablation']
 
 # %% ../nbs/14_ablation.ipynb #ab962f1d
 ABLATION: dict[str, dict] = {
@@ -116,7 +118,7 @@ def class_gain(model: Heptapod, tokens: torch.Tensor, labels: torch.Tensor, seed
     return next_position_ce(model, tokens, wrong, seed=seed) - true_ce
 
 # %% ../nbs/14_ablation.ipynb #33a29398
-def _train_seconds(metrics: list[dict], tokens_per_step: int) -> dict[int, float]:
+def train_seconds(metrics: list[dict], tokens_per_step: int) -> dict[int, float]:
     "Cumulative training seconds at each logged step, from the tokens/s of `metrics.jsonl`."
     out, t, prev = {}, 0.0, 0
     for r in metrics:
@@ -147,7 +149,7 @@ def run_ablation(name: str, seed: int, tokens_root, *, steps: int = 300, batch_s
         t0 = time.time(); train(cfg, log=lambda m: None); wall = time.time() - t0
         mcfg = HeptapodConfig.load(tmp / "model_config.json")
         model = Heptapod(mcfg).eval()
-        secs = _train_seconds(read_metrics(tmp / "metrics.jsonl"), batch_size * mcfg.n_positions)
+        secs = train_seconds(read_metrics(tmp / "metrics.jsonl"), batch_size * mcfg.n_positions)
         vx, vy = val_grids(tokens_root, mcfg.token_kind)
         tok, clf = load_tokenizer(tokenizer or demo_dir() / DEMO_FILES["tokenizer"]).eval(), mnist_classifier("cpu")
         curve = []

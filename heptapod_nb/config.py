@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['FAST', 'DEMO_FILES', 'USER_ERRORS', 'get_device', 'seed_everything', 'demo_dir', 'ConfigError', 'deprecated',
-           'Config', 'make_folder', 'make_parent', 'atomic_save', 'RunLock', 'atomic_write_bytes', 'write_json',
-           'to_uint8', 'images_to_uint8', 'parse_value', 'apply_overrides', 'get_preset', 'check_state_dict',
-           'weights_sha256', 'nonfinite_tensors', 'save_weights', 'weights_run', 'load_weights', 'add_debug_arg',
-           'arg_int', 'arg_float', 'cli_convention', 'one_line', 'cli_main']
+__all__ = ['FAST', 'USER_ERRORS', 'get_device', 'seed_everything', 'ConfigError', 'deprecated', 'Config', 'make_folder',
+           'make_parent', 'atomic_save', 'RunLock', 'atomic_write_bytes', 'write_json', 'to_uint8', 'images_to_uint8',
+           'parse_value', 'apply_overrides', 'get_preset', 'check_state_dict', 'weights_sha256', 'nonfinite_tensors',
+           'save_weights', 'weights_run', 'load_weights', 'add_debug_arg', 'arg_int', 'arg_float', 'cli_convention',
+           'one_line', 'cli_main']
 
 # %% ../nbs/00_config.ipynb #8fe41d5e
 FAST: bool = os.environ.get("HEPTAPOD_FAST", "0") not in ("", "0", "false", "False")
@@ -33,13 +33,6 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
 def seed_everything(seed: int) -> None:
     "Seed Python, NumPy and PyTorch (all devices)."
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
-
-DEMO_FILES = {"tokenizer": "tokenizer.safetensors", "model": "heptapod.safetensors", "baseline": "baseline.safetensors"}
-
-def demo_dir() -> Path:
-    "The bundled demo weights folder, `heptapod_nb/assets/demo/` (files named in `DEMO_FILES`)."
-    from importlib.resources import files
-    return Path(str(files("heptapod_nb"))) / "assets" / "demo"
 
 # %% ../nbs/00_config.ipynb #84ccca1f
 class ConfigError(ValueError):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DEMO_FILES, Config, ConfigError, RunLock, demo_dir, write_json, get_device, save_weights, cli_main
+from .config import Config, ConfigError, RunLock, write_json, get_device, save_weights, cli_main
 from .data import TokenDataset, load_mnist5k
 from .tokenizer import save_tokenizer
 from .tokenizer_train import TokenizerTrainConfig, train_tokenizer
@@ -20,7 +20,8 @@ from .tokens import token_sizes
 from .train import TrainConfig, train
 from .classifier import mnist_classifier
 from .evaluate import score_samples
-from .app import _parser, _serve_args, _device, load_bundle, check_port, launch, missing_demo_files
+from .bundle import DEMO_FILES, demo_dir, load_bundle, missing_demo_files
+from .app_cli import build_parser, check_port, launch, parse_device, serve_args
 
 # %% auto #0
 __all__ = ['USER_DEMO', 'DemoRecipe', 'encode_mnist', 'token_folder', 'demo_train_config', 'train_demo_model',
@@ -163,13 +164,13 @@ def retrain_demo(out=None, recipe: DemoRecipe | None = None, device=None) -> dic
 
 def demo(argv: list[str]) -> None:
     "`heptapod-demo` with `argv`: (re)make the demo weights if missing or asked, then serve them until interrupted."
-    p = _parser("heptapod-demo", retrain=True)
+    p = build_parser("heptapod-demo", retrain=True)
     p.add_argument("--overwrite", action="store_true", help="let a retrain replace the demo weights already in --weights")
     args = p.parse_args(argv)
     # served: --weights, else the bundled weights; made (--retrain, or the bundled ones missing): --weights, else runs/demo
     d = Path(args.weights) if args.weights else USER_DEMO if args.retrain or missing_demo_files(demo_dir()) else demo_dir()
     if d.exists() and not d.is_dir(): raise NotADirectoryError(f"--weights {d} is a file, not a folder")
-    device, port = _serve_args(args) if not args.no_launch else (_device(args.device), None)   # fail before retraining
+    device, port = serve_args(args) if not args.no_launch else (parse_device(args.device), None)   # fail before retraining
     if args.retrain or missing_demo_files(d):
         have = [f for f in DEMO_FILES.values() if (d / f).exists()]
         if have and not args.overwrite:

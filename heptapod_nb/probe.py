@@ -11,18 +11,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ablation import ABLATION, _train_seconds, mean_std, next_position_ce
+from .ablation import ABLATION, mean_std, next_position_ce, train_seconds
 from .classifier import mnist_classifier, mnist_fid
-from .config import DEMO_FILES, ConfigError, demo_dir, seed_everything
+from .bundle import DEMO_FILES, demo_dir
+from .config import ConfigError, seed_everything
 from .data import TokenDataset
 from .evaluate import block_seed
-from .head import make_order, select_targets, window_size
+from .targets import make_order, select_targets, window_size
 from .model import Heptapod, HeptapodConfig
 from .optim import backward_step
 from .sample import generate
 from .tokenizer import load_tokenizer
 from .tokens import token_kind
-from .train import TrainConfig, TrainData, list_checkpoints, load_checkpoint, model_config_for, read_metrics, train
+from .checkpoint import list_checkpoints, load_checkpoint
+from .train import TrainConfig, model_config_for, read_metrics, train
+from .train_data import TrainData
 
 # %% auto #0
 __all__ = ['PROBE', 'PROBE_METRICS', 'EQUAL_FLOPS_METRICS', 'probe_model', 'probe_steps', 'backbone_states', 'probe_accuracy',
@@ -224,7 +227,7 @@ def run_probe(name: str, seed: int, tokens_root, *, steps: int = 300, batch_size
         net = Heptapod(mcfg)                     # unconditional: the trainer drops the labels
         init = copy.deepcopy(net.state_dict())
         t0 = time.time(); train(cfg, model=net, log=lambda m: None); wall = time.time() - t0
-        secs = _train_seconds(read_metrics(tmp / "metrics.jsonl"), batch_size * mcfg.n_positions)
+        secs = train_seconds(read_metrics(tmp / "metrics.jsonl"), batch_size * mcfg.n_positions)
         if threads > 0: torch.set_num_threads(threads)
         trained = Heptapod(mcfg).eval()
         trained.load_state_dict(load_checkpoint(list_checkpoints(tmp / "checkpoints")[-1])["model"])

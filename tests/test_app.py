@@ -8,8 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from heptapod_nb.app import (HeptapodApp, InputError, build_blocks, load_bundle, write_untrained_weights, image_to_input,
-                             main, launch, missing_demo_files, stream_steps, _parser)
+from heptapod_nb.app import HeptapodApp
+from heptapod_nb.app_cli import build_parser, launch, main
+from heptapod_nb.app_ui import build_blocks
+from heptapod_nb.bundle import load_bundle, missing_demo_files, write_untrained_weights
+from heptapod_nb.inputs import InputError, image_to_input
+from heptapod_nb.streaming import stream_steps
 from heptapod_nb.demo import demo_cli
 
 ART = Path(__file__).parent / "_artifacts"
@@ -268,13 +272,13 @@ def test_click_groups_codes_that_decode_alike():
     first, and a look's probability is its codes' sum (float16 probabilities: 1e-3). Bundled demo weights, a
     background cell of a generation (before: the first two codes shown decoded alike)."""
     import torch
-    from heptapod_nb.app import layout, _which
+    from heptapod_nb.charts import layout, which_panels
     from heptapod_nb.viz import ALIKE_TOL, code_patches, group_alike
     app = HeptapodApp(load_bundle(None, "cpu"), frame_s=0)
     run = app.generate(1, 0, 0.6, 0, "raster", 1)
     v, t = run.view, 8                                              # step 8: the first token row seen
     P = v.image_size[0] * v.scale
-    lay = layout(_which(v, "entropy"), (P, P))
+    lay = layout(which_panels(v, "entropy"), (P, P))
     tbl = code_patches(app.b.tokenizer)
     for r, c in ((7, 0), (6, 7)):                                   # bottom corners: background
         x, y = lay.boxes[1][0] + (c + 0.5) * P / v.grid[1], lay.boxes[1][1] + (r + 0.5) * P / v.grid[0]
@@ -294,13 +298,13 @@ def test_click_on_a_cell_vq_codes_and_kl_draws(server, tmp_path):
     """A click maps to its grid cell: VQ lists the top codes with the trace's probabilities (sorted, the first the
     cell's max), each drawn in place; KL shows draws of the diffusion head; seen cells and clicks outside say so."""
     import torch
-    from heptapod_nb.app import layout, _which, _outlined, heatmaps_for
+    from heptapod_nb.charts import layout, which_panels, outlined, heatmaps_for
     from heptapod_nb.config import images_to_uint8
     for bundle in (server[1], load_bundle(write_untrained_weights(tmp_path, tokenizer="tiny-kl"), "cpu")):
         app = HeptapodApp(bundle, frame_s=0)
         run = app.generate(2, 3, 1.0, 0, "raster", 8)
         v = run.view; P = v.image_size[0] * v.scale
-        lay = layout(_which(v, "entropy"), (P, P))
+        lay = layout(which_panels(v, "entropy"), (P, P))
         x, y = lay.boxes[1][0] + 6.5 * P / v.grid[1], lay.boxes[1][1] + 5.5 * P / v.grid[0]
         text, pics = app.cell_topk(run, 2, x, y)                   # step 2 of 8: 16 tokens seen, (5, 6) unseen
         assert "row 5, column 6" in text and len(pics) == 5
@@ -312,7 +316,7 @@ def test_click_on_a_cell_vq_codes_and_kl_draws(server, tmp_path):
             codes = torch.tensor([_first_code(c) for _, c in pics])
             g = run.guess[2].expand(5, -1, -1).clone(); g[:, 5, 6] = codes       # each code at the clicked cell
             with torch.no_grad(): want = images_to_uint8(bundle.tokenizer.decode(g).float())
-            assert all(np.array_equal(_outlined(a, 5, 6, v.cell), p) for a, (p, _) in zip(want, pics))
+            assert all(np.array_equal(outlined(a, 5, 6, v.cell), p) for a, (p, _) in zip(want, pics))
         else:
             assert run.probs is None and "diffusion" in text
             assert app.heatmaps() == heatmaps_for(v) == ["pixel_var", "entropy"]      # KL: variance of its draws first
@@ -323,7 +327,7 @@ def test_click_on_a_cell_vq_codes_and_kl_draws(server, tmp_path):
 
 
 def test_cli_defaults_and_missing_weights(tmp_path, capsys, monkeypatch):
-    args = _parser("heptapod-app").parse_args([])
+    args = build_parser("heptapod-app").parse_args([])
     assert args.host == "127.0.0.1"
     held, port = _port_in_use()                # issue 24: another app holding the port must not change the answer
     monkeypatch.setenv("GRADIO_SERVER_PORT", str(port))
@@ -369,7 +373,7 @@ def test_cli_port_in_use_and_gradio_server_port(weights, capsys, monkeypatch):
     assert capsys.readouterr().err == "heptapod-app: error: GRADIO_SERVER_PORT must be an integer from 1 to 65535, got 'http'\n"
     assert demo_cli(["--weights", str(weights), "--no-launch"]) == 0    # --no-launch needs no port; the weights exist
     for prog in ("heptapod-app", "heptapod-demo"):
-        h = " ".join(_parser(prog).format_help().split())
+        h = " ".join(build_parser(prog).format_help().split())
         assert "--port PORT port to serve on (default: the GRADIO_SERVER_PORT environment variable, else 7860)" in h
         assert "--debug" in h
 
@@ -500,7 +504,7 @@ def test_a_picture_rewritten_while_read_is_read_whole(tmp_path):
     write it again at the same path while the other session's page fetches it: every read gets the whole file.
     (Before, Gradio 6.31 rewrote it in place: about half of such reads were short, and a page showed an empty image.)"""
     import gradio.processing_utils as pu
-    from heptapod_nb.app import _atomic_picture_cache
+    from heptapod_nb.app_ui import _atomic_picture_cache
     _atomic_picture_cache()
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     path = pu.save_pil_to_cache(img, str(tmp_path), format="png")
@@ -538,7 +542,7 @@ def test_browser_shows_generated_image(server):
 
 
 def test_bundled_demo_weights_fit_and_load():
-    from heptapod_nb.app import demo_dir, DEMO_FILES
+    from heptapod_nb.bundle import demo_dir, DEMO_FILES
     d = demo_dir()
     if missing_demo_files(d): pytest.skip(f"demo weights not made yet in {d} (heptapod-demo --retrain)")
     assert sum((d / f).stat().st_size for f in DEMO_FILES.values()) <= 12 * 2**20
@@ -649,7 +653,7 @@ def test_the_page_says_what_it_shows(weights):
     the last frame's heatmaps say why they are empty); a clicked cell says how
     cells are counted; the top-k gallery is hidden until a click; the order choice says what the model was trained on;
     a new generation's first frame clears the previous filmstrip."""
-    from heptapod_nb.app import _panel_title, layout, _which
+    from heptapod_nb.charts import _panel_title, layout, which_panels
     app = HeptapodApp(load_bundle(weights, "cpu"), frame_s=0)
     heptapod, baseline = app.compare(2, 7, 1.0)
     assert _panel_title(heptapod.view, 3, "guess") == "holistic guess"
@@ -659,7 +663,7 @@ def test_the_page_says_what_it_shows(weights):
         assert _panel_title(r.view, T, "guess") == "finished image"
         assert _panel_title(r.view, T, "entropy") == "entropy (nats): all drawn, none left"
     v = heptapod.view
-    lay = layout(_which(v, "entropy"), (v.image_size[0] * v.scale, v.image_size[1] * v.scale))
+    lay = layout(which_panels(v, "entropy"), (v.image_size[0] * v.scale, v.image_size[1] * v.scale))
     x0, y0, w, h = lay.boxes[1]
     text, pics = app.cell_topk(heptapod, 3, x0 + w - 2, y0 + h - 2)          # the bottom-right cell
     assert f"row {v.grid[0] - 1}, column {v.grid[1] - 1}; counted from 0 at the top left" in text and pics
@@ -680,7 +684,7 @@ def test_serve_your_own_model_files(weights, tmp_path, capsys, monkeypatch):
     """Issue 25, item 1: heptapod-app serves any trained model with its tokenizer (--model, --tokenizer, optional
     --baseline); without a baseline, Compare says why it is off. Bad combinations are one line and exit 2, before
     the port is looked at."""
-    from heptapod_nb.app import model_files
+    from heptapod_nb.bundle import model_files
     own = dict(model=str(weights / "heptapod.safetensors"), tokenizer=str(weights / "tokenizer.safetensors"))
     b = load_bundle(**own)
     assert b.baseline is None and b.meta == {}

@@ -15,7 +15,9 @@ import io
 import numpy as np
 from PIL import Image
 
-from heptapod_nb.app import HeptapodApp, launch, load_bundle, write_untrained_weights
+from heptapod_nb.app import HeptapodApp
+from heptapod_nb.app_cli import launch
+from heptapod_nb.bundle import load_bundle, write_untrained_weights
 
 ART = Path(__file__).parent / "_artifacts"
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)

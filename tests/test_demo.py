@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from heptapod_nb.config import DEMO_FILES
+from heptapod_nb.bundle import DEMO_FILES
 from heptapod_nb.demo import DemoRecipe, demo_train_config, retrain_demo
 from heptapod_nb.model import load_model
 
@@ -38,8 +38,7 @@ def test_retrain_never_replaces_weights_or_writes_into_the_package(tmp_path, mon
     without --weights it wrote into the installed package's assets/demo/. Now an existing weights folder needs
     --overwrite, and a retrain without --weights goes to runs/demo."""
     import heptapod_nb.demo as demo_mod
-    from heptapod_nb.app import write_untrained_weights
-    from heptapod_nb.config import demo_dir
+    from heptapod_nb.bundle import demo_dir, write_untrained_weights
     made = []
     monkeypatch.setattr(demo_mod, "retrain_demo", lambda out, recipe, device: made.append(Path(out)))   # no 30-min run
     d = write_untrained_weights(tmp_path / "w")

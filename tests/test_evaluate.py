@@ -155,7 +155,8 @@ def flip_sign(path, name):
 
 def test_tampered_weights_refused(tmp_path, capsys):
     "The bundled model with one tensor's sign flipped fails its checksum: heptapod-sample exits 2, one line."
-    from heptapod_nb.config import demo_dir, load_weights
+    from heptapod_nb.bundle import demo_dir
+    from heptapod_nb.config import load_weights
     for f in ("heptapod.safetensors", "tokenizer.safetensors"): shutil.copy(demo_dir() / f, tmp_path / f)
     sd = {k: v.clone() for k, v in load_weights(tmp_path / "heptapod.safetensors")[0].items()}   # not the mmap
     name = next(k for k, v in sd.items() if v.is_floating_point() and v.abs().sum() > 0)

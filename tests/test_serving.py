@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from heptapod_nb.app import HeptapodApp, load_bundle, write_untrained_weights
+from heptapod_nb.app import HeptapodApp
+from heptapod_nb.bundle import load_bundle, write_untrained_weights
 from heptapod_nb.model import Heptapod, HeptapodConfig
 from heptapod_nb.sample import Rows, TraceRecorder, generate
 from heptapod_nb.serving import Batcher, Job, LiveRecorder, ModelProcess, trace_spec

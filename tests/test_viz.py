@@ -123,7 +123,7 @@ def test_kl_pixel_variance_of_the_draws(tmp_path):
     the variance of each pixel over the draws (unbiased) averaged per cell. It equals a float64 reference that
     decodes every draw grid alone (float32 decoder, a batch of 1 vs 32: measured 4e-9 on values 2e-3..5e-2, 1e-5
     allowed; a biased variance would be off by ~1e-2); NaN exactly where nothing is predicted; 0 when the draws agree. (Before: no pixel map for KL.)"""
-    from heptapod_nb.app import load_bundle, write_untrained_weights
+    from heptapod_nb.bundle import load_bundle, write_untrained_weights
     from heptapod_nb.sample import generate
     from heptapod_nb.viz import draws_pixel_variance
     b = load_bundle(write_untrained_weights(tmp_path, tokenizer="tiny-kl"), "cpu")

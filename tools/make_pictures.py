@@ -37,7 +37,7 @@ def make_filmstrip(out: Path, cls: int = 3, seed: int = 1, n: int = 8) -> Path:
     "Tutorial 4's filmstrip: the bundled demo model generating class `cls`, `n` steps from the first to the finished image."
     import matplotlib; matplotlib.use("Agg")
     import torch
-    from heptapod_nb.app import load_bundle
+    from heptapod_nb.bundle import load_bundle
     from heptapod_nb.sample import generate
     from heptapod_nb.viz import filmstrip, view_for_model
     demo = load_bundle(need_baseline=False)
