@@ -25,8 +25,8 @@ from .tokens import token_kind
 
 # %% auto #0
 __all__ = ['ABLATION', 'ablation_label', 'ablation_tokens', 'val_grids', 'next_position_ce', 'class_gain', 'train_seconds',
-           'run_ablation', 'mean_std', 'summarize', 'ablation_table', 'earlier_results', 'summarize_curves',
-           'curve_table', 'plot_curves', 'plot_ablation']
+           'run_ablation', 'mean_std', 'summarize', 'ablation_table', 'earlier_results', 'ResumableRuns',
+           'summarize_curves', 'curve_table', 'plot_curves', 'plot_ablation']
 
 # %% ../nbs/14_ablation.ipynb #ab962f1d
 ABLATION: dict[str, dict] = {
@@ -213,6 +213,36 @@ def earlier_results(path, settings: dict) -> dict:
     theirs = {k: doc.get("settings", {}).get(k) for k in settings}
     if theirs != settings: raise ConfigError(f"{path} holds runs with other settings {theirs}: use another --out")
     return doc
+
+class ResumableRuns:
+    """A benchmark's results file that grows one run at a time (bench/probe.py, grid16.py, window_ablation.py,
+    equal_flops.py): the runs already in `out` (made with the same `settings`: `earlier_results`), the commands that
+    made them with `command` added, and `run`, which computes the missing jobs in a pool of spawned processes and
+    rewrites the file after each run, so that an interrupted benchmark resumes where it stopped."""
+    def __init__(self, out, settings: dict, command: str):
+        self.out, self.doc = Path(out), earlier_results(out, settings)
+        self.runs: list[dict] = self.doc.get("runs", [])
+        self.commands: list[str] = self.doc.get("commands", [self.doc["command"]] if "command" in self.doc else [])
+        if command not in self.commands: self.commands.append(command)   # one file's runs may come from several calls
+
+    def done(self, key) -> set:
+        "The `key(run)` of every run already in the file."
+        return {key(r) for r in self.runs}
+
+    def run(self, fn, jobs: list, workers: int, make_doc, report, ordered: bool = False) -> dict:
+        """`fn(job) -> run dict` for each job in `workers` spawned processes (`ordered`: results in job order, else as
+        they finish); after each: append it, print `report(run)` with the elapsed time, write `make_doc()` to `out`.
+        -> the final `make_doc()`."""
+        import multiprocessing as mp
+        from heptapod_nb.config import write_json
+        t0 = time.time()
+        if jobs:
+            with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                for r in (pool.imap if ordered else pool.imap_unordered)(fn, jobs):
+                    self.runs.append(r)
+                    print(f"[{time.time() - t0:6.0f}s] {report(r)}", flush=True)
+                    write_json(self.out, make_doc(), indent=1)
+        return make_doc()
 
 _CURVE_METRICS = ("class_acc", "mnist_fid", "val_next_ce")
 
