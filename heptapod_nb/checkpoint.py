@@ -55,17 +55,21 @@ def verify_checkpoint(path) -> dict:
     if path.suffix != ".pt":
         raise CheckpointError(f"{path} is {_weights_or_not(path)}not a training checkpoint; {_EXPECTED}")
     if not side_path.exists():
-        raise CheckpointError(f"checkpoint {path} has no sidecar {side_path.name}: its write never finished, refusing it")
+        raise CheckpointError(f"checkpoint {path} has no sidecar {side_path.name}: "
+                              "its write never finished, refusing it")
     try: side = json.loads(side_path.read_text())
-    except json.JSONDecodeError as e: raise CheckpointError(f"checkpoint sidecar {side_path} is not valid JSON: {e}") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint sidecar {side_path} is not valid JSON: {e}") from e
     if not isinstance(side, dict) or side.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path} is not a heptapod_nb training checkpoint (its {side_path.name} is not a "
                               f"checkpoint sidecar of format {CKPT_FORMAT}); {_EXPECTED}")
     size = path.stat().st_size
     if size != side.get("bytes"):
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {size} bytes on disk, {side.get('bytes')} were written")
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {size} bytes on disk, "
+                              f"{side.get('bytes')} were written")
     if _sha256(path) != side.get("sha256"):
-        raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match the one recorded when it was written")
+        raise CheckpointError(f"checkpoint {path} is corrupt: "
+                              "its SHA-256 does not match the one recorded when it was written")
     return side
 
 def load_checkpoint(path, map_location="cpu", verify: bool = True) -> dict:
@@ -102,7 +106,8 @@ def resolve_resume(resume, log=print) -> Path | None:
                 found = latest_good_checkpoint(folder, log=log)
                 if found is None: raise CheckpointError(f"no checkpoint in {folder} verifies (all are damaged)")
                 return found
-        raise CheckpointError(f"{path} holds no training checkpoint (step_XXXXXXXX.pt, here or in {path / 'checkpoints'}); {_EXPECTED}")
+        raise CheckpointError(f"{path} holds no training checkpoint (step_XXXXXXXX.pt, "
+                              f"here or in {path / 'checkpoints'}); {_EXPECTED}")
     verify_checkpoint(path)
     return path
 

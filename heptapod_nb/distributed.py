@@ -36,7 +36,8 @@ class DistInfo:
     def main(self) -> bool: return self.rank == 0
 
 def setup_distributed(device: str | None = "") -> DistInfo:
-    "Join the `torchrun` process group when launched by it; pick this rank's device (`''`/None: cuda:LOCAL_RANK if any, else cpu)."
+    ("Join the `torchrun` process group when launched by it; pick this rank's device "
+     "(`''`/None: cuda:LOCAL_RANK if any, else cpu).")
     rank, world, local = dist_env()
     if device: dev = get_device(device)
     else: dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
@@ -71,7 +72,8 @@ def shard_fsdp(wrapper: nn.Module, bf16: bool):
     head's blocks are not units because `Head2D.forward` (and `MLPHead.forward`) call their adaLN layers themselves."""
     from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy   # lazy: only FSDP runs need it
     # bf16 compute reduces gradients in float32; otherwise in the parameters' own dtype (float32, or float64)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32 if bf16 else None)
     blocks = fsdp_units(wrapper.model)
     for m in blocks: fully_shard(m, mp_policy=mp)
     fully_shard(wrapper, mp_policy=mp)

@@ -11,7 +11,7 @@ from typing import ClassVar, Literal, Union
 import torch
 import torch.nn as nn
 
-from .config import Config, ConfigError, check_state_dict, get_preset, load_weights, save_weights
+from .config import Config, ConfigError, check_state_dict, load_weights, save_weights
 from .transformer import CausalTransformer, init_gpt_
 from .head import HEADS, HeadLoss
 from .targets import Targets, make_order, select_targets
@@ -39,18 +39,21 @@ class HeptapodConfig(Config):
     head_depth: int = 2
     head_heads: int = 4
     head_mlp_ratio: float = 4.0
-    head_type: str = "transformer"                           # a key of head.HEADS: transformer (Head2D) or mlp (MLPHead)
-    head_context: Literal["prefix", "last"] = "last"         # the head sees h_t only, or cross-attends to h_0..h_t (06_head)
-    head_queries: Literal["joint", "independent"] = "joint"  # a step's queries attend to each other, or each is decoded alone
+    head_type: str = "transformer"                           # a key of head.HEADS: transformer (Head2D), mlp (MLPHead)
+    # the head sees h_t only, or cross-attends to h_0..h_t (06_head)
+    head_context: Literal["prefix", "last"] = "last"
+    # a step's queries attend to each other, or each is decoded alone
+    head_queries: Literal["joint", "independent"] = "joint"
     window: Union[int, Literal["global"]] = "global"
-    targets_per_step: Union[int, Literal["all"]] = 2   # M; 2 measured as good as 4 on MNIST at 1.3x (not 1.75x) a next-token step
+    # M; 2 measured as good as 4 on MNIST at 1.3x (not 1.75x) a next-token step
+    targets_per_step: Union[int, Literal["all"]] = 2
     next_weight: float = 1.0
     order: Literal["raster", "random"] = "raster"
     diff_width: int = 256                  # KL: diffusion MLP width / depth / noise draws per target / sampling steps
     diff_depth: int = 3
     diff_draws: int = 4
     diff_steps: int = 25
-    grad_checkpoint: bool = False          # recompute the backbone's blocks in the backward pass (less memory, more FLOPs)
+    grad_checkpoint: bool = False          # recompute the backbone's blocks in the backward (less memory, more FLOPs)
     loss_chunk: int = 4096                 # query slots per chunk of the head's loss, whose backward runs inside the
                                            # forward (06_head, chunked_loss); 0 = the plain path (all outputs at once)
 
@@ -69,11 +72,13 @@ class HeptapodConfig(Config):
             raise ConfigError(f"sizes must be >= 1, got {', '.join(bad)}")
         if not self.head_mlp_ratio > 0: raise ConfigError(f"head_mlp_ratio must be > 0, got {self.head_mlp_ratio}")
         if self.dim % self.n_heads: raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.head_type not in HEADS: raise ConfigError(f"head_type must be one of {sorted(HEADS)}, got {self.head_type!r}")
+        if self.head_type not in HEADS:
+            raise ConfigError(f"head_type must be one of {sorted(HEADS)}, got {self.head_type!r}")
         HEADS[self.head_type].check_config(self)
         if self.head_width % self.head_heads:
             raise ConfigError(f"head_width {self.head_width} is not divisible by head_heads {self.head_heads}")
-        if isinstance(self.window, int) and self.window < 1: raise ConfigError(f"window must be >= 1 or 'global', got {self.window}")
+        if isinstance(self.window, int) and self.window < 1:
+            raise ConfigError(f"window must be >= 1 or 'global', got {self.window}")
         if isinstance(self.targets_per_step, int) and self.targets_per_step < 1:
             raise ConfigError(f"targets_per_step must be >= 1 or 'all', got {self.targets_per_step}")
         if not self.next_weight > 0: raise ConfigError(f"next_weight must be > 0, got {self.next_weight}")
@@ -82,7 +87,8 @@ class HeptapodConfig(Config):
 # the ImageNet presets keep METHOD.md's first choices (next_weight 1, the prefix head) until they are measured at scale
 _IMAGENET = dict(vocab_size=16384, grid=(16, 16), num_classes=1000, targets_per_step=16, head_context="prefix")
 PRESETS: dict[str, HeptapodConfig] = {
-    "tiny": HeptapodConfig(next_weight=8.0),   # measured on MNIST (BENCHMARKS.md, window ablation): CE gap to next-token 0.50 -> 0.08
+    # measured on MNIST (BENCHMARKS.md, window ablation): CE gap to next-token 0.50 -> 0.08
+    "tiny": HeptapodConfig(next_weight=8.0),
     "B": HeptapodConfig(**_IMAGENET, dim=768, depth=12, n_heads=12, head_width=768, head_depth=2, head_heads=12),
     "L": HeptapodConfig(**_IMAGENET, dim=1024, depth=24, n_heads=16, head_width=1024, head_depth=3, head_heads=16),
     "H": HeptapodConfig(**_IMAGENET, dim=1280, depth=32, n_heads=20, head_width=1280, head_depth=6, head_heads=20,
@@ -91,10 +97,12 @@ PRESETS: dict[str, HeptapodConfig] = {
 
 # %% ../nbs/07_model.ipynb #6ce87edc
 class Heptapod(nn.Module):
-    "Causal Transformer over image tokens + 2D prediction head; `loss(tokens, labels)` is next-2D-distribution prediction."
+    ("Causal Transformer over image tokens + 2D prediction head; "
+     "`loss(tokens, labels)` is next-2D-distribution prediction.")
     def __init__(self, config: HeptapodConfig):
         super().__init__()
-        if not isinstance(config, HeptapodConfig): raise ConfigError(f"expected a HeptapodConfig, got {type(config).__name__}")
+        if not isinstance(config, HeptapodConfig):
+            raise ConfigError(f"expected a HeptapodConfig, got {type(config).__name__}")
         self.config = c = config
         self.kind = kind = token_kind(c)                   # VQTokens / KLTokens: everything kind-specific (06a)
         N, D = c.n_positions, c.dim
@@ -119,8 +127,10 @@ class Heptapod(nn.Module):
     def device(self): return self.pos_emb.weight.device
 
     def check_tokens(self, tokens) -> torch.Tensor:
-        "Validate a token grid (VQ (B, h, w) long in [0, K); KL (B, C, h, w) float); returns it flat, (B, N) / (B, N, C)."
-        if not isinstance(tokens, torch.Tensor): raise TypeError(f"tokens must be a tensor, got {type(tokens).__name__}")
+        ("Validate a token grid (VQ (B, h, w) long in [0, K); KL (B, C, h, w) float); "
+         "returns it flat, (B, N) / (B, N, C).")
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be a tensor, got {type(tokens).__name__}")
         return self.kind.check_grid(tokens, tuple(self.config.grid))
 
     def check_labels(self, labels, batch: int) -> torch.Tensor:
@@ -130,12 +140,15 @@ class Heptapod(nn.Module):
             if labels is not None and torch.as_tensor(labels).ne(0).any():
                 raise ValueError("this model is unconditional (num_classes=0): pass labels=None")
             return torch.zeros(batch, dtype=torch.long, device=self.device)
-        if labels is None: raise ValueError(f"this model is class-conditional ({c.num_classes} classes): labels are required")
+        if labels is None:
+            raise ValueError(f"this model is class-conditional ({c.num_classes} classes): labels are required")
         labels = torch.as_tensor(labels, device=self.device)
-        if labels.dtype.is_floating_point: raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
+        if labels.dtype.is_floating_point:
+            raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
         if labels.shape != (batch,): raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
         if labels.numel() and (labels.min() < 0 or labels.max() >= c.num_classes):
-            raise ValueError(f"class ids must be in [0, {c.num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
+            raise ValueError(f"class ids must be in [0, {c.num_classes}), "
+                             f"got range [{int(labels.min())}, {int(labels.max())}]")
         return labels.long()
 
     # ---- backbone --------------------------------------------------------------------------------------------
@@ -182,12 +195,15 @@ class Heptapod(nn.Module):
             raise ValueError(f"targets must have pos/valid of shape (B={B}, S, M) and steps (S,), got pos "
                              f"{tuple(pos.shape)}, valid {tuple(valid.shape)}, steps {tuple(steps.shape)}")
         if steps.numel() and (steps.min() < 0 or steps.max() >= N):
-            raise ValueError(f"target steps must be in [0, {N - 1}], got range [{int(steps.min())}, {int(steps.max())}]")
+            raise ValueError(f"target steps must be in [0, {N - 1}], "
+                             f"got range [{int(steps.min())}, {int(steps.max())}]")
         if pos.numel() and (pos.min() < 0 or pos.max() >= N):
-            raise ValueError(f"target positions must be in [0, {N - 1}], got range [{int(pos.min())}, {int(pos.max())}]")
+            raise ValueError(f"target positions must be in [0, {N - 1}], "
+                             f"got range [{int(pos.min())}, {int(pos.max())}]")
         if not valid[..., 0].all(): raise ValueError("slot 0 of every target step (the next position) must be valid")
 
-    def forward(self, tokens, labels=None, order=None, targets: Targets | None = None, return_outputs: bool = False) -> dict:
+    def forward(self, tokens, labels=None, order=None, targets: Targets | None = None,
+                return_outputs: bool = False) -> dict:
         """Loss of next-2D-distribution prediction: dict(loss, next_loss, n_targets). `targets` may hold any subset of
         steps (`select_targets(..., steps=[5])`); `return_outputs` adds `outputs`, the head's (B, S, M, O) logits (VQ)
         or diffusion conditions z (KL) for those targets: what the sampler draws from."""
@@ -200,7 +216,8 @@ class Heptapod(nn.Module):
         if targets is None: targets = select_targets(order, c.window, c.targets_per_step)
         self.check_targets(targets, B, N)
         pos, valid, steps = targets.pos_BSM, targets.valid_BSM, targets.steps_S.to(h_BND.device)
-        cond = h_BND if steps.shape[0] == N and torch.equal(steps, torch.arange(N, device=steps.device)) else h_BND[:, steps]
+        cond = (h_BND if steps.shape[0] == N and torch.equal(steps, torch.arange(N, device=steps.device))
+                else h_BND[:, steps])
         lt = torch.promote_types(h_BND.dtype, torch.float32)                        # loss dtype: float32, or float64
         w = valid.to(lt)
         w[..., 0] *= c.next_weight
@@ -216,7 +233,8 @@ class Heptapod(nn.Module):
 
     def head_loss(self, flat, pos_BSM, valid_BSM, weight_BSM) -> HeadLoss:
         """What the head needs to compute the loss in chunks: the token kind's per-target loss on a (batch, step)
-        slice, with any random draws it makes (KL: diffusion times and noise) drawn once, as the plain path draws them."""
+        slice, with any random draws it makes (KL: diffusion times and noise) drawn once, as the plain path draws
+        them."""
         noise = self.kind.loss_noise(valid_BSM, flat, self.diffusion)
         row_BSM = valid_BSM.flatten().cumsum(0).view_as(valid_BSM) - 1              # each valid target's row in `noise`
         def per_target(out, b, s):
@@ -261,7 +279,8 @@ def token_info(model_config) -> dict:
             if hasattr(model_config, c): out[key] = getattr(model_config, c); break
     return out
 
-def random_tokens(info: dict, batch: int, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def random_tokens(info: dict, batch: int, device,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     "Random `(tokens, labels)` shaped like a TokenDataset batch for `info` (benchmarks, smoke tests)."
     nc = info.get("num_classes") or 1
     x = token_kind(SimpleNamespace(**info)).random(batch, tuple(info["grid"]), generator, device)
@@ -272,5 +291,6 @@ class LossModule(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__(); self.model = model
     def forward(self, tokens, labels):
-        if getattr(getattr(self.model, "config", None), "num_classes", None) == 0: labels = None   # unconditional model:
-        return self.model.loss(tokens, labels)                                                   # a dataset's labels unused
+        # an unconditional model: a dataset's labels unused
+        if getattr(getattr(self.model, "config", None), "num_classes", None) == 0: labels = None
+        return self.model.loss(tokens, labels)

@@ -24,7 +24,8 @@ def _no_decay_name(name: str) -> bool:
     return any(s in p for s in NO_DECAY_NAMES for p in parts)
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    "AdamW groups: decay for >= 2-D weights of non-embedding, non-norm modules; none for the rest (frozen ones left out)."
+    ("AdamW groups: decay for >= 2-D weights of non-embedding, non-norm modules; none for the rest "
+     "(frozen ones left out).")
     skip = set()
     for m in model.modules():
         if isinstance(m, nn.Embedding) or "norm" in type(m).__name__.lower():
@@ -39,7 +40,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 # %% ../nbs/00a_optim.ipynb #a2e5add1
 def lr_factor(progress: float, step: int, warmup: int, min_ratio: float, schedule: str = "cosine") -> float:
-    "Multiplier of the peak lr: linear warmup over `warmup` steps times a cosine from 1 to `min_ratio` as `progress` goes 0 -> 1."
+    ("Multiplier of the peak lr: linear warmup over `warmup` steps times a cosine from 1 to `min_ratio` "
+     "as `progress` goes 0 -> 1.")
     w = min(1.0, (step + 1) / warmup) if warmup else 1.0
     if schedule == "constant" or progress < 0: return w
     if schedule != "cosine": raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
@@ -86,7 +88,8 @@ class EMA:
 
     @torch.no_grad()
     def load_full_state(self, sd: dict):
-        check_state_dict({n: torch.empty(_full_shape(s), device="meta") for n, s in self.shadow.items()}, sd, "EMA state")
+        check_state_dict({n: torch.empty(_full_shape(s), device="meta") for n, s in self.shadow.items()}, sd,
+                         "EMA state")
         for n, s in self.shadow.items():
             s.copy_(_shard_like(sd[n], s))
 
@@ -107,7 +110,8 @@ def optimizer_step(optimizer, params, *, clip: float | None = None, scaler=None,
     gn = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
     loss_v, gn_v = (float("nan") if loss is None else float(loss)), float(full_tensor(gn))
     if not math.isfinite(gn_v) or (loss is not None and not math.isfinite(loss_v)):
-        if scaler is not None and loss is not None and math.isfinite(loss_v):   # an overflow of the scaled grads: skip, as amp does
+        # an overflow of the scaled grads: skip, as amp does
+        if scaler is not None and loss is not None and math.isfinite(loss_v):
             scaler.step(optimizer); scaler.update(); optimizer.zero_grad(set_to_none=True); return gn_v
         optimizer.zero_grad(set_to_none=True)
         what = "loss" if loss is not None and not math.isfinite(loss_v) else "gradient norm"

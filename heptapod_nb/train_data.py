@@ -37,7 +37,8 @@ class TrainData:
     "The training set and how to turn one of its batches into `(tokens, labels)` on `device`."
     def __init__(self, cfg, device: torch.device):
         "`cfg`: a `train.TrainConfig` (its `data`, `tokenizer`, `image_size`, `aug` and `seed` are read)."
-        if not cfg.data: raise ConfigError("no training data: pass --data (a TokenDataset folder, or mnist5k / an image folder with --tokenizer)")
+        if not cfg.data: raise ConfigError("no training data: pass --data (a TokenDataset folder, "
+                                           "or mnist5k / an image folder with --tokenizer)")
         self.tokenizer = None
         if cfg.tokenizer:
             self.tokenizer = load_tokenizer(cfg.tokenizer).to(device).eval()
@@ -46,17 +47,20 @@ class TrainData:
             x0, _ = self.dataset[0]
             c_img, c_tok = int(x0.shape[0]), int(self.tokenizer.image_shape[0])
             if c_img != c_tok:
-                raise ConfigError(f"--data {cfg.data} gives {c_img}-channel images but tokenizer {cfg.tokenizer} was trained on "
-                                  f"{c_tok}-channel images (its in_channels): use a tokenizer made for this data")
+                raise ConfigError(f"--data {cfg.data} gives {c_img}-channel images but tokenizer {cfg.tokenizer} "
+                                  f"was trained on {c_tok}-channel images (its in_channels): "
+                                  "use a tokenizer made for this data")
             t0, tok = self.encode(x0[None].to(device)), self.tokenizer
             self.info = dict(kind=tok.kind, grid=tuple(t0.shape[-2:]), num_classes=self.dataset.num_classes,
                              **token_sizes(tok))
         else:
             if cfg.data in DATASETS or not (Path(cfg.data) / "meta.json").exists():
-                raise ConfigError(f"--data {cfg.data!r} is not a token dataset (no meta.json); to train on images pass --tokenizer too")
+                raise ConfigError(f"--data {cfg.data!r} is not a token dataset (no meta.json); "
+                                  "to train on images pass --tokenizer too")
             self.dataset = TokenDataset(cfg.data, aug=cfg.aug, seed=cfg.seed)
             d = self.dataset
-            self.info = dict(kind=d.kind, grid=tuple(d.grid), num_classes=d.num_classes, vocab_size=d.vocab_size, channels=d.channels)
+            self.info = dict(kind=d.kind, grid=tuple(d.grid), num_classes=d.num_classes, vocab_size=d.vocab_size,
+                             channels=d.channels)
         self.tokens_per_image = self.info["grid"][0] * self.info["grid"][1]
 
     def set_epoch(self, epoch: int):
