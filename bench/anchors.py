@@ -9,7 +9,7 @@ before a refactoring and after it (one thread, same machine); every hash must ma
     PYTHONPATH=<checkout> OMP_NUM_THREADS=1 .venv/bin/python bench/anchors.py --out OUT/anchors.json
 """
 from __future__ import annotations
-import argparse, hashlib, io, json, os, sys, tempfile, time
+import argparse, hashlib, json, os, sys, tempfile, time
 from pathlib import Path
 
 os.environ.setdefault("HEPTAPOD_FAST", "1")
@@ -21,9 +21,11 @@ from PIL import Image
 def digest(x, h=None):
     "sha256 over every tensor / array / image / number / string in a nested structure (dataclasses by their fields)."
     h = h or hashlib.sha256()
-    if isinstance(x, torch.Tensor): x = x.detach().cpu().contiguous(); h.update(str((x.dtype, tuple(x.shape))).encode()); \
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().contiguous(); h.update(str((x.dtype, tuple(x.shape))).encode())
         h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
-    elif isinstance(x, np.ndarray): h.update(str((x.dtype, x.shape)).encode()); h.update(np.ascontiguousarray(x).tobytes())
+    elif isinstance(x, np.ndarray):
+        h.update(str((x.dtype, x.shape)).encode()); h.update(np.ascontiguousarray(x).tobytes())
     elif isinstance(x, Image.Image): digest(np.asarray(x), h)
     elif isinstance(x, dict):
         for k in sorted(x, key=str): h.update(str(k).encode()); digest(x[k], h)
@@ -49,7 +51,8 @@ def files_sha(folder: Path, names) -> dict:
         if n.endswith(".safetensors"): out[n] = sha(load_file(str(p)))
         elif n.endswith(".jsonl"):
             rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
-            out[n] = sha([{k: v for k, v in r.items() if not any(w in k for w in ("time", "sec", "_s", "wall", "elapsed", "per_s"))}
+            out[n] = sha([{k: v for k, v in r.items()
+                           if not any(w in k for w in ("time", "sec", "_s", "wall", "elapsed", "per_s"))}
                           for r in rows])
     return out
 
@@ -79,8 +82,10 @@ def app_anchors(bundle) -> dict:
     frames = list(app.generate_stream(3, 1, 1.0, 0, "raster", 1, "entropy", False))
     out["generate_stream"] = sha([f[1:] for f in frames])
     run = frames[-1][0]
-    out["frames"] = sha([app.frame(run, t, heat, ov) for t in (0, 10, len(run)) for heat in app.heatmaps() for ov in (False, True)])
-    out["cell_topk"] = sha([app.cell_topk(run, t, x, y, "entropy", False) for t, x, y in ((0, 0.5, 0.5), (20, 0.3, 0.7))])
+    out["frames"] = sha([app.frame(run, t, heat, ov) for t in (0, 10, len(run)) for heat in app.heatmaps()
+                         for ov in (False, True)])
+    out["cell_topk"] = sha([app.cell_topk(run, t, x, y, "entropy", False)
+                            for t, x, y in ((0, 0.5, 0.5), (20, 0.3, 0.7))])
     out["final_image"] = sha(app.final_image(run))
     img = np.zeros((64, 64), np.uint8); img[16:48, 28:36] = 255
     out["complete"] = sha(app.complete(img, 1, 24, 2, 0, 1.0, True))
@@ -105,9 +110,10 @@ def train_anchors(tmp: Path) -> dict:
         lab = np.load(root / "labels.npy", mmap_mode="r+"); lab[:] = rng.integers(0, 4, 48); lab.flush()
         TokenDataset.write_meta(root, {**meta, "done": 48})
         run = tmp / f"run_{kind}"
-        argv = ["--preset", "tiny", "--data", str(root), "--out", str(run), "--no-progress", "batch_size=8", "num_workers=0",
-                "warmup=2", "log_every=2", "steps=8", "ckpt_every=4", "model.dim=32", "model.depth=1", "model.n_heads=2",
-                "model.head_width=32", "model.head_depth=1", "model.head_heads=2", "model.window=4", 'model.order="random"']
+        argv = ["--preset", "tiny", "--data", str(root), "--out", str(run), "--no-progress", "batch_size=8",
+                "num_workers=0", "warmup=2", "log_every=2", "steps=8", "ckpt_every=4", "model.dim=32", "model.depth=1",
+                "model.n_heads=2", "model.head_width=32", "model.head_depth=1", "model.head_heads=2", "model.window=4",
+                'model.order="random"']
         if kind == "kl": argv += ["model.diff_width=16", "model.diff_depth=1"]
         assert main(argv) == 0, f"heptapod-train failed on the {kind} token set"
         out[f"train {kind}"] = files_sha(run, ["model.safetensors", "ema.safetensors", "metrics.jsonl"])
@@ -128,9 +134,9 @@ def generate_any(m):
 def tokenizer_anchors(tmp: Path) -> dict:
     from heptapod_nb.tokenizer_train import train_tokenizer_main
     run = tmp / "tok_run"
-    train_tokenizer_main(["--out", str(run), "--steps", "4", "--ckpt-every", "2", "--batch-size", "8", "--eval-every", "4",
-                          "--eval-batches", "1", "-o", "ch=8", "-o", "norm_groups=4", "-o", "z_channels=8",
-                          "--no-progress", "--threads", "1"])
+    train_tokenizer_main(["--out", str(run), "--steps", "4", "--ckpt-every", "2", "--batch-size", "8",
+                          "--eval-every", "4", "--eval-batches", "1", "-o", "ch=8", "-o", "norm_groups=4",
+                          "-o", "z_channels=8", "--no-progress", "--threads", "1"])
     return {"tokenizer train": files_sha(run, ["tokenizer.safetensors"])}
 
 
@@ -153,7 +159,8 @@ def main(argv=None):
     bundle = load_bundle(None, "cpu")
     with tempfile.TemporaryDirectory() as d:
         groups = dict(sampler=lambda: sampler_anchors(bundle), app=lambda: app_anchors(bundle),
-                      train=lambda: train_anchors(Path(d)), tokenizer=lambda: tokenizer_anchors(Path(d)), data=data_anchors)
+                      train=lambda: train_anchors(Path(d)), tokenizer=lambda: tokenizer_anchors(Path(d)),
+                      data=data_anchors)
         for g, f in groups.items():
             if g in skip: continue
             t = time.time(); res[g] = f()
@@ -163,7 +170,8 @@ def main(argv=None):
         for k, v in d.items(): print(f"| {g}: {k} | {v if isinstance(v, str) else json.dumps(v)} |")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(dict(command="bench/anchors.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        Path(a.out).write_text(json.dumps(dict(command="bench/anchors.py "
+                                               + " ".join(sys.argv[1:] if argv is None else argv),
                                                wall_s=round(time.time() - t0, 1), anchors=res), indent=1))
 
 

@@ -14,7 +14,7 @@ that compute: requests run one at a time, in arrival order); `--workers W` serve
 the models (its own KV cache); W = the number of calls is a copy per request. Every concurrent result is checked
 against the same call made alone.
 """
-import argparse, json, math, os, platform, socket, statistics, sys, threading, time, urllib.request
+import argparse, json, math, os, platform, socket, statistics, subprocess, sys, threading, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -89,7 +89,8 @@ def _pixels(out) -> list:
     if isinstance(out, (list, tuple)): return [a for o in out for a in _pixels(o)]
     if isinstance(out, dict) and "image" in out: return _pixels(out["image"])
     if isinstance(out, dict) and out.get("url"):
-        with urllib.request.urlopen(out["url"], timeout=60) as r: return [np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))]
+        with urllib.request.urlopen(out["url"], timeout=60) as r:
+            return [np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))]
     if isinstance(out, str) and os.path.isfile(out): return [np.asarray(Image.open(out).convert("RGB"))]
     return []
 
@@ -118,7 +119,6 @@ def cpu_seconds(pid: int, tree: bool = True) -> float:
 def serve_app(port: int, weights: str | None, workers: int, log, in_process: bool = False) -> "subprocess.Popen":
     """`heptapod-app` as a teacher starts it, in its own process (the package on this interpreter's path, e.g.
     `PYTHONPATH`); returns once the page answers."""
-    import subprocess
     cmd = [sys.executable, "-c", "import sys; from heptapod_nb.app_cli import main; sys.exit(main(sys.argv[1:]))",
            "--port", str(port), "--workers", str(workers)] + (["--weights", weights] if weights else []) \
         + (["--in-process"] if in_process else [])
@@ -158,7 +158,6 @@ def classroom(n: int = 30, weights: str | None = None, workers: int = 2, client_
     import numpy as np
     from PIL import Image
     from gradio_client import Client
-    from gradio_client.exceptions import AppError
     tmp = tmp or tempfile.mkdtemp(prefix="heptapod-classroom-")
     img = np.full((64, 64, 3), 255, np.uint8); img[10:50, 28:35] = 0; img[10:16, 22:35] = 0     # a "7"-ish stroke
     upload = str(Path(tmp) / "digit.png"); Image.fromarray(img).save(upload)
@@ -169,7 +168,6 @@ def classroom(n: int = 30, weights: str | None = None, workers: int = 2, client_
     url = f"http://127.0.0.1:{port}/"
     # the bad call's student sits at the server's priority, in a process of their own (a browser on another laptop
     # does not wait for 30 other clients' threads): started before this process lowers its own priority
-    import subprocess
     bad_proc = subprocess.Popen([sys.executable, "-c", BAD_CALL, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 text=True)
     try:
@@ -187,7 +185,8 @@ def classroom(n: int = 30, weights: str | None = None, workers: int = 2, client_
             except Exception as e: errors.append(f"{api}: {type(e).__name__}: {e}"); return
             lat[i] = time.perf_counter() - t0
             got = _pixels(out)
-            same[i] = len(alone[i]) > 0 and len(got) == len(alone[i]) and all(np.array_equal(a, b) for a, b in zip(got, alone[i]))
+            same[i] = len(alone[i]) > 0 and len(got) == len(alone[i]) and all(np.array_equal(a, b)
+                                                                              for a, b in zip(got, alone[i]))
         bad = {}
         def bad_call():
             go.wait(); time.sleep(1.0)
@@ -258,7 +257,8 @@ def main(argv=None):
     p.add_argument("--classroom", type=int, default=30, help="issue 24: this many mixed /generate, /compare, /complete "
                    "calls at once, one client each, plus a bad call during the burst (0: skip that part)")
     p.add_argument("--classroom-only", action="store_true", help="measure only the classroom burst")
-    p.add_argument("--app-workers", type=int, default=2, help="the classroom server's --workers (heptapod-app's default 2)")
+    p.add_argument("--app-workers", type=int, default=2,
+                   help="the classroom server's --workers (heptapod-app's default 2)")
     p.add_argument("--in-process", action="store_true", help="serve the classroom with heptapod-app --in-process "
                    "(generations computed in the server's process, not in model processes)")
     p.add_argument("--client-nice", type=int, default=10, help="the classroom clients' niceness above the server's "
@@ -291,7 +291,8 @@ def main(argv=None):
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
     client.predict(1, 0, 1.0, 0, "raster", 1, "entropy", False, api_name="/generate")
     for t in (3, 30, 60, 10, 50):
-        t0 = time.perf_counter(); client.predict(t, "entropy", False, api_name="/scrub"); scrub_api.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); client.predict(t, "entropy", False, api_name="/scrub")
+        scrub_api.append(time.perf_counter() - t0)
     stream_api = [stream_via_http(client, r) for r in range(a.repeats)]
     blocks.close()
     conc = [concurrent_generations(bundle, int(w), a.concurrent) for w in a.workers.split(",")] if a.concurrent else []
@@ -322,18 +323,23 @@ def main(argv=None):
     targets = {"app_start_s": 20.0, "generate_full_trace_s": 2.0, "scrub_step_s": 0.2, "stream_first_step_s": 2.0,
                "stream_first_step_via_http_s": 2.0}
     print(f"{'measure':28s} {'value':>10s} {'target':>8s}")
-    for k in ("app_start_s", "generate_full_trace_s", "view_decode_s", "scrub_step_s", "scrub_step_s_max", "scrub_step_via_http_s",
-              "stream_first_step_s", "stream_last_step_s", "stream_first_step_via_http_s", "stream_last_step_via_http_s"):
+    for k in ("app_start_s", "generate_full_trace_s", "view_decode_s", "scrub_step_s", "scrub_step_s_max",
+              "scrub_step_via_http_s", "stream_first_step_s", "stream_last_step_s", "stream_first_step_via_http_s",
+              "stream_last_step_via_http_s"):
         tgt = targets.get(k)
-        print(f"{k:28s} {res[k]:10.4f} {('<= %g' % tgt) if tgt else '':>8s}" + ("" if tgt is None or res[k] <= tgt else "  MISSED"))
+        print(f"{k:28s} {res[k]:10.4f} {('<= %g' % tgt) if tgt else '':>8s}"
+              + ("" if tgt is None or res[k] <= tgt else "  MISSED"))
     if conc:
         print(f"\n{a.concurrent} concurrent /generate calls (full trace, 64 steps), each from its own client:")
-        print(f"{'workers':8s} {'wall s':>7s} {'gen/s':>6s} {'p50 s':>6s} {'max s':>6s} {'min s':>6s} {'alone s':>8s} {'same as alone':>14s}")
+        print(f"{'workers':8s} {'wall s':>7s} {'gen/s':>6s} {'p50 s':>6s} {'max s':>6s} {'min s':>6s} {'alone s':>8s} "
+              f"{'same as alone':>14s}")
         for c in conc:
-            print(f"{c['workers']:<8d} {c['wall_s']:7.2f} {c['throughput_per_s']:6.3f} {c['p50_s']:6.2f} {c['max_s']:6.2f} "
-                  f"{c['min_s']:6.2f} {c['alone_p50_s']:8.3f} {c['identical_to_alone']:>8d} of {c['calls']}")
+            print(f"{c['workers']:<8d} {c['wall_s']:7.2f} {c['throughput_per_s']:6.3f} {c['p50_s']:6.2f} "
+                  f"{c['max_s']:6.2f} {c['min_s']:6.2f} {c['alone_p50_s']:8.3f} {c['identical_to_alone']:>8d} "
+                  f"of {c['calls']}")
     if room: print_classroom(room)
-    print(f"steps recorded when the first frame was yielded: {res['stream_first_frame_steps_recorded']} of {res['steps']}")
+    print(f"steps recorded when the first frame was yielded: {res['stream_first_frame_steps_recorded']} "
+          f"of {res['steps']}")
     print(f"(1-minute load average while measuring: {res['load_avg_1min']} on {res['cpu_count']} cores)")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -344,8 +350,8 @@ def main(argv=None):
 
 def print_classroom(c: dict) -> None:
     print(f"\n{c['calls']} students at once ({c['mix']}), each from its own client:")
-    print(f"{'wall s':>7s} {'calls/s':>7s} {'p50 s':>6s} {'p90 s':>6s} {'max s':>6s} {'alone p50':>9s} {'same as alone':>14s} "
-          f"{'bad call refused':>16s}")
+    print(f"{'wall s':>7s} {'calls/s':>7s} {'p50 s':>6s} {'p90 s':>6s} {'max s':>6s} {'alone p50':>9s} "
+          f"{'same as alone':>14s} {'bad call refused':>16s}")
     print(f"{c['wall_s']:7.2f} {c['throughput_per_s']:7.3f} {c['p50_s']:6.2f} {c['p90_s']:6.2f} {c['max_s']:6.2f} "
           f"{c['alone_p50_s']:9.3f} {c['identical_to_alone']:>8d} of {c['calls']} {c['bad_input_refused_s']:14.3f} s")
     if "server_cpu_s" in c:

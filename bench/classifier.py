@@ -1,16 +1,17 @@
 """The MNIST classifier behind MNIST-FID and class accuracy: val-accuracy band over seeds, and the bundled weights.
 
     # the band of the default config (12 epochs) over 10 seeds, and the bundled asset (seed 0):
-    OMP_NUM_THREADS=1 .venv/bin/python bench/classifier.py --seeds 0 1 2 3 4 5 6 7 8 9 --out bench/results/classifier.json \
-        --save heptapod_nb/assets/mnist_classifier.safetensors
+    OMP_NUM_THREADS=1 .venv/bin/python bench/classifier.py --seeds 0 1 2 3 4 5 6 7 8 9 \
+        --out bench/results/classifier.json --save heptapod_nb/assets/mnist_classifier.safetensors
     # the band of the shortened retraining that tests/test_classifier.py runs under HEPTAPOD_FAST=1:
-    OMP_NUM_THREADS=1 .venv/bin/python bench/classifier.py --seeds 0 1 2 3 4 5 6 7 8 9 --epochs 4 --out bench/results/classifier_e4.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/classifier.py --seeds 0 1 2 3 4 5 6 7 8 9 --epochs 4 \
+        --out bench/results/classifier_e4.json
 
 Each seed trains `MNISTClassifierConfig(seed=s, epochs=...)` on MNIST-5k train (CPU, one thread) and scores the 500
 val digits. `--save PATH` writes the seed-0 classifier with its record (val accuracy, val predictions, MNIST-FID of
 real train digits): only with the default config, and never over an existing file without `--overwrite`.
 """
-import argparse, os, platform, statistics, sys, time
+import argparse, os, platform, statistics, sys
 from pathlib import Path
 
 import torch
@@ -48,7 +49,8 @@ def run(argv=None) -> dict:
         if epochs != default_epochs or 0 not in a.seeds:
             raise ConfigError(f"--save writes the default classifier (seed 0, {default_epochs} epochs): "
                               f"got --epochs {epochs}, --seeds {a.seeds}")
-        if not str(a.save).endswith(".safetensors"): raise ValueError(f"--save must name a .safetensors file, got {a.save}")
+        if not str(a.save).endswith(".safetensors"):
+            raise ValueError(f"--save must name a .safetensors file, got {a.save}")
     torch.set_num_threads(a.threads)
     cmd = "bench/classifier.py " + " ".join(sys.argv[1:] if argv is None else argv)
     runs = []
@@ -63,7 +65,7 @@ def run(argv=None) -> dict:
     accs = [r["val_accuracy"] for r in runs]
     band = dict(min=min(accs), max=max(accs), mean=statistics.mean(accs),
                 std=statistics.stdev(accs) if len(accs) > 1 else 0.0, n=len(accs))
-    print(f"\n| seed | val accuracy | mistakes (of 500) | train s |\n|---|---|---|---|")
+    print("\n| seed | val accuracy | mistakes (of 500) | train s |\n|---|---|---|---|")
     for r in runs: print(f"| {r['seed']} | {r['val_accuracy']:.2%} | {r['val_mistakes']} | {r['seconds']:.0f} |")
     print(f"| band ({band['n']} seeds) | {band['min']:.2%} .. {band['max']:.2%} (mean {band['mean']:.2%}, "
           f"std {band['std']:.2%}) | | |")

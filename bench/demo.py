@@ -46,10 +46,11 @@ def main(argv=None):
             r = rows[-1]
             print(f"{name} T={T}: CE {ce:.3f}, class accuracy {r['class_acc']:.1%} +- {r['class_acc_std']:.1%}, "
                   f"MNIST-FID {r['mnist_fid']:.1f} +- {r['mnist_fid_std']:.1f}", flush=True)
-    print(f"\n| model | steps | next-position val CE | T | class accuracy | MNIST-FID |\n|---|---|---|---|---|---|")
+    print("\n| model | steps | next-position val CE | T | class accuracy | MNIST-FID |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} (window={r['window']}, M={r['targets_per_step']}) | {r['steps']} | {r['val_next_ce']:.3f} | "
-              f"{r['temperature']} | {r['class_acc']:.1%} +- {r['class_acc_std']:.1%} | {r['mnist_fid']:.1f} +- {r['mnist_fid_std']:.1f} |")
+        print(f"| {r['model']} (window={r['window']}, M={r['targets_per_step']}) | {r['steps']} | "
+              f"{r['val_next_ce']:.3f} | {r['temperature']} | {r['class_acc']:.1%} +- {r['class_acc_std']:.1%} | "
+              f"{r['mnist_fid']:.1f} +- {r['mnist_fid_std']:.1f} |")
     if a.out:
         write_json(a.out, dict(command="bench/demo.py " + " ".join(sys.argv[1:] if argv is None else argv),
                                weights=str(wdir), threads=a.threads, wall_s=round(time.time() - t0, 1), rows=rows))

@@ -22,8 +22,10 @@ def run(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="bench/eval_metrics.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=arg_int(1), default=1)
-    p.add_argument("--inception_images", type=arg_int(1), default=8, help="images for the (random-weight) Inception timing")
-    p.add_argument("--fresh", action="store_true", help="also train a classifier anew (default config) and report its time")
+    p.add_argument("--inception_images", type=arg_int(1), default=8,
+                   help="images for the (random-weight) Inception timing")
+    p.add_argument("--fresh", action="store_true",
+                   help="also train a classifier anew (default config) and report its time")
     p.add_argument("--sqrtm", action="store_true", help="also time frechet_distance on 2048-d statistics (slow on CPU)")
     p.add_argument("--out", default=None, help="write the table as JSON")
     p.add_argument("--overwrite", action="store_true", help="allow --out to replace an existing file")

@@ -11,9 +11,12 @@ time / the device's dense bf16 peak (`PEAK_BF16_TFLOPS`, looked up by device nam
 matmul and attention of the backbone and the 2D head, any activation-checkpoint recompute included), not estimated.
 Sampling: `heptapod_nb.sample.generate` (KV cache), token grids only (the tokenizer's decoder is not timed).
 
-    .venv/bin/python bench/gpu.py --preset B --device cuda --steps 10 --out bench/results/gpu_B.json     # B, auto micro-batch
-    .venv/bin/python bench/gpu.py --preset B --device cuda --batch 64 --micro-batch 64 --steps 20          # a fixed layout
-    .venv/bin/python bench/gpu.py --preset tiny --device cpu --steps 3                                    # smoke test on a laptop
+    # B, auto micro-batch:
+    .venv/bin/python bench/gpu.py --preset B --device cuda --steps 10 --out bench/results/gpu_B.json
+    # a fixed layout:
+    .venv/bin/python bench/gpu.py --preset B --device cuda --batch 64 --micro-batch 64 --steps 20
+    # smoke test on a laptop:
+    .venv/bin/python bench/gpu.py --preset tiny --device cpu --steps 3
 
 The 16x16-grid miniature of issue 16 (bench/grid16.py) at a length the 2-core CPU cannot reach: `bench/gpu.py grid16
 [grid16 options]` runs it with GPU_GRID16 (training on the GPU, several runs in parallel; options given after `grid16`
@@ -148,19 +151,21 @@ def bench_sample(model, info, n, device, bf16):
 
 
 def flops_only(a, mc, model, info, params, device):
-    "Counted FLOPs of one image (forward + backward, including any activation-checkpoint recompute) and the images/s and"
-    " tokens/s per GPU they imply at `a.mfu` of an H100/H200's dense bf16 peak."
+    """Counted FLOPs of one image (forward + backward, including any activation-checkpoint recompute) and the
+    images/s and tokens/s per GPU they imply at `a.mfu` of an H100/H200's dense bf16 peak."""
     from heptapod_nb.model import LossModule, random_tokens
     x, y = random_tokens(info, 1, device)
     f = step_flops(lambda b: LossModule(model)(x, y), 1)
     peak = (a.peak_tflops or PEAK_BF16_TFLOPS["H100"]) * 1e12
     img_s = a.mfu * peak / f
     N = info["grid"][0] * info["grid"][1]
-    res = dict(command=" ".join(sys.argv), preset=a.preset, params=params, grad_checkpoint=getattr(mc, "grad_checkpoint", None),
-               flops_per_image=f, flops_6n_per_image=6 * params * N, assumed_mfu=a.mfu, peak_flops=peak,
+    res = dict(command=" ".join(sys.argv), preset=a.preset, params=params,
+               grad_checkpoint=getattr(mc, "grad_checkpoint", None), flops_per_image=f,
+               flops_6n_per_image=6 * params * N, assumed_mfu=a.mfu, peak_flops=peak,
                projected_images_per_s_per_gpu=img_s, projected_tokens_per_s_per_gpu=img_s * N)
-    print(f"{a.preset}: {params / 1e6:.0f}M params, counted {f / 1e9:,.0f} GFLOP per image (fwd+bwd; 6*N*T = {6 * params * N / 1e9:,.0f}); "
-          f"at {a.mfu:.0%} of {peak / 1e12:.0f} TFLOP/s: {img_s:,.0f} images/s = {img_s * N:,.0f} tokens/s per GPU (projection, not a measurement)")
+    print(f"{a.preset}: {params / 1e6:.0f}M params, counted {f / 1e9:,.0f} GFLOP per image "
+          f"(fwd+bwd; 6*N*T = {6 * params * N / 1e9:,.0f}); at {a.mfu:.0%} of {peak / 1e12:.0f} TFLOP/s: "
+          f"{img_s:,.0f} images/s = {img_s * N:,.0f} tokens/s per GPU (projection, not a measurement)")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=2, default=str))
@@ -170,9 +175,10 @@ def flops_only(a, mc, model, info, params, device):
 # about 8 minutes on one H200 with 16 CPU cores (sized, not yet measured: no GPU was lent when it was written): the
 # tokenizer (GPU), then 5 configs x 2 modes x the seeds given, 6 runs at a time; the probe, sampling and scoring of each
 # run happen on the CPU (2 threads per run)
-GPU_GRID16 = ["--configs", "w1_last,w16_m2_nw8_last,global_m2_nw8_last,w1,global_m2_nw8", "--modes", "uncond,cond", "--seeds", "0",
-              "--steps", "1500", "--batch", "64", "--samples", "500", "--curve_samples", "50", "--workers", "6",
-              "--threads", "2", "--tokenizer_minutes", "2", "--work", "runs/grid16_gpu", "--out", "bench/results/grid16_gpu.json"]
+GPU_GRID16 = ["--configs", "w1_last,w16_m2_nw8_last,global_m2_nw8_last,w1,global_m2_nw8", "--modes", "uncond,cond",
+              "--seeds", "0", "--steps", "1500", "--batch", "64", "--samples", "500", "--curve_samples", "50",
+              "--workers", "6", "--threads", "2", "--tokenizer_minutes", "2", "--work", "runs/grid16_gpu",
+              "--out", "bench/results/grid16_gpu.json"]
 
 
 def grid16(argv: list[str]) -> int:
@@ -181,34 +187,43 @@ def grid16(argv: list[str]) -> int:
     spec = importlib.util.spec_from_file_location("bench_grid16", Path(__file__).with_name("grid16.py"))
     g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)
     import torch
-    if not torch.cuda.is_available(): print("bench/gpu.py grid16: warning: no CUDA device; the runs train on the CPU", file=sys.stderr)
+    if not torch.cuda.is_available():
+        print("bench/gpu.py grid16: warning: no CUDA device; the runs train on the CPU", file=sys.stderr)
     return g.main(GPU_GRID16 + list(argv))
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench/gpu.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="model preset overrides (model.key=value also accepted)")
+    p = argparse.ArgumentParser(prog="bench/gpu.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="model preset overrides (model.key=value also accepted)")
     p.add_argument("--preset", default="B")
     p.add_argument("--device", default=None)
     p.add_argument("--batch", type=int, default=None,
-                   help="images per optimizer step on this device (default on CUDA: the README's global batch / its world "
-                        "size for the preset, B: 1024 / 8 = 128; 4 on CPU)")
-    p.add_argument("--global-batch", type=int, default=README_GLOBAL_BATCH, help="the run's global batch (for the default --batch)")
-    p.add_argument("--world", type=int, default=None, help="the run's GPUs (default: the README's for the preset, B 8, L 16, H 32)")
+                   help="images per optimizer step on this device (default on CUDA: the README's global batch / its "
+                        "world size for the preset, B: 1024 / 8 = 128; 4 on CPU)")
+    p.add_argument("--global-batch", type=int, default=README_GLOBAL_BATCH,
+                   help="the run's global batch (for the default --batch)")
+    p.add_argument("--world", type=int, default=None,
+                   help="the run's GPUs (default: the README's for the preset, B 8, L 16, H 32)")
     p.add_argument("--micro-batch", default=None,
-                   help='images per forward: an int, or "auto" (heptapod-train\'s planner; the default on CUDA); default on CPU: '
-                        "the whole batch")
-    p.add_argument("--memory-budget-gb", type=float, default=None, help='GiB for --micro-batch auto (default: the CUDA device\'s memory)')
+                   help='images per forward: an int, or "auto" (heptapod-train\'s planner; the default on CUDA); '
+                        "default on CPU: the whole batch")
+    p.add_argument("--memory-budget-gb", type=float, default=None,
+                   help='GiB for --micro-batch auto (default: the CUDA device\'s memory)')
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 on CPU)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast even on CUDA")
     p.add_argument("--no-ema", action="store_true", help="leave out the EMA update heptapod-train does after each step")
-    p.add_argument("--sample-n", type=int, default=None, help="images sampled in the timed generate call (default 64 on CUDA, 2 on CPU; 0 = skip)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (looked up in PEAK_BF16_TFLOPS by name)")
+    p.add_argument("--sample-n", type=int, default=None,
+                   help="images sampled in the timed generate call (default 64 on CUDA, 2 on CPU; 0 = skip)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense bf16 peak (looked up in PEAK_BF16_TFLOPS by name)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--flops-only", action="store_true",
-                   help="only count FLOPs of one image's forward + backward and project throughput at --mfu of the peak")
+                   help="only count FLOPs of one image's forward + backward and project throughput at --mfu of "
+                        "the peak")
     p.add_argument("--mfu", type=float, default=0.4, help="MFU assumed by --flops-only projections")
     p.add_argument("--out")
     return p
@@ -227,7 +242,8 @@ def main(argv=None):
     if cpu: torch.set_num_threads(a.threads)
     else: torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
     world = a.world or README_WORLD.get(a.preset, 1)
-    if a.global_batch % world: raise SystemExit(f"bench/gpu.py: --global-batch {a.global_batch} is not divisible by --world {world}")
+    if a.global_batch % world:
+        raise SystemExit(f"bench/gpu.py: --global-batch {a.global_batch} is not divisible by --world {world}")
     batch = a.batch or (4 if cpu else a.global_batch // world)
     warmup = a.warmup if a.warmup is not None else (1 if cpu else 3)
     sample_n = a.sample_n if a.sample_n is not None else (2 if cpu else 64)
@@ -252,20 +268,25 @@ def main(argv=None):
     tr["mfu"] = mfu(tr["flops_per_step"], tr["sec_per_step"], peak)
     tr["flops_6n_per_step"] = 6 * params * batch * info["grid"][0] * info["grid"][1]
     sa = bench_sample(model, info, sample_n, dev, bf16) if sample_n else None
-    print(f"{a.preset} preset ({params / 1e6:.1f}M params), {name}, {'bf16 autocast' if bf16 else 'fp32'}{', compiled' if a.compile else ''}, "
+    print(f"{a.preset} preset ({params / 1e6:.1f}M params), {name}, {'bf16 autocast' if bf16 else 'fp32'}"
+          f"{', compiled' if a.compile else ''}, "
           f"{batch} images per optimizer step = {tr['accumulation']} x micro-batch {mb}"
-          f"{' (auto: ' + format(plan['per_image_bytes'] / 2**20, ',.0f') + ' MiB per image measured, ' + format(plan['planned_bytes'] / 2**30, '.1f') + ' of ' + format(plan['budget_bytes'] / 2**30, '.1f') + ' GiB planned)' if plan else ''}"
-          f", {a.steps} timed steps after {warmup}; peak {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown'}")
-    print("| preset | device | images/step | micro-batch | ms/step | images/s | tokens/s | counted TFLOP/step | achieved TFLOP/s | MFU | max mem GB | sampling images/s |")
+          + (" (auto: " + format(plan['per_image_bytes'] / 2**20, ',.0f') + " MiB per image measured, "
+             + format(plan['planned_bytes'] / 2**30, '.1f') + " of " + format(plan['budget_bytes'] / 2**30, '.1f')
+             + " GiB planned)" if plan else "")
+          + f", {a.steps} timed steps after {warmup}; peak {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown'}")
+    print("| preset | device | images/step | micro-batch | ms/step | images/s | tokens/s | counted TFLOP/step "
+          "| achieved TFLOP/s | MFU | max mem GB | sampling images/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda v, fmt: "n/a" if v is None else format(v, fmt)
-    print(f"| {a.preset} | {name} | {batch} | {mb} | {1000 * tr['sec_per_step']:.1f} | {tr['images_per_s']:,.1f} | {tr['tokens_per_s']:,.0f} | "
-          f"{tr['flops_per_step'] / 1e12:.3f} | {tr['achieved_tflops']:.2f} | {f(tr['mfu'] and 100 * tr['mfu'], '.1f')}{'%' if tr['mfu'] else ''} | "
+    print(f"| {a.preset} | {name} | {batch} | {mb} | {1000 * tr['sec_per_step']:.1f} | {tr['images_per_s']:,.1f} | "
+          f"{tr['tokens_per_s']:,.0f} | {tr['flops_per_step'] / 1e12:.3f} | {tr['achieved_tflops']:.2f} | "
+          f"{f(tr['mfu'] and 100 * tr['mfu'], '.1f')}{'%' if tr['mfu'] else ''} | "
           f"{f(tr['max_mem_gb'], '.1f')} | {f(sa and sa['images_per_s'], '.2f')} |")
     if tr["mfu"] is not None: print(f"goal MFU >= 40%: {'met' if tr['mfu'] >= 0.4 else 'NOT met'}")
-    res = dict(command=" ".join(sys.argv), preset=a.preset, model_config=mc.to_dict(), params=params, device=name, bf16=bf16,
-               compile=a.compile, torch=torch.__version__, peak_flops=peak, world=world, global_batch=a.global_batch,
-               micro_batch_plan=plan, train=tr, sample=sa)
+    res = dict(command=" ".join(sys.argv), preset=a.preset, model_config=mc.to_dict(), params=params, device=name,
+               bf16=bf16, compile=a.compile, torch=torch.__version__, peak_flops=peak, world=world,
+               global_batch=a.global_batch, micro_batch_plan=plan, train=tr, sample=sa)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=2, default=str))

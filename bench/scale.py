@@ -16,7 +16,7 @@ that --llamagen names, holding autoregressive/models/gpt.py's `gpt.py` and `util
 message when absent; only B is checked: GPT-B).
 """
 from __future__ import annotations
-import argparse, json, os, sys, time
+import argparse, json, sys, time
 from pathlib import Path
 
 DEFAULT_VARIANTS = "preset,prefix:1,prefix:2,prefix:4,prefix:16,last:16,ref"
@@ -24,14 +24,17 @@ LLAMAGEN = {"B": "GPT_B", "L": "GPT_L"}       # our preset -> LlamaGen's model o
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench/scale.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="bench/scale.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="tiny,B,L,H", help="comma-separated keys of heptapod_nb.model.PRESETS")
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated: preset, CONTEXT:M, ref, llamagen")
     p.add_argument("--precisions", default="bf16,fp32", help="bf16 (CPU autocast) and/or fp32")
     p.add_argument("--batches", default="1,2", help="the two batch sizes whose difference gives the per-image slope")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--loss-chunk", default=None, help="override HeptapodConfig.loss_chunk (0: the plain path, every logit at once)")
-    p.add_argument("-o", "--set", action="append", default=[], metavar="KEY=VALUE", help="any other model override (repeatable)")
+    p.add_argument("--loss-chunk", default=None,
+                   help="override HeptapodConfig.loss_chunk (0: the plain path, every logit at once)")
+    p.add_argument("-o", "--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other model override (repeatable)")
     p.add_argument("--llamagen", default="/tmp/llamagen", help="folder with LlamaGen's gpt.py (the llamagen variant)")
     p.add_argument("--out", default=None, help="JSON results file (added to; runs with the same settings are skipped)")
     return p
@@ -94,7 +97,9 @@ def model_overrides(a, fields) -> dict:
         k, v = kv.split("=", 1); ov[k.strip()] = parse_value(v.strip())
     for flag, key in ((a.loss_chunk, "loss_chunk"),):
         if flag is None: continue
-        if key not in fields: raise SystemExit(f"bench/scale.py: error: this HeptapodConfig has no field {key!r} (--{key.replace('_', '-')})")
+        if key not in fields:
+            raise SystemExit(f"bench/scale.py: error: this HeptapodConfig has no field {key!r} "
+                             f"(--{key.replace('_', '-')})")
         ov[key] = parse_value(flag)
     return ov
 
@@ -106,7 +111,8 @@ def variant_overrides(v: str) -> dict:
         if ctx not in ("prefix", "last"): raise ValueError
         return dict(head_context=ctx, targets_per_step=m if m == "all" else int(m))
     except ValueError:
-        raise SystemExit(f"bench/scale.py: error: unknown variant {v!r} (preset, ref, llamagen or CONTEXT:M, e.g. last:16)") from None
+        raise SystemExit(f"bench/scale.py: error: unknown variant {v!r} "
+                         f"(preset, ref, llamagen or CONTEXT:M, e.g. last:16)") from None
 
 
 MEMORY_PATH = ("loss_chunk", "grad_checkpoint")
@@ -135,7 +141,8 @@ def run_one(preset: str, variant: str, precision: str, batches, extra: dict, lla
     c = per_image(loss_fn, model.parameters(), "cpu", batches)
     cfg = {k: getattr(mc, k) for k in MEMORY_PATH if hasattr(mc, k)} if variant not in ("ref", "llamagen") else \
           {"grad_checkpoint": mc.grad_checkpoint} if variant == "ref" else {}
-    if variant not in ("ref", "llamagen"): cfg.update(head_context=mc.head_context, targets_per_step=mc.targets_per_step, window=mc.window)
+    if variant not in ("ref", "llamagen"):
+        cfg.update(head_context=mc.head_context, targets_per_step=mc.targets_per_step, window=mc.window)
     return dict(preset=preset, variant=variant, precision=precision, params=model.num_params(), config=cfg,
                 flops_per_image=c["flops"]["per_image"], saved_bytes_per_image=c["saved_bytes"]["per_image"],
                 saved_bytes_fixed=c["saved_bytes"]["fixed"], peak_bytes_per_image=c["peak_bytes"]["per_image"],
@@ -146,14 +153,17 @@ def table(rows: list[dict]) -> str:
     "The markdown table; ratios to the reference of the same preset and precision."
     ref = {(r["preset"], r["precision"]): r for r in rows if r["variant"] == "ref"}
     out = ["| preset | variant | precision | params M (backbone + head) | GFLOP/image | saved MB/image | peak MB/image "
-           "| peak fixed MB | x ref (FLOPs / saved / peak) | memory path |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| peak fixed MB | x ref (FLOPs / saved / peak) | memory path |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, b = r["params"], ref.get((r["preset"], r["precision"]))
-        x = (f"{r['flops_per_image'] / b['flops_per_image']:.2f} / {r['saved_bytes_per_image'] / b['saved_bytes_per_image']:.2f} / "
+        x = (f"{r['flops_per_image'] / b['flops_per_image']:.2f} / "
+             f"{r['saved_bytes_per_image'] / b['saved_bytes_per_image']:.2f} / "
              f"{r['peak_bytes_per_image'] / b['peak_bytes_per_image']:.2f}") if b and r is not b else "-"
         path = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k in MEMORY_PATH) or "-"
-        out.append(f"| {r['preset']} | {r['variant']} | {r['precision']} | {p['total'] / 1e6:.1f} ({p['backbone'] / 1e6:.1f} + "
-                   f"{p['head'] / 1e6:.1f}) | {r['flops_per_image'] / 1e9:,.1f} | {r['saved_bytes_per_image'] / 1e6:,.1f} | "
+        out.append(f"| {r['preset']} | {r['variant']} | {r['precision']} | "
+                   f"{p['total'] / 1e6:.1f} ({p['backbone'] / 1e6:.1f} + {p['head'] / 1e6:.1f}) | "
+                   f"{r['flops_per_image'] / 1e9:,.1f} | {r['saved_bytes_per_image'] / 1e6:,.1f} | "
                    f"{r['peak_bytes_per_image'] / 1e6:,.1f} | {r['peak_bytes_fixed'] / 1e6:,.1f} | {x} | {path} |")
     return "\n".join(out)
 
@@ -175,8 +185,8 @@ def main(argv=None) -> int:
     for v in variants: variant_overrides(v)
     extra = model_overrides(a, set(HeptapodConfig.field_names()))
     if "llamagen" in variants and not (Path(a.llamagen) / "gpt.py").exists():
-        print(f"llamagen: skipped ({Path(a.llamagen) / 'gpt.py'} is absent: copy LlamaGen's autoregressive/models/gpt.py "
-              f"and utils/drop_path.py there, see BENCHMARKS.md)")
+        print(f"llamagen: skipped ({Path(a.llamagen) / 'gpt.py'} is absent: copy LlamaGen's "
+              f"autoregressive/models/gpt.py and utils/drop_path.py there, see BENCHMARKS.md)")
         variants = [v for v in variants if v != "llamagen"]
     settings = dict(batches=list(batches), threads=a.threads, overrides=extra)
     plain = dict(batches=list(batches), threads=a.threads)          # ref and llamagen take no model overrides
@@ -190,14 +200,17 @@ def main(argv=None) -> int:
             if variant == "llamagen" and preset not in LLAMAGEN:
                 print(f"llamagen: no LlamaGen model of preset {preset}'s size: skipped"); continue
             for prec in precisions:
-                if key(dict(preset=preset, variant=variant, precision=prec, settings=settings_for(variant))) in done: continue
+                if key(dict(preset=preset, variant=variant, precision=prec, settings=settings_for(variant))) in done:
+                    continue
                 r = dict(run_one(preset, variant, prec, batches, extra, a.llamagen), settings=settings_for(variant))
-                print(f"{preset} {variant} {prec}: {r['flops_per_image'] / 1e9:,.1f} GFLOP, saved {r['saved_bytes_per_image'] / 1e6:,.1f} MB, "
+                print(f"{preset} {variant} {prec}: {r['flops_per_image'] / 1e9:,.1f} GFLOP, "
+                      f"saved {r['saved_bytes_per_image'] / 1e6:,.1f} MB, "
                       f"peak {r['peak_bytes_per_image'] / 1e6:,.1f} MB per image ({r['seconds']:.0f} s)", flush=True)
                 doc["rows"] = [x for x in doc["rows"] if key(x) != key(r)] + [r]
                 if a.out: write_json(a.out, doc)
     rows = [r for r in doc["rows"] if r["preset"] in presets and r.get("settings") == settings_for(r["variant"])]
-    print(f"\nper image, one forward + backward on the CPU ({a.threads} threads), slope between batch {batches[0]} and {batches[1]}; "
+    print(f"\nper image, one forward + backward on the CPU ({a.threads} threads), "
+          f"slope between batch {batches[0]} and {batches[1]}; "
           f"MB = 1e6 bytes; peak = live tensor bytes (heptapod_nb.cost.PeakMemory)")
     print(table(rows))
     return 0

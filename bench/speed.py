@@ -39,10 +39,12 @@ class PeakRSS:
         while not self.stop: self.peak = max(self.peak, rss_mb()); time.sleep(self.every)
     def __enter__(self):
         import threading
-        self.before = self.peak = rss_mb(); self.t = threading.Thread(target=self._run, daemon=True); self.t.start(); return self
+        self.before = self.peak = rss_mb(); self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start(); return self
     def __exit__(self, *exc):
         self.stop = True; self.t.join(); self.peak = max(self.peak, rss_mb())
-    def result(self): return dict(rss_before_mb=round(self.before, 1), peak_mb=round(self.peak, 1), extra_mb=round(self.peak - self.before, 1))
+    def result(self): return dict(rss_before_mb=round(self.before, 1), peak_mb=round(self.peak, 1),
+                                  extra_mb=round(self.peak - self.before, 1))
 
 
 def _model_for(spec):
@@ -63,7 +65,8 @@ def _peak_job(kind: str, spec: dict, batch: int, threads: int) -> dict:
         model = _model_for(spec)
         generate(model, torch.arange(2) % 10, seed=0, tokens_per_step=spec.get("tps", 1), kv_cache=spec.get("kv", True))
         with PeakRSS() as m:
-            generate(model, torch.arange(batch) % 10, seed=0, tokens_per_step=spec.get("tps", 1), kv_cache=spec.get("kv", True))
+            generate(model, torch.arange(batch) % 10, seed=0, tokens_per_step=spec.get("tps", 1),
+                     kv_cache=spec.get("kv", True))
     return m.result()
 
 def peak_memory(kind, spec, batch, threads) -> dict:
@@ -94,7 +97,8 @@ def sample_speed(a, bundle, clf) -> list[dict]:
              dict(model="heptapod", tps=2, kv=True), dict(model="heptapod", tps=4, kv=True)]
     labels = torch.arange(a.sample_batch) % 10
     times = {i: [] for i in range(len(specs))}
-    for i, s in enumerate(specs): generate(models[s["model"]], labels[:10], seed=0, tokens_per_step=s["tps"], kv_cache=s["kv"])
+    for i, s in enumerate(specs): generate(models[s["model"]], labels[:10], seed=0, tokens_per_step=s["tps"],
+                                           kv_cache=s["kv"])
     for _ in range(a.repeats):
         for i, s in enumerate(specs):
             t = time.perf_counter()
@@ -115,7 +119,8 @@ def sample_speed(a, bundle, clf) -> list[dict]:
 
 
 def tps_batch_sweep(a, model, T) -> list[dict]:
-    "Seconds per generation of the demo Heptapod for tokens_per_step 1/2/4 at several batch sizes (best of interleaved repeats)."
+    """Seconds per generation of the demo Heptapod for tokens_per_step 1/2/4 at several batch sizes (best of
+    interleaved repeats)."""
     cfgs = [(b, k) for b in a.tps_batches for k in (1, 2, 4)]
     for b, k in cfgs: generate(model, torch.arange(b) % 10, seed=0, temperature=T, tokens_per_step=k)
     times = {c: [] for c in cfgs}
@@ -158,20 +163,24 @@ def main(argv=None):
     if a.tps_only:
         bundle = load_bundle()
         sw = tps_batch_sweep(a, bundle.model, bundle.meta["recipe"]["temperature"]); print_tps(sw, a.threads)
-        if a.out: write_json(a.out, dict(command=cmd, torch=torch.__version__, threads=a.threads, cpus=os.cpu_count(), tps_batch_sweep=sw), indent=1, default=str)
+        if a.out: write_json(a.out, dict(command=cmd, torch=torch.__version__, threads=a.threads, cpus=os.cpu_count(),
+                                         tps_batch_sweep=sw), indent=1, default=str)
         return
     tr = train_speed(a)
     bundle, clf = load_bundle(), mnist_classifier()
     sa = sample_speed(a, bundle, clf)
     sw = tps_batch_sweep(a, bundle.model, bundle.meta["recipe"]["temperature"])
     default_m = get_preset(PRESETS, "tiny").targets_per_step
-    print(f"\nCPU, {a.threads} threads, torch {torch.__version__}; tiny preset training, batch {a.batch}, best of {a.repeats} interleaved blocks")
+    print(f"\nCPU, {a.threads} threads, torch {torch.__version__}; tiny preset training, batch {a.batch}, "
+          f"best of {a.repeats} interleaved blocks")
     print("| head | M | ms/step | tokens/s | x next-token | peak MB (extra) |\n|---|---|---|---|---|---|")
     for r in tr:
         o = r["overrides"]
-        print(f"| {'next-token (window=1)' if o['window'] == 1 else 'global'} | {o['targets_per_step']} | {1000 * r['sec_per_step']:.0f} | "
-              f"{r['tokens_per_s']:,.0f} | {r['ratio']:.2f} | {r['memory']['peak_mb']:.0f} (+{r['memory']['extra_mb']:.0f}) |")
-    print(f"\nsampling: the bundled demo models (dim 128, depth 4) and the tiny preset (untrained), batch {a.sample_batch}, temperature {sa[0]['temperature']}; class accuracy over "
+        print(f"| {'next-token (window=1)' if o['window'] == 1 else 'global'} | {o['targets_per_step']} | "
+              f"{1000 * r['sec_per_step']:.0f} | {r['tokens_per_s']:,.0f} | {r['ratio']:.2f} | "
+              f"{r['memory']['peak_mb']:.0f} (+{r['memory']['extra_mb']:.0f}) |")
+    print(f"\nsampling: the bundled demo models (dim 128, depth 4) and the tiny preset (untrained), "
+          f"batch {a.sample_batch}, temperature {sa[0]['temperature']}; class accuracy over "
           f"{a.seeds} seeds x {a.samples} samples")
     print("| model | tokens/step | KV cache | images/s | class accuracy | peak MB (extra) |\n|---|---|---|---|---|---|")
     for r in sa:
@@ -181,14 +190,16 @@ def main(argv=None):
               f"{r['memory']['peak_mb']:.0f} (+{r['memory']['extra_mb']:.0f}) |")
     print_tps(sw, a.threads)
     get = lambda **k: next(r for r in sa if all(r[x] == v for x, v in k.items()))
-    kv_x = {m: get(model=m, tps=1, kv=True)["images_per_s"] / get(model=m, tps=1, kv=False)["images_per_s"] for m in ("heptapod", "baseline", "tiny")}
+    kv_x = {m: get(model=m, tps=1, kv=True)["images_per_s"] / get(model=m, tps=1, kv=False)["images_per_s"]
+            for m in ("heptapod", "baseline", "tiny")}
     h1, h4 = get(model="heptapod", tps=1, kv=True), get(model="heptapod", tps=4, kv=True)
     tps_x, acc_drop = h4["images_per_s"] / h1["images_per_s"], (h1["class_acc"] - h4["class_acc"]) / h1["class_acc"]
     dflt = next(r for r in tr[1:] if r["overrides"]["targets_per_step"] == default_m)
-    goals = dict(kv_cache_3x_tiny=kv_x["tiny"] >= 3, tokens_per_step4_3x=tps_x >= 3, tokens_per_step4_acc_within_10pct=acc_drop <= 0.10,
-                 global_default_m_le_1p5x=dflt["ratio"] <= 1.5)
-    print(f"\nKV cache speed-up: {', '.join(f'{m} {x:.1f}x' for m, x in kv_x.items())}; tokens_per_step=4 vs 1: {tps_x:.1f}x faster, "
-          f"class accuracy {acc_drop:+.1%} relative drop; global head at default M={default_m}: {dflt['ratio']:.2f}x a next-token step")
+    goals = dict(kv_cache_3x_tiny=kv_x["tiny"] >= 3, tokens_per_step4_3x=tps_x >= 3,
+                 tokens_per_step4_acc_within_10pct=acc_drop <= 0.10, global_default_m_le_1p5x=dflt["ratio"] <= 1.5)
+    print(f"\nKV cache speed-up: {', '.join(f'{m} {x:.1f}x' for m, x in kv_x.items())}; "
+          f"tokens_per_step=4 vs 1: {tps_x:.1f}x faster, class accuracy {acc_drop:+.1%} relative drop; "
+          f"global head at default M={default_m}: {dflt['ratio']:.2f}x a next-token step")
     print("goals:", ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in goals.items()))
     if a.out:
         write_json(a.out, dict(command=cmd, torch=torch.__version__, threads=a.threads, cpus=os.cpu_count(),

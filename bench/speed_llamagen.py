@@ -12,7 +12,8 @@ LlamaGen is built at the same width, depth, heads, vocabulary, grid and SwiGLU w
 so that its FFN width equals ours), dropout 0 (ours has none; `--llamagen-dropout 0.1` times its training default).
 Get its model file once (outside the repository):
 
-    mkdir -p /tmp/llamagen && git --git-dir=<LlamaGen mirror> show HEAD:autoregressive/models/gpt.py > /tmp/llamagen/gpt.py
+    mkdir -p /tmp/llamagen && git --git-dir=<LlamaGen mirror> show HEAD:autoregressive/models/gpt.py \\
+        > /tmp/llamagen/gpt.py
     flock /tmp/heptapod-bench.lock .venv/bin/python bench/speed_llamagen.py --llamagen /tmp/llamagen --rounds 10 \\
         --out bench/results/speed_llamagen.json
 
@@ -45,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
                    help="time the eager models (--no-eager with --compile: compiled rows only)")
     p.add_argument("--llamagen-dropout", type=float, default=0.0, help="LlamaGen's token/residual/FFN dropout")
     p.add_argument("--also", default="", metavar="KEY=VALUE,...",
-                   help="also time each of our models with these model config overrides (e.g. loss_chunk=0), as rows of their own")
+                   help="also time each of our models with these model config overrides (e.g. loss_chunk=0), "
+                        "as rows of their own")
     p.add_argument("--out", help="write the results as JSON")
     return p
 
@@ -108,7 +110,8 @@ def build_models(a, lg_path):
         lg = g.Transformer(args)
         assert lg.layers[0].feed_forward.w1.out_features == hidden, "LlamaGen's FFN width differs from ours"
 
-        def lg_loss(model, x, y):           # as LlamaGen's train_c2i.py: inputs z[:, :-1] after the class token, targets z
+        # as LlamaGen's train_c2i.py: inputs z[:, :-1] after the class token, targets z
+        def lg_loss(model, x, y):
             z = x.flatten(1)
             return model(idx=z[:, :-1], cond_idx=y, targets=z)[1]
         out.append(("LlamaGen GPT (its gpt.py)", "llamagen", lg, lg_loss))
@@ -175,8 +178,8 @@ def main(argv=None) -> dict:
         print(f"bench/speed_llamagen.py: LlamaGen's gpt.py not found in {a.llamagen!r}: its row is skipped "
               f"(copy autoregressive/models/gpt.py from a LlamaGen checkout there)", file=sys.stderr)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(a.vocab, (a.batch, a.grid, a.grid), generator=g), torch.randint(10, (a.batch,), generator=g))
-               for _ in range(2)]
+    batches = [(torch.randint(a.vocab, (a.batch, a.grid, a.grid), generator=g),
+                torch.randint(10, (a.batch,), generator=g)) for _ in range(2)]
     runners = []
     for compiled in [False] * a.eager + [True] * a.compile:
         for name, kind, model, fn in build_models(a, lg_path):   # fresh models per mode: same init, own optimizer
@@ -191,17 +194,18 @@ def main(argv=None) -> dict:
     for r in runners:
         ref = lambda kind: next((o for o in runners if o.kind == kind and o.compiled == r.compiled), None)
         tag = r.kind[r.kind.index("("):] if "(" in r.kind else ""
-        lg, w1, eager = ref("llamagen"), ref("w1" + ("_" + tag if tag else "")), next(o for o in runners if o.kind == r.kind)
-        row = dict(name=r.name, kind=r.kind, compiled=r.compiled, params=r.params, ms_per_step=spread([1e3 * t for t in r.times]),
-                   cpu_ms_per_step=spread([1e3 * t for t in r.cpu]),
+        lg, w1 = ref("llamagen"), ref("w1" + ("_" + tag if tag else ""))
+        eager = next(o for o in runners if o.kind == r.kind)
+        row = dict(name=r.name, kind=r.kind, compiled=r.compiled, params=r.params,
+                   ms_per_step=spread([1e3 * t for t in r.times]), cpu_ms_per_step=spread([1e3 * t for t in r.cpu]),
                    tokens_per_s=a.batch * a.grid * a.grid / statistics.median(r.times), compile_s=r.compile_s)
         if lg is not None: row["time_vs_llamagen"] = ratios(r, lg)
         row["time_vs_our_next_token"] = ratios(r, w1)
         if r.compiled and a.eager: row["time_vs_eager"] = ratios(r, eager)
         rows.append(row)
-    res = dict(command="bench/speed_llamagen.py " + " ".join(sys.argv[1:] if argv is None else argv), torch=torch.__version__,
-               threads=a.threads, cpus=os.cpu_count(), batch=a.batch, rounds=a.rounds, steps_per_block=a.steps,
-               llamagen=str(lg_path) if lg_path else None, rows=rows, goals=goals(rows))
+    res = dict(command="bench/speed_llamagen.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               torch=torch.__version__, threads=a.threads, cpus=os.cpu_count(), batch=a.batch, rounds=a.rounds,
+               steps_per_block=a.steps, llamagen=str(lg_path) if lg_path else None, rows=rows, goals=goals(rows))
     print_table(res)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -226,14 +230,16 @@ def goals(rows) -> dict:
 
 def print_table(res):
     f = lambda d: f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})"
-    print(f"\nCPU training step (fwd + bwd + AdamW), {res['threads']} threads, batch {res['batch']}, torch {res['torch']}; "
-          f"{res['rounds']} interleaved rounds of {res['steps_per_block']} steps: median (range)")
-    print("| model | mode | params | ms/step | CPU ms/step | tokens/s | time / LlamaGen's | time / our next-token's | compile s |")
+    print(f"\nCPU training step (fwd + bwd + AdamW), {res['threads']} threads, batch {res['batch']}, "
+          f"torch {res['torch']}; {res['rounds']} interleaved rounds of {res['steps_per_block']} steps: median (range)")
+    print("| model | mode | params | ms/step | CPU ms/step | tokens/s | time / LlamaGen's | time / our next-token's "
+          "| compile s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         ms = r["ms_per_step"]
-        print(f"| {r['name']} | {'compiled' if r['compiled'] else 'eager'} | {r['params'] / 1e6:.2f}M | {ms['median']:.0f} "
-              f"({ms['min']:.0f}-{ms['max']:.0f}) | {r['cpu_ms_per_step']['median']:.0f} | {r['tokens_per_s']:,.0f} | {f(r['time_vs_llamagen']) if 'time_vs_llamagen' in r else '-'} | "
+        print(f"| {r['name']} | {'compiled' if r['compiled'] else 'eager'} | {r['params'] / 1e6:.2f}M | "
+              f"{ms['median']:.0f} ({ms['min']:.0f}-{ms['max']:.0f}) | {r['cpu_ms_per_step']['median']:.0f} | "
+              f"{r['tokens_per_s']:,.0f} | {f(r['time_vs_llamagen']) if 'time_vs_llamagen' in r else '-'} | "
               f"{f(r['time_vs_our_next_token'])} | {'-' if r['compile_s'] is None else round(r['compile_s'])} |")
     for k, v in res["goals"].items(): print(f"goal {k}: {v['value']:.2f} -> {'met' if v['met'] else 'NOT met'}")
 

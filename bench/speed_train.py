@@ -5,7 +5,7 @@ best block counts (the machine is shared: the median is printed too).
 
     flock /tmp/heptapod-bench.lock .venv/bin/python bench/speed_train.py --out bench/results/speed_train.json
 """
-import argparse, json, os, statistics, sys, time
+import argparse, json, statistics, sys, time
 from pathlib import Path
 
 import torch
@@ -43,12 +43,14 @@ class Runner:
 
     def result(self) -> dict:
         best, med = min(self.blocks), statistics.median(self.blocks)
-        return dict(overrides=self.overrides, sec_per_step=best, sec_per_step_median=med, tokens_per_s=self.tokens_per_step / best,
-                    blocks=self.blocks, params=sum(p.numel() for p in self.model.parameters()))
+        return dict(overrides=self.overrides, sec_per_step=best, sec_per_step_median=med,
+                    tokens_per_s=self.tokens_per_step / best, blocks=self.blocks,
+                    params=sum(p.numel() for p in self.model.parameters()))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=3)
@@ -70,19 +72,24 @@ def main(argv=None):
         for r in runners: r.time_block(a.steps)
     res = [r.result() for r in runners]
     base = res[0]["sec_per_step"]
-    print(f"tiny preset, CPU, {a.threads} threads, batch {a.batch}, best of {a.repeats} interleaved blocks of {a.steps} steps; default targets_per_step={default_m!r}")
-    print(f"| head | targets_per_step | ms/step (best) | ms/step (median) | tokens/s | x next-token |\n|---|---|---|---|---|---|")
+    print(f"tiny preset, CPU, {a.threads} threads, batch {a.batch}, best of {a.repeats} interleaved blocks of "
+          f"{a.steps} steps; default targets_per_step={default_m!r}")
+    print("| head | targets_per_step | ms/step (best) | ms/step (median) | tokens/s | x next-token |"
+          "\n|---|---|---|---|---|---|")
     for r in res:
         o = r["overrides"]; r["ratio"] = r["sec_per_step"] / base
         print(f"| {'next-token (window=1)' if o['window'] == 1 else 'global'} | {o.get('targets_per_step', '-')} | "
-              f"{1000 * r['sec_per_step']:.1f} | {1000 * r['sec_per_step_median']:.1f} | {r['tokens_per_s']:,.0f} | {r['ratio']:.2f} |")
+              f"{1000 * r['sec_per_step']:.1f} | {1000 * r['sec_per_step_median']:.1f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['ratio']:.2f} |")
     d = next(r for r in res[1:] if r["overrides"]["targets_per_step"] == default_m)
     goal = d["ratio"] <= 1.5
-    print(f"goal (global head at the default M costs <= 1.5x a next-token step): {d['ratio']:.2f}x -> {'met' if goal else 'NOT met'}")
+    print(f"goal (global head at the default M costs <= 1.5x a next-token step): {d['ratio']:.2f}x -> "
+          f"{'met' if goal else 'NOT met'}")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(dict(command=" ".join(sys.argv), torch=torch.__version__, threads=a.threads, batch=a.batch,
-                                               default_targets_per_step=default_m, goal_met=goal, results=res), indent=2, default=str))
+        Path(a.out).write_text(json.dumps(dict(command=" ".join(sys.argv), torch=torch.__version__, threads=a.threads,
+                                               batch=a.batch, default_targets_per_step=default_m, goal_met=goal,
+                                               results=res), indent=2, default=str))
 
 
 if __name__ == "__main__":

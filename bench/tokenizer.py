@@ -7,7 +7,7 @@ share of the K codes used on val and their perplexity (VQ), steps, wall and CPU 
 The machine is shared: other processes may run at the same time, so the number of steps that fit in the budget
 (and hence the PSNR) varies from run to run; `--max_steps` (the trainer's `steps`) fixes the work instead of the time.
 """
-import argparse, json, os, platform, sys, tempfile, time
+import argparse, os, platform, sys, tempfile, time
 from pathlib import Path
 
 import torch
@@ -49,17 +49,21 @@ def main(argv=None):
         s["goal"] = GOALS.get(preset, "")
         rows.append(s)
         v = s["val"]
-        print(f"{preset:8s} steps {s['steps']:5d}  train {s['train_seconds']:6.1f} s  cpu {s['cpu_seconds_this_process']:6.1f} s  "
-              f"val PSNR {v['psnr']:6.2f} dB" + (f"  usage {v['usage']:.1%}  perplexity {v['perplexity']:.0f}" if "usage" in v else "")
+        print(f"{preset:8s} steps {s['steps']:5d}  train {s['train_seconds']:6.1f} s  "
+              f"cpu {s['cpu_seconds_this_process']:6.1f} s  val PSNR {v['psnr']:6.2f} dB"
+              + (f"  usage {v['usage']:.1%}  perplexity {v['perplexity']:.0f}" if "usage" in v else "")
               + f"  goal {'met' if s['meets_goal'] else 'NOT met'}", flush=True)
-    out = {"command": " ".join(["bench/tokenizer.py"] + (argv if argv is not None else sys.argv[1:])), "threads": a.threads,
+    out = {"command": " ".join(["bench/tokenizer.py"] + (argv if argv is not None else sys.argv[1:])),
+           "threads": a.threads,
            "loadavg_1min_before": load0, "loadavg_1min_after": os.getloadavg()[0], "torch": torch.__version__,
            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "results": rows}
-    print("\n| preset | steps | train s | val PSNR (dB) | codes used | perplexity | goal |\n|---|---|---|---|---|---|---|")
+    print("\n| preset | steps | train s | val PSNR (dB) | codes used | perplexity | goal |"
+          "\n|---|---|---|---|---|---|---|")
     for s in rows:
         v = s["val"]
         print(f"| {s['preset']} | {s['steps']} | {s['train_seconds']:.0f} | {v['psnr']:.2f} | "
-              f"{v.get('usage', float('nan')):.1%} | {v.get('perplexity', float('nan')):.0f} | {'met' if s['meets_goal'] else 'not met'} |"
+              f"{v.get('usage', float('nan')):.1%} | {v.get('perplexity', float('nan')):.0f} | "
+              f"{'met' if s['meets_goal'] else 'not met'} |"
               .replace("nan%", "-").replace("| nan |", "| - |"))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
