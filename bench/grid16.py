@@ -13,28 +13,33 @@ The tokenizer run in WORK/tokenizer is reused (and its interrupted training resu
     # on a GPU machine: bench/gpu.py --grid16 (more steps, seeds and workers; training on the GPU)
 """
 from __future__ import annotations
-import argparse, contextlib, json, os, statistics, sys, time
+import argparse, json, os, sys
 from pathlib import Path
 
 MODES = ("uncond", "cond")
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bench/grid16.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="bench/grid16.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="w1,w16,global_m2_nw8",
-                    help="comma-separated names of heptapod_nb.probe.PROBE (w1 next-token, w16 window 16, global heads)")
-    ap.add_argument("--modes", default="uncond,cond", help="comma-separated: uncond (probe, IS) and/or cond (class accuracy)")
+                    help="comma-separated names of heptapod_nb.probe.PROBE "
+                         "(w1 next-token, w16 window 16, global heads)")
+    ap.add_argument("--modes", default="uncond,cond",
+                    help="comma-separated: uncond (probe, IS) and/or cond (class accuracy)")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--samples", type=int, default=200, help="samples for FID / IS / class accuracy (a multiple of 10)")
     ap.add_argument("--curve_samples", type=int, default=0, help="uncond: samples for the commitment curves (0: none)")
-    ap.add_argument("--probe_n", type=int, default=0, help="uncond: fit the probe on this many train grids (0: all 4,500)")
+    ap.add_argument("--probe_n", type=int, default=0,
+                    help="uncond: fit the probe on this many train grids (0: all 4,500)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--workers", type=int, default=1, help="runs in parallel (processes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    ap.add_argument("--tokenizer", default=None, help="a trained 16x16 VQ tokenizer (default: train one into WORK/tokenizer)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="a trained 16x16 VQ tokenizer (default: train one into WORK/tokenizer)")
     ap.add_argument("--tokenizer_minutes", type=float, default=6.0, help="training budget of that tokenizer (minutes)")
     ap.add_argument("--work", default="runs/grid16", help="folder for the tokenizer run and the token grids")
     ap.add_argument("--out", default="bench/results/grid16.json")
@@ -56,8 +61,10 @@ def tokenizer16(a) -> tuple[Path, dict]:
     info = {}
     if not a.tokenizer and not (out / "summary.json").exists():    # not trained, or interrupted: (re)start or resume
         resume = (out / "train_state.pt").exists() and path.exists()
-        print(f"training the 16x16 tokenizer into {out} ({a.tokenizer_minutes} min{', resumed' if resume else ''})", flush=True)
-        cfg = TokenizerTrainConfig(preset="tiny-vq", out=str(out), max_minutes=a.tokenizer_minutes, num_workers=0, seed=0)
+        print(f"training the 16x16 tokenizer into {out} ({a.tokenizer_minutes} min{', resumed' if resume else ''})",
+              flush=True)
+        cfg = TokenizerTrainConfig(preset="tiny-vq", out=str(out), max_minutes=a.tokenizer_minutes, num_workers=0,
+                                   seed=0)
         _, info = train_tokenizer(cfg, ["ch_mult=[1, 2]"], resume=resume, overwrite=not resume, progress=False)
     elif (out / "summary.json").exists() and not a.tokenizer:
         info = json.loads((out / "summary.json").read_text())
@@ -67,7 +74,8 @@ def tokenizer16(a) -> tuple[Path, dict]:
         raise ConfigError(f"{path} is a {tok.kind} tokenizer with a {grid} grid at 32x32; the miniature needs VQ 16x16")
     val = evaluate(tok, load_mnist5k("val"))
     return path, dict(path=str(path), grid=list(grid), steps=info.get("steps"), train_seconds=info.get("train_seconds"),
-                      val_psnr=round(val["psnr"], 2), val_usage=round(val["usage"], 4), val_perplexity=round(val["perplexity"], 1))
+                      val_psnr=round(val["psnr"], 2), val_usage=round(val["usage"], 4),
+                      val_perplexity=round(val["perplexity"], 1))
 
 
 def _job(args):
@@ -78,7 +86,8 @@ def _job(args):
     if mode == "uncond":
         r = run_probe(name, seed, **kw["common"], **kw["uncond"])
     else:                                                             # the registry's heads, class-conditional
-        r = run_ablation(name, seed, model=None if name in ABLATION else dict(PROBE[name]["model"]), **kw["common"], **kw["cond"])
+        r = run_ablation(name, seed, model=None if name in ABLATION else dict(PROBE[name]["model"]),
+                         **kw["common"], **kw["cond"])
     r = {k: v for k, v in r.items() if not k.startswith("_")}
     r["mode"] = mode
     if torch.cuda.is_available(): r["device"] = torch.cuda.get_device_name()
@@ -88,7 +97,8 @@ def _job(args):
 _SKIP = ("seed", "steps", "batch_size", "samples", "temperature", "wall_s", "sample_s", "probe_s")
 
 def summarize16(runs: list[dict]) -> list[dict]:
-    "Per (mode, config) in order of appearance: seeds, steps, and mean / std over seeds of every numeric metric all its runs hold."
+    """Per (mode, config) in order of appearance: seeds, steps, and mean / std over seeds of every numeric metric all
+    its runs hold."""
     from heptapod_nb.ablation import mean_std
     rows = []
     for mode, name in dict.fromkeys((r["mode"], r["name"]) for r in runs):
@@ -96,7 +106,8 @@ def summarize16(runs: list[dict]) -> list[dict]:
         row = dict(mode=mode, name=name, seeds=len(rs), steps=rs[0]["steps"])
         for k, v in rs[0].items():
             if k in _SKIP or isinstance(v, bool) or not isinstance(v, (int, float)): continue
-            if all(isinstance(r.get(k), (int, float)) for r in rs): row[k], row[k + "_std"] = mean_std([r[k] for r in rs])
+            if all(isinstance(r.get(k), (int, float)) for r in rs):
+                row[k], row[k + "_std"] = mean_std([r[k] for r in rs])
         rows.append(row)
     return rows
 
@@ -107,7 +118,8 @@ def table16(rows: list[dict]) -> str:
             ("coverage", "{:.2f}"), ("val_next_ce", "{:.3f}"), ("train_s", "{:.0f}")]
     out = ["| mode | config | steps | seeds | " + " | ".join(k for k, _ in keys) + " |", "|---" * (4 + len(keys)) + "|"]
     for r in rows:
-        cells = [(f.format(r[k]) + (f" +- {f.format(r[k + '_std'])}" if r["seeds"] > 1 else "")) if k in r else "-" for k, f in keys]
+        cells = [(f.format(r[k]) + (f" +- {f.format(r[k + '_std'])}" if r["seeds"] > 1 else "")) if k in r else "-"
+                 for k, f in keys]
         out.append(f"| {r['mode']} | {r['name']} | {r['steps']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -121,19 +133,19 @@ def _check(a) -> tuple[list[str], list[str], list[int]]:
     if bad: raise ValueError(f"unknown mode(s) {', '.join(bad)}; known: {', '.join(MODES)}")
     try: seeds = [int(s) for s in a.seeds.split(",") if s]
     except ValueError: raise ValueError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
-    if not names or not modes or not seeds: raise ValueError("--configs, --modes and --seeds must each name at least one")
+    if not names or not modes or not seeds:
+        raise ValueError("--configs, --modes and --seeds must each name at least one")
     for k in ("steps", "batch", "samples", "workers", "threads"):
         if getattr(a, k) < 1: raise ValueError(f"--{k} must be >= 1, got {getattr(a, k)}")
-    if a.samples % 10: raise ValueError(f"--samples must be a multiple of 10 (class-balanced conditional samples), got {a.samples}")
+    if a.samples % 10:
+        raise ValueError(f"--samples must be a multiple of 10 (class-balanced conditional samples), got {a.samples}")
     if a.tokenizer_minutes <= 0: raise ValueError(f"--tokenizer_minutes must be > 0, got {a.tokenizer_minutes}")
     return names, modes, seeds
 
 
 def run(a, argv: list[str]) -> dict:
     "Run the missing (mode, config, seed) triples of `a` (parsed arguments); returns the results document."
-    import multiprocessing as mp
     import heptapod_nb.ablation as abl
-    from heptapod_nb.config import write_json
     from heptapod_nb.classifier import mnist_classifier
     import torch
     names, modes, seeds = _check(a)
@@ -143,31 +155,25 @@ def run(a, argv: list[str]) -> dict:
     tpath, tinfo = tokenizer16(a)
     settings = dict(steps=a.steps, batch=a.batch, lr=a.lr, samples=a.samples, curve_samples=a.curve_samples,
                     probe_n=a.probe_n, temperature=a.temperature, tokenizer=str(tpath.resolve()))
-    doc = abl.earlier_results(out, settings)                           # ConfigError (a ValueError) for other settings
+    rr = abl.ResumableRuns(out, settings, "bench/grid16.py " + " ".join(argv))   # ConfigError for other settings
     root = abl.ablation_tokens(Path(a.work) / "tokens", str(tpath), progress=True)
     common = dict(tokens_root=str(root), steps=a.steps, batch_size=a.batch, lr=a.lr, samples=a.samples,
                   temperature=a.temperature, threads=a.threads, tokenizer=str(tpath))
     kw = dict(common=common, uncond=dict(curve_samples=a.curve_samples, probe_n=a.probe_n), cond=dict(evals=2))
-    runs, commands = doc.get("runs", []), doc.get("commands", [])
-    this = "bench/grid16.py " + " ".join(argv)
-    commands += [this] if this not in commands else []
-    have = {(r["mode"], r["name"], r["seed"]) for r in runs}
+    have = rr.done(lambda r: (r["mode"], r["name"], r["seed"]))
     jobs = [(m, n, s, kw) for s in seeds for m in modes for n in names if (m, n, s) not in have]
     print(f"tokenizer: {tinfo}\n{len(jobs)} runs to do ({len(have)} already in {out})", flush=True)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
-    machine = f"{dev}, {a.threads} thread(s) per run, {a.workers} run(s) in parallel"
-    t0 = time.time()
-    with mp.get_context("spawn").Pool(min(a.workers, len(jobs))) if jobs else contextlib.nullcontext() as pool:
-        for r in (pool.imap_unordered(_job, jobs) if jobs else ()):
-            runs.append(r)
-            metric = f"probe mean {r['probe_mean']:.3f}" if r["mode"] == "uncond" else f"class acc {r['class_acc']:.3f}"
-            print(f"[{time.time() - t0:6.0f}s] {r['mode']} {r['name']} seed {r['seed']}: {metric}, FID {r['mnist_fid']:.1f}, "
-                  f"CE {r['val_next_ce']:.3f}, train {r['train_s']:.0f}s", flush=True)
-            doc = dict(commands=commands, settings=settings, machine=machine, tokenizer=tinfo, runs=runs, summary=summarize16(runs))
-            write_json(out, doc, indent=1)
-    doc = dict(commands=commands, settings=settings, machine=doc.get("machine", machine), tokenizer=tinfo, runs=runs,
-               summary=summarize16(runs))
-    if runs: print(table16(doc["summary"]))
+    machine = rr.doc.get("machine", f"{dev}, {a.threads} thread(s) per run, {a.workers} run(s) in parallel")
+
+    def report(r):
+        metric = f"probe mean {r['probe_mean']:.3f}" if r["mode"] == "uncond" else f"class acc {r['class_acc']:.3f}"
+        return (f"{r['mode']} {r['name']} seed {r['seed']}: {metric}, FID {r['mnist_fid']:.1f}, "
+                f"CE {r['val_next_ce']:.3f}, train {r['train_s']:.0f}s")
+    doc = rr.run(_job, jobs, a.workers,
+                 lambda: dict(commands=rr.commands, settings=settings, machine=machine, tokenizer=tinfo, runs=rr.runs,
+                              summary=summarize16(rr.runs)), report)
+    if rr.runs: print(table16(doc["summary"]))
     return doc
 
 

@@ -9,12 +9,13 @@ an interrupted benchmark resumes where it stopped; a results file made with othe
         --workers 2 --out bench/results/probe_screen.json
 """
 from __future__ import annotations
-import argparse, contextlib, json, os, sys, time
+import argparse, json, os, sys
 from pathlib import Path
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bench/probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="bench/probe.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="w1,global,global_m2_nw8",
                     help="comma-separated names of heptapod_nb.probe.PROBE (the ablation registry's, plus global_nw8)")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
@@ -32,11 +33,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", default=None, help="write the plot to this PNG")
     ap.add_argument("--keep", default=None, help="also save each trained model to KEEP/NAME_sSEED.safetensors")
     ap.add_argument("--diagnose", default=None, metavar="KEEP",
-                    help="instead of training: next-position val CE by grid position (heptapod_nb.probe.ce_by_position) "
-                         "of every model saved in KEEP by --keep, written to --out")
+                    help="instead of training: next-position val CE by grid position "
+                         "(heptapod_nb.probe.ce_by_position) of every model saved in KEEP by --keep, written to --out")
     ap.add_argument("--cost", type=int, default=0, metavar="ROUNDS",
                     help="instead of training: time training steps of the configs in ROUNDS interleaved rounds "
-                         "(heptapod_nb.probe.step_cost, 5 steps per round) and write the ratios to the first config to --out")
+                         "(heptapod_nb.probe.step_cost, 5 steps per round) and write the ratios to the first config "
+                         "to --out")
     ap.add_argument("--out", default="bench/results/probe.json")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return ap
@@ -47,32 +49,39 @@ def _job(args):
     from heptapod_nb.probe import run_probe
     from heptapod_nb.model import save_model
     r = run_probe(name, seed, **kw)
-    if keep: Path(keep).mkdir(parents=True, exist_ok=True); save_model(r["_model"], Path(keep) / f"{name}_s{seed}.safetensors")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        save_model(r["_model"], Path(keep) / f"{name}_s{seed}.safetensors")
     return {k: v for k, v in r.items() if not k.startswith("_")}
 
 
 def cost(a, argv: list[str], names: list[str], root) -> dict:
-    "The --cost mode: seconds per training step of each config (unconditional, tiny preset), interleaved; -> the document."
+    """The --cost mode: seconds per training step of each config (unconditional, tiny preset), interleaved;
+    -> the document."""
     import torch
     from heptapod_nb.config import write_json
     from heptapod_nb.probe import probe_model, step_cost, token_grids
     from heptapod_nb.train import TrainConfig, model_config_for
     from heptapod_nb.train_data import TrainData
-    if Path(a.out).exists(): raise FileExistsError(f"{a.out} exists: --cost does not resume; use another --out")
+    if Path(a.out).exists():
+        raise FileExistsError(f"{a.out} exists: --cost does not resume; use another --out")
     torch.set_num_threads(1)
     info = TrainData(TrainConfig(data=str(Path(root) / "train")), torch.device("cpu")).info
     cfgs = {n: model_config_for(TrainConfig(preset="tiny", model=probe_model(n)), info) for n in names}
     res = step_cost(cfgs, token_grids(root, "train")[0], batch_size=a.batch, steps=5, rounds=a.cost)
     for n, r in res.items():
-        print(f"{n:>20}: {1e3 * r['s_per_step']:7.1f} ms/step, {r['ratio']:.3f}x {names[0]} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]")
-    doc = dict(commands=["bench/probe.py " + " ".join(argv)], settings=dict(batch=a.batch, rounds=a.cost, steps_per_round=5),
+        print(f"{n:>20}: {1e3 * r['s_per_step']:7.1f} ms/step, {r['ratio']:.3f}x {names[0]} "
+              f"[{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]")
+    doc = dict(commands=["bench/probe.py " + " ".join(argv)],
+               settings=dict(batch=a.batch, rounds=a.cost, steps_per_round=5),
                machine=f"{os.cpu_count()} CPU cores, 1 thread", cost=res)
     write_json(Path(a.out), doc, indent=1)
     return doc
 
 
 def diagnose(a, argv: list[str], root) -> dict:
-    "The --diagnose mode: CE by position of the models in a --keep folder; -> the document (runs and per-config summary)."
+    """The --diagnose mode: CE by position of the models in a --keep folder; -> the document (runs and per-config
+    summary)."""
     import numpy as np, torch
     from heptapod_nb.ablation import mean_std
     from heptapod_nb.config import write_json
@@ -93,8 +102,10 @@ def diagnose(a, argv: list[str], root) -> dict:
         ce = ce_by_position(m, vx)
         h, w = m.config.grid
         runs.append(dict(name=name, seed=int(seed), ce_by_position=[round(float(v), 5) for v in ce],
-                         ce_by_row=[round(float(v), 5) for v in ce.reshape(h, w).mean(1)], val_next_ce=round(float(ce.mean()), 5)))
-        print(f"{name} seed {seed}: CE {ce.mean():.3f}, by row " + " ".join(f"{v:.2f}" for v in runs[-1]["ce_by_row"]), flush=True)
+                         ce_by_row=[round(float(v), 5) for v in ce.reshape(h, w).mean(1)],
+                         val_next_ce=round(float(ce.mean()), 5)))
+        print(f"{name} seed {seed}: CE {ce.mean():.3f}, by row " + " ".join(f"{v:.2f}" for v in runs[-1]["ce_by_row"]),
+              flush=True)
     runs.sort(key=lambda r: (r["name"], r["seed"]))
     summary = []
     for name in dict.fromkeys(r["name"] for r in runs):
@@ -110,9 +121,7 @@ def diagnose(a, argv: list[str], root) -> dict:
 
 def run(a, argv: list[str]) -> dict:
     "Run the missing (config, seed) pairs of `a` (parsed arguments); returns the results document."
-    import multiprocessing as mp
     import heptapod_nb.ablation as abl
-    from heptapod_nb.config import write_json
     from heptapod_nb.classifier import mnist_classifier
     from heptapod_nb.probe import PROBE, probe_table, summarize_probe
     names = [n for n in a.configs.split(",") if n]
@@ -129,30 +138,24 @@ def run(a, argv: list[str]) -> dict:
     out = Path(a.out)
     settings = dict(steps=a.steps, batch=a.batch, lr=a.lr, samples=a.samples, curve_samples=a.curve_samples,
                     probe_n=a.probe_n, temperature=a.temperature, tokenizer=a.tokenizer, classifier=a.classifier)
-    doc = abl.earlier_results(out, settings)                           # ConfigError (a ValueError) for other settings
+    rr = abl.ResumableRuns(out, settings, "bench/probe.py " + " ".join(argv))   # ConfigError for other settings
     root = abl.ablation_tokens(a.tokens, a.tokenizer, progress=True)
     kw = dict(tokens_root=str(root), steps=a.steps, batch_size=a.batch, lr=a.lr, samples=a.samples,
               curve_samples=a.curve_samples, probe_n=a.probe_n, temperature=a.temperature, threads=1,
               tokenizer=a.tokenizer, classifier=a.classifier)
-    runs = doc.get("runs", [])
-    this = "bench/probe.py " + " ".join(argv)
-    commands = doc.get("commands", [])
-    commands += [this] if this not in commands else []             # the runs of one file may come from several calls
-    have = {(r["name"], r["seed"]) for r in runs}
+    have = rr.done(lambda r: (r["name"], r["seed"]))
     jobs = [(n, s, kw, a.keep) for s in seeds for n in names if (n, s) not in have]
-    jobs.sort(key=lambda j: -PROBE[j[0]]["steps_mult"] * (1 + (PROBE[j[0]]["model"]["targets_per_step"] != 1)))  # dearest first
+    # dearest first, so that the pool ends evenly
+    jobs.sort(key=lambda j: -PROBE[j[0]]["steps_mult"] * (1 + (PROBE[j[0]]["model"]["targets_per_step"] != 1)))
     print(f"{len(jobs)} runs to do ({len(have)} already in {out})", flush=True)
-    machine = f"{os.cpu_count()} CPU cores, 1 thread per run, {a.workers} runs in parallel"
-    t0 = time.time()
-    with mp.get_context("spawn").Pool(min(a.workers, len(jobs))) if jobs else contextlib.nullcontext() as pool:
-        for r in (pool.imap_unordered(_job, jobs) if jobs else ()):
-            runs.append(r)
-            print(f"[{time.time() - t0:6.0f}s] {r['name']} seed {r['seed']}: probe mean {r['probe_mean']:.3f} "
-                  f"(floor {r['floor_probe_mean']:.3f}), FID {r['mnist_fid']:.1f}, IS {r['mnist_is']:.2f}, "
-                  f"CE {r['val_next_ce']:.3f}, train {r['train_s']:.0f}s", flush=True)
-            doc = dict(commands=commands, settings=settings, machine=machine, runs=runs, summary=summarize_probe(runs))
-            write_json(out, doc, indent=1)
-    doc = dict(commands=commands, settings=settings, machine=doc.get("machine", machine), runs=runs, summary=summarize_probe(runs))
+    machine = rr.doc.get("machine", f"{os.cpu_count()} CPU cores, 1 thread per run, {a.workers} runs in parallel")
+    doc = rr.run(_job, jobs, a.workers,
+                 lambda: dict(commands=rr.commands, settings=settings, machine=machine, runs=rr.runs,
+                              summary=summarize_probe(rr.runs)),
+                 lambda r: (f"{r['name']} seed {r['seed']}: probe mean {r['probe_mean']:.3f} "
+                            f"(floor {r['floor_probe_mean']:.3f}), FID {r['mnist_fid']:.1f}, IS {r['mnist_is']:.2f}, "
+                            f"CE {r['val_next_ce']:.3f}, train {r['train_s']:.0f}s"))
+    runs = rr.runs
     if runs: print(probe_table(doc["summary"]))
     if a.plot and runs:
         import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt

@@ -3,14 +3,16 @@ on MNIST-5k VQ tokens, tiny preset, same steps and seeds, no CFG. Each run: trai
 class accuracy and MNIST-FID of `--samples` class-balanced samples. Runs go to a process pool (one thread each)
 and are appended to `--out` as they finish, so an interrupted benchmark resumes where it stopped.
 
-    .venv/bin/python bench/window_ablation.py --steps 300 --seeds 0,1,2 --workers 2 --out bench/results/window_ablation.json
+    .venv/bin/python bench/window_ablation.py --steps 300 --seeds 0,1,2 --workers 2 \\
+        --out bench/results/window_ablation.json
 """
 from __future__ import annotations
-import argparse, multiprocessing as mp, os, sys, time
+import argparse, os, sys
 from pathlib import Path
 
-from heptapod_nb.ablation import ABLATION, ablation_table, ablation_tokens, earlier_results, plot_ablation, run_ablation, summarize
-from heptapod_nb.config import ConfigError, write_json
+from heptapod_nb.ablation import (ABLATION, ResumableRuns, ablation_table, ablation_tokens, plot_ablation, run_ablation,
+                                  summarize)
+from heptapod_nb.config import ConfigError
 
 
 def _job(args):
@@ -44,27 +46,23 @@ def main(argv=None):
     kw = dict(tokens_root=str(root), steps=a.steps, batch_size=a.batch, lr=a.lr, evals=a.evals, samples=a.samples,
               temperature=a.temperature, threads=1, tokenizer=a.tokenizer)
     out = Path(a.out)
-    settings = dict(steps=a.steps, batch=a.batch, lr=a.lr, samples=a.samples, temperature=a.temperature, tokenizer=a.tokenizer)
-    try: doc = earlier_results(out, settings)
+    settings = dict(steps=a.steps, batch=a.batch, lr=a.lr, samples=a.samples, temperature=a.temperature,
+                    tokenizer=a.tokenizer)
+    try: rr = ResumableRuns(out, settings,
+                            "bench/window_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv))
     except ConfigError as e: sys.exit(str(e))
-    runs = doc.get("runs", [])
-    this = "bench/window_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    commands = doc.get("commands", [doc["command"]] if "command" in doc else [])
-    commands += [this] if this not in commands else []          # the runs of one file may come from several calls
-    have = {(r["name"], r["seed"]) for r in runs}
+    have = rr.done(lambda r: (r["name"], r["seed"]))
     jobs = [(n, s, kw) for s in seeds for n in names if (n, s) not in have]
     # dearest first, so the pool ends evenly
     jobs.sort(key=lambda j: -ABLATION[j[0]]["steps_mult"] * (1 + (ABLATION[j[0]]["model"]["targets_per_step"] > 1)))
     print(f"{len(jobs)} runs to do ({len(have)} already in {out})", flush=True)
-    t0 = time.time()
-    with mp.get_context("spawn").Pool(a.workers) as pool:
-        for r in pool.imap_unordered(_job, jobs):
-            runs.append(r)
-            print(f"[{time.time() - t0:6.0f}s] {r['name']} seed {r['seed']}: CE {r['val_next_ce']:.3f}, acc {r['class_acc']:.1%}, "
-                  f"FID {r['mnist_fid']:.1f}, train {r['train_s']:.0f}s", flush=True)
-            doc = dict(commands=commands, settings=settings, machine=f"{os.cpu_count()} CPU cores, 1 thread per run, {a.workers} runs in parallel",
-                       runs=runs, summary=summarize(runs))
-            write_json(out, doc, indent=1)
+    machine = f"{os.cpu_count()} CPU cores, 1 thread per run, {a.workers} runs in parallel"
+    rr.run(_job, jobs, a.workers,
+           lambda: dict(commands=rr.commands, settings=settings, machine=machine, runs=rr.runs,
+                        summary=summarize(rr.runs)),
+           lambda r: (f"{r['name']} seed {r['seed']}: CE {r['val_next_ce']:.3f}, acc {r['class_acc']:.1%}, "
+                      f"FID {r['mnist_fid']:.1f}, train {r['train_s']:.0f}s"))
+    runs = rr.runs
     print(ablation_table(summarize(runs)))
     if a.plot:
         import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
