@@ -11,14 +11,14 @@ import numpy as np
 import torch
 
 from .config import (ConfigError, RunLock, add_debug_arg, arg_float, arg_int, make_parent, weights_run,
-                                atomic_write_bytes, cli_main, write_json, get_device)
+                                atomic_write_bytes, cli_main, write_json, get_device, images_to_uint8)
 from .model import load_model
 from .distributed import dist_env
 from .pretrained import TOKENIZER_FORMATS, load_tokenizer_as
 from .sample import generate
 from .tokens import token_kind
 from .classifier import class_accuracy, mnist_classifier, mnist_fid
-from .inception import inception_metrics, load_npz_images, save_npz, to_uint8
+from .inception import inception_metrics, load_npz_images, save_npz
 
 # %% auto #0
 __all__ = ['balanced_labels', 'block_seed', 'rank_blocks', 'load_decoder', 'check_compatible', 'sample_block', 'sample_to_dir',
@@ -72,7 +72,7 @@ def check_compatible(model, tok, model_name="the model", tok_name="the tokenizer
 def sample_block(model, decoder, labels, seed: int, **gen_kwargs) -> np.ndarray:
     "Images uint8 (B, H, W, 3) for `labels`: one seeded `generate` call, decoded."
     tokens = generate(model, labels, seed=seed, **gen_kwargs)
-    return to_uint8(decoder.decode(tokens).float().cpu())
+    return images_to_uint8(decoder.decode(tokens).float().cpu())
 
 def _part_path(out_dir, b: int) -> Path: return Path(out_dir) / "parts" / f"block_{b:06d}.npz"
 
