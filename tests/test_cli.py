@@ -163,7 +163,7 @@ def test_sizes_and_counts_are_range_checked_up_front(tmp_path, capsys):
     """Issue 24: `heptapod-extract --batch-size 0` hung for minutes rewriting meta.json and `heptapod-eval --batch-size 0`
     was accepted; every size/count is now refused by the parser, in one line naming the option, before any work."""
     from heptapod_nb.evaluate import eval_main, sample_main
-    from heptapod_nb.tokenizer_train import extract_cli
+    from heptapod_nb.extract import extract_cli
     t0 = time.time()
     for main, argv, opt in ((extract_cli, ["--tokenizer", "x", "--out", str(tmp_path / "t"), "--batch-size", "0"], "--batch-size"),
                             (extract_cli, ["--tokenizer", "x", "--out", str(tmp_path / "t"), "--batch-size", "-4"], "--batch-size"),

@@ -13,8 +13,9 @@ from heptapod_nb.config import ConfigError
 from heptapod_nb.data import TokenDataset, load_mnist5k
 from heptapod_nb.tokenizer import load_tokenizer
 from heptapod_nb import tokenizer_train
-from heptapod_nb.tokenizer_train import (TokenizerTrainConfig, default_workers, extract_cli, extract_main, extract_tokens,
-                                         lr_factor, train_tokenizer_cli, train_tokenizer_main)
+from heptapod_nb.extract import extract_cli, extract_main, extract_tokens
+from heptapod_nb.tokenizer_train import (TokenizerTrainConfig, default_workers, lr_factor, train_tokenizer_cli,
+                                         train_tokenizer_main)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["-o", "ch=8", "-o", "norm_groups=4", "-o", "z_channels=8"]
@@ -147,7 +148,7 @@ def _torchrun(args, tmp_path):
 
 def test_ddp_two_ranks_keep_codebook_in_sync_and_extract_slices(tmp_path):
     "2 CPU processes (gloo): restarts every step stay identical on both ranks (checked at every checkpoint)."
-    code = ("import sys; from heptapod_nb.tokenizer_train import train_tokenizer_cli as t, extract_cli as e; "
+    code = ("import sys; from heptapod_nb.tokenizer_train import train_tokenizer_cli as t; from heptapod_nb.extract import extract_cli as e; "
             "sys.exit((t if sys.argv[1] == 'train' else e)(sys.argv[2:]))")
     (tmp_path / "ddp_entry.py").write_text(code)
     out = tmp_path / "run"
