@@ -57,7 +57,8 @@ class HeptapodApp(LiveStreams):
         self.procs = [ModelProcess({"model": self.b.model, "baseline": self.b.baseline}, self.b.device, threads)
                       for _ in range(workers if processes else 0)]
         for p in self.procs: p.wait_ready()                          # started together: seconds, not seconds each
-        self.batcher = Batcher(self.procs or [SetRunner(self.using, self.b.device) for _ in range(workers)], max_rows, gather_s)
+        self.batcher = Batcher(self.procs or [SetRunner(self.using, self.b.device) for _ in range(workers)],
+                               max_rows, gather_s)
 
     def close(self) -> None:
         "Stop the model processes, if any (a later generation starts them again)."
@@ -136,7 +137,8 @@ class HeptapodApp(LiveStreams):
 
 # %% ../nbs/13_app.ipynb #ef70113c
 @patch
-def live_figure(self: HeptapodApp, live: Live, t: int, heatmap: str = "entropy", overlay: bool = False, n_panels: int = 4) -> np.ndarray:
+def live_figure(self: HeptapodApp, live: Live, t: int, heatmap: str = "entropy", overlay: bool = False,
+                n_panels: int = 4) -> np.ndarray:
     """Step `t` of a generation in progress, as `step_figure` draws a finished one: that step alone decoded now
     (no model, no lock), p(final token) titled as pending (it is known only when the generation ends)."""
     v = TraceView(SimpleNamespace(steps=[live.steps[t]], tokens=None, kind=live.kind), self.b.tokenizer,
@@ -178,15 +180,16 @@ def _candidates(self: HeptapodApp, run: Run, t: int, r: int, c: int, k: int):
     """VQ: the k most likely looks at (r, c) (`group_alike`: codes that decode alike as one, probabilities summed);
     KL: k draws of the diffusion head. -> (grids, captions, the looks' total probability or None)."""
     v = run.view
-    if run.probs is not None:                                     # the k most likely looks: codes that decode alike grouped
+    if run.probs is not None:                             # the k most likely looks: codes that decode alike grouped
         groups = group_alike(run.probs[t, r, c].float(), code_patches(self.b.tokenizer))[:k]
         grids = run.guess[t].expand(len(groups), -1, -1).clone()
         grids[:, r, c] = torch.tensor([codes[0] for codes, _ in groups])
         return grids, [_codes_caption(codes, q) for codes, q in groups], sum(q for _, q in groups)
-    s, (h, w) = run.settings, v.grid
+    s, (_, w) = run.settings, v.grid
     with self.using(self._model(run.model)) as m:
-        pred = predict_remaining(m, run.tokens.to(self.b.device), v.n_seen(t), torch.tensor([s["cls"]], device=self.b.device),
-                                 run.order.to(self.b.device), draws=k, seed=s["seed"], temperature=s["temperature"])
+        pred = predict_remaining(m, run.tokens.to(self.b.device), v.n_seen(t),
+                                 torch.tensor([s["cls"]], device=self.b.device), run.order.to(self.b.device),
+                                 draws=k, seed=s["seed"], temperature=s["temperature"])
     j = int((pred.positions[0] == r * w + c).nonzero()[0, 0])
     d_SC = pred.draws[0, j].cpu()
     grids = run.guess[t].expand(len(d_SC), -1, -1, -1).clone()
@@ -194,9 +197,11 @@ def _candidates(self: HeptapodApp, run: Run, t: int, r: int, c: int, k: int):
     return grids, [f"diffusion draw {i + 1}" for i in range(len(d_SC))], None
 
 def _codes_caption(codes: list[int], q: float) -> str:
-    "A look's caption, its probability first (a gallery cuts long captions): 'p = 0.410, code 28' / '..., 22 codes alike: 28, ...'."
+    """A look's caption, its probability first (a gallery cuts long captions): 'p = 0.410, code 28' /
+    '..., 22 codes alike: 28, ...'."""
     if len(codes) == 1: return f"p = {q:.3f}, code {codes[0]}"
-    return f"p = {q:.3f}, {len(codes)} codes alike: {', '.join(map(str, codes[:3]))}" + (", ..." if len(codes) > 3 else "")
+    return (f"p = {q:.3f}, {len(codes)} codes alike: {', '.join(map(str, codes[:3]))}"
+            + (", ..." if len(codes) > 3 else ""))
 
 @patch
 def cell_topk(self: HeptapodApp, run: Run, step, x, y, heatmap="entropy", overlay=False, k: int = 5):
@@ -204,7 +209,8 @@ def cell_topk(self: HeptapodApp, run: Run, step, x, y, heatmap="entropy", overla
     for that grid cell at that step, each drawn in place in the step's holistic guess."""
     t, v = self._step(run, step), run.view
     P = (v.image_size[0] * v.scale, v.image_size[1] * v.scale)
-    hit = layout(which_panels(v, heatmap), P).cell_at(check_finite(x, "x must be a number"), check_finite(y, "y must be a number"), v.grid)
+    hit = layout(which_panels(v, heatmap), P).cell_at(check_finite(x, "x must be a number"),
+                                                      check_finite(y, "y must be a number"), v.grid)
     if hit is None: return "Click a grid cell inside one of the panels.", []
     _, r, c = hit
     where = f"step {t}, cell (row {r}, column {c}; counted from 0 at the top left)"
@@ -228,7 +234,7 @@ def cell_topk(self: HeptapodApp, run: Run, step, x, y, heatmap="entropy", overla
 def complete(self: HeptapodApp, image, cls=0, n_seen=32, n_samples=4, seed=0, temperature=1.0, centre=False):
     """Drawing/upload -> (the model's 2D prediction of the rest as a titled figure, completions as a list of images).
     The drawing keeps its place on the canvas; `centre`: fit and centre it as MNIST digits are (whole digits)."""
-    N, (h, w) = self.b.n_positions, self.b.grid
+    N, (_, w) = self.b.n_positions, self.b.grid
     n_seen = check_int(n_seen, "tokens seen", 0, N - 1)
     n_samples = check_int(n_samples, "number of completions", 1, self.max_samples)
     self._args(cls, seed, temperature, 0, "raster", 1)                  # every value checked before the drawing is read
@@ -246,7 +252,8 @@ def complete(self: HeptapodApp, image, cls=0, n_seen=32, n_samples=4, seed=0, te
     which = ("seen", "guess") + tuple(n for n in ("pixel_var", "entropy", "maxprob") if n in heatmaps_for(view))[:2]
     fig = render_figure(view, 0, which, title=title, caption="Grey in 'seen': hidden from the model. Heatmaps: how "
                         "sure it is of each hidden position. Cyan: the next position.")
-    gallery = [(np.ascontiguousarray(upscale(a, 4)), f"completion {i + 1}") for i, a in enumerate(images_to_uint8(imgs))]
+    gallery = [(np.ascontiguousarray(upscale(a, 4)), f"completion {i + 1}")
+               for i, a in enumerate(images_to_uint8(imgs))]
     return fig, gallery
 
 # %% ../nbs/13_app.ipynb #97378253
@@ -283,7 +290,8 @@ def compare_stream(self: HeptapodApp, cls=0, seed=0, temperature=1.0, tokens_per
             tb = feed.first_with("baseline", a.n_seen(t))
             fb = (self.live_figure(b, tb, heatmap, n_panels=3) if tb < b.T
                   else step_figure(feed.run("baseline"), b.T, heatmap, n_panels=3))
-            return ((a, b), t, self.live_figure(a, t, heatmap, n_panels=3), fb, compare_figure((a.upto(t), b.upto(tb)), t))
+            return ((a, b), t, self.live_figure(a, t, heatmap, n_panels=3), fb,
+                    compare_figure((a.upto(t), b.upto(tb)), t))
         runs = (feed.run("model"), feed.run("baseline"))
         return (runs, t, *self.compare_frame(runs, t, heatmap))
     made = lambda t: feed.made("model", t) and (t < a.T or feed.made("baseline", b.T))

@@ -71,24 +71,30 @@ def parse_device(v):
     except ValueError as e: raise ValueError(f"--device: {e}") from None
 
 def build_parser(prog: str, retrain: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Heptapod app: watch a causal Transformer predict the next 2D distribution.")
+    p = argparse.ArgumentParser(prog=prog, description="Heptapod app: watch a causal Transformer predict the next 2D "
+                                "distribution.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=None,
                    help="port to serve on (default: the GRADIO_SERVER_PORT environment variable, else 7860)")
-    p.add_argument("--weights", default=None, help="folder with tokenizer/heptapod/baseline .safetensors (default: bundled demo)")
+    p.add_argument("--weights", default=None,
+                   help="folder with tokenizer/heptapod/baseline .safetensors (default: bundled demo)")
     if not retrain:                                             # heptapod-app serves any trained model too
-        p.add_argument("--model", help="a trained model to serve instead (e.g. runs/tiny/ema.safetensors); needs --tokenizer")
-        p.add_argument("--tokenizer", help="the tokenizer the model's tokens came from (e.g. runs/tok/tokenizer.safetensors)")
+        p.add_argument("--model",
+                       help="a trained model to serve instead (e.g. runs/tiny/ema.safetensors); needs --tokenizer")
+        p.add_argument("--tokenizer",
+                       help="the tokenizer the model's tokens came from (e.g. runs/tok/tokenizer.safetensors)")
         p.add_argument("--baseline", help="optional: a next-token model (window=1) on the same tokens, for Compare")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--workers", type=arg_int(1), default=2, help="generations that run at once, each on its own copy of "
-                   "the models (default 2, the best median latency measured on 2 cores; 1: one at a time)")
+    p.add_argument("--workers", type=arg_int(1), default=2, help="generations that run at once, each on its own copy "
+                   "of the models (default 2, the best median latency measured on 2 cores; 1: one at a time)")
     p.add_argument("--in-process", action="store_true", help="compute the generations in the server's own process "
                    "(default: in --workers model processes, each with its own GIL)")
     if retrain:
         p.add_argument("--retrain", action="store_true", help="remake the demo weights with the project's recipe first")
-        p.add_argument("--minutes", type=arg_float(0, lo_open=True), default=None, help="wall-clock cap for the whole retrain in minutes (scales each stage's cap)")
-        p.add_argument("--threads", type=arg_int(1), default=None, help="CPU threads for retraining (default: the recipe's 2; "
+        p.add_argument("--minutes", type=arg_float(0, lo_open=True), default=None,
+                       help="wall-clock cap for the whole retrain in minutes (scales each stage's cap)")
+        p.add_argument("--threads", type=arg_int(1), default=None,
+                       help="CPU threads for retraining (default: the recipe's 2; "
                        "use 1 on a machine shared with other jobs)")
         p.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
         p.add_argument("--no-launch", action="store_true", help="only (re)train, do not start the app")

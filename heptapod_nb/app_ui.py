@@ -29,7 +29,8 @@ def _refuse(msg: str):
     return gr.Error(msg, print_exception=False)
 
 def _guard(fn):
-    "Run a callback (a function or a generator); an `InputError` becomes a `gr.Error` with the same message and a one-line log."
+    """Run a callback (a function or a generator); an `InputError` becomes a `gr.Error` with the same message and a
+    one-line log."""
     import functools, inspect
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -74,7 +75,8 @@ def _checked(base, image: str | None = None):
                     def preprocess(self, payload):
                         try: return base.preprocess(self, payload)
                         except Exception as e:      # whatever a user's file makes the decoder raise is the file's fault
-                            raise _refuse(f"the {image} is not an image this app can read (PNG, JPEG, WebP): {type(e).__name__}") from None
+                            raise _refuse(f"the {image} is not an image this app can read (PNG, JPEG, WebP): "
+                                          f"{type(e).__name__}") from None
         finally: cm.create_or_modify_pyi = write_pyi
         Checked.get_block_name = Checked.get_block_class = lambda self, n=root.__name__.lower(): n
         Checked.__name__ = Checked.__qualname__ = f"Checked{base.__name__}"
@@ -106,7 +108,8 @@ def _atomic_picture_cache():
     """Make Gradio write each picture it serves to a temporary file renamed into place. Gradio (6.31) writes a picture
     in place at a path named after its bytes: when two sessions show the same picture at once (generations of one
     class share their first frames), one rewrite empties the file while the other session fetches it, and that page
-    gets an empty image (1 of 3 runs of the concurrent-streams test). A rename is atomic: a reader gets the whole file."""
+    gets an empty image (1 of 3 runs of the concurrent-streams test). A rename is atomic: a reader gets the whole
+    file."""
     import tempfile
     import gradio.processing_utils as pu            # `Image` and `Gallery` save numpy and PIL pictures through here
     def save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
@@ -163,11 +166,13 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
 
     def compare(cls, seed, temp, tps, heat):
         for runs, t, fa, fb, plot in app.compare_stream(cls, seed, temp, tps, heat):
-            yield fa, fb, plot, gr.Slider(maximum=len(runs[0]) - 1, value=t), runs if isinstance(runs[0], Run) else gr.skip()
+            yield (fa, fb, plot, gr.Slider(maximum=len(runs[0]) - 1, value=t),
+                   runs if isinstance(runs[0], Run) else gr.skip())
 
     def compare_scrub(runs, step, heat): return app.compare_frame(runs, step, heat)
 
-    def compare_redraw(runs, step, heat): return (gr.skip(),) * 3 if runs is None else app.compare_frame(runs, step, heat)
+    def compare_redraw(runs, step, heat):
+        return (gr.skip(),) * 3 if runs is None else app.compare_frame(runs, step, heat)
 
     pic = dict(type="numpy", format="png", interactive=False, show_label=False, buttons=[], container=False)
     # the endpoints that compute: admitted at once (up to the batcher's rows), so that each checks its inputs as it
@@ -210,20 +215,23 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
                                  scale=1, **pic)
                 plot = gr.Image(plot0, elem_id="entropy-plot", scale=2, **pic)
             topk_md = gr.Markdown("**Click a cell** of the panels above: the model's most likely looks there at "
-                                  "this step (codes that decode alike grouped), each drawn in place.", elem_id="topk-text")
-            topk = gr.Gallery(show_label=False, columns=5, height="auto", format="png", elem_id="topk", allow_preview=False,
-                              visible=False)                         # shown by the first click on a cell
+                                  "this step (codes that decode alike grouped), each drawn in place.",
+                                  elem_id="topk-text")
+            topk = gr.Gallery(show_label=False, columns=5, height="auto", format="png", elem_id="topk",
+                              allow_preview=False, visible=False)    # shown by the first click on a cell
             with gr.Accordion("Filmstrip of the whole generation", open=True):
                 strip = gr.Image(filmstrip_image(first) if first is not None else None, elem_id="filmstrip", **pic)
             with gr.Accordion("Trace data (JSON), for those who want the numbers", open=False):
                 gr.Markdown(TRACE_FIELDS)
-                summary = gr.JSON(trace_summary(first.view) if first is not None else None, open=False, show_label=False)
+                summary = gr.JSON(trace_summary(first.view) if first is not None else None, open=False,
+                                  show_label=False)
             state = gr.State(first)
             btn.click(_guard(gen), [cls, seed, temp, top_k, order, tps, heat, overlay],
                       [pan, plot, step, state, final, strip, summary], api_name="generate", **group)
             play_btn.click(_guard(play), [state, heat, overlay], [pan, plot, step], api_name="play")
             # a drag sends many values: each waits for the one before, and the last value is always drawn
-            step.input(_guard(scrub), [state, step, heat, overlay], [pan, plot], api_name="scrub", trigger_mode="always_last")
+            step.input(_guard(scrub), [state, step, heat, overlay], [pan, plot], api_name="scrub",
+                       trigger_mode="always_last")
             for c in (heat, overlay):
                 c.change(_guard(redraw), [state, step, heat, overlay], [pan, plot], api_visibility="undocumented")
             pan.select(_guard(click), [state, step, heat, overlay], [topk_md, topk], api_visibility="undocumented")
@@ -232,13 +240,14 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
                         f"model sees only its first *n* tokens in raster order ({w} tokens = one token row = the top "
                         f"{32 // h} pixel rows) and guesses the rest.")
             with gr.Row():
-                sketch = _checked(gr.Sketchpad, "drawing")(label="draw", type="numpy", image_mode="RGBA", canvas_size=(280, 280),
-                                      brush=gr.Brush(colors=["#000000"], default_size=18, color_mode="fixed"), elem_id="sketch",
-                                      layers=False, transforms=(), placeholder="Draw a digit")
+                sketch = _checked(gr.Sketchpad, "drawing")(label="draw", type="numpy", image_mode="RGBA",
+                                      canvas_size=(280, 280),
+                                      brush=gr.Brush(colors=["#000000"], default_size=18, color_mode="fixed"),
+                                      elem_id="sketch", layers=False, transforms=(), placeholder="Draw a digit")
                 # Gradio's sketchpad opens with no tool picked (a first stroke drew nothing): pick the brush on opening
                 complete_tab.select(None, js=PICK_BRUSH, api_visibility="private")
-                upload = _checked(gr.Image, "upload")(label="... or upload", type="numpy", sources=["upload", "clipboard"],
-                                                      image_mode="RGBA")
+                upload = _checked(gr.Image, "upload")(label="... or upload", type="numpy",
+                                                      sources=["upload", "clipboard"], image_mode="RGBA")
             with gr.Row():
                 ccls = num(0, f"class (0-{nc - 1})")
                 nseen = _checked(gr.Slider)(0, N - 1, value=N // 2, step=1, label="tokens the model sees")
@@ -250,8 +259,8 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
             pred_img = gr.Image(elem_id="prediction", **pic)
             gr.Markdown("Completions sampled from that prediction:")
             gallery = gr.Gallery(show_label=False, columns=8, height="auto", format="png", elem_id="completions")
-            cbtn.click(_guard(complete), [sketch, upload, ccls, nseen, nsamp, cseed, ctemp, centre], [pred_img, gallery],
-                       api_name="complete", **group)
+            cbtn.click(_guard(complete), [sketch, upload, ccls, nseen, nsamp, cseed, ctemp, centre],
+                       [pred_img, gallery], api_name="complete", **group)
         with gr.Tab("Compare"):
             gr.Markdown("Heptapod and a next-token model side by side, same class, seed and step: the baseline knows "
                         "only its next position; Heptapod holds a distribution over the whole remaining grid. In the "
@@ -260,17 +269,20 @@ def build_blocks(app: HeptapodApp, first_image: bool = True, model_concurrency: 
                         "(in the window ablation its next-position cross-entropy is higher too: BENCHMARKS.md).")
             if app.b.baseline is None:
                 gr.Markdown("**Compare is off**: this app serves no next-token baseline. Start it with `--baseline "
-                            "FILE` (a model trained with `window=1` on the same tokens) to compare.", elem_id="compare-off")
+                            "FILE` (a model trained with `window=1` on the same tokens) to compare.",
+                            elem_id="compare-off")
             with gr.Row():
                 kcls, kseed = num(0, f"class (0-{nc - 1})"), num(0, "seed")
                 ktemp = _checked(gr.Number)(T0, label="temperature (> 0)")
                 ktps = num(1, "tokens per step (Heptapod)")
                 kheat = _checked(gr.Radio)(radio, value=heats[0], label="heatmap")
-            kbtn = gr.Button("Compare", variant="primary", elem_id="compare-btn", interactive=app.b.baseline is not None)
+            kbtn = gr.Button("Compare", variant="primary", elem_id="compare-btn",
+                             interactive=app.b.baseline is not None)
             with gr.Row():
                 ka = gr.Image(elem_id="compare-heptapod", **pic)
                 kb = gr.Image(elem_id="compare-baseline", **pic)
-            kstep = _checked(gr.Slider)(0, N, value=0, step=1, label="step (Heptapod's; the baseline at as many tokens seen)",
+            kstep = _checked(gr.Slider)(0, N, value=0, step=1,
+                                        label="step (Heptapod's; the baseline at as many tokens seen)",
                                         elem_id="kstep")
             kplot = gr.Image(elem_id="compare-plot", **pic)
             kstate = gr.State(None)

@@ -57,7 +57,8 @@ def check_weights_folder(weights=None, need_baseline: bool = True) -> Path:
     missing = missing_demo_files(d)
     if not need_baseline and missing == [DEMO_FILES["baseline"]]: missing = []
     if missing:
-        raise FileNotFoundError(f"weights folder {d} lacks {missing}: run `heptapod-demo --retrain` to make the demo weights")
+        raise FileNotFoundError(f"weights folder {d} lacks {missing}: "
+                                "run `heptapod-demo --retrain` to make the demo weights")
     return d
 
 def model_files(weights=None, model=None, tokenizer=None, baseline=None, need_baseline: bool = True) -> dict:
@@ -105,7 +106,8 @@ def load_bundle(weights=None, device=None, need_baseline: bool = True, dtype=Non
     return Bundle(tok, net, base, device, meta)
 
 # %% ../nbs/11a_bundle.ipynb #38f22f1c
-def write_untrained_weights(folder, model_overrides: dict | None = None, seed: int = 0, tokenizer: str = "tiny-vq") -> Path:
+def write_untrained_weights(folder, model_overrides: dict | None = None, seed: int = 0,
+                            tokenizer: str = "tiny-vq") -> Path:
     "Randomly initialised demo files (a `tokenizer` preset, Heptapod, baseline) in `folder`: for tests and smoke runs."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -120,10 +122,10 @@ def write_untrained_weights(folder, model_overrides: dict | None = None, seed: i
     return folder
 
 # %% ../nbs/11a_bundle.ipynb #f1cb5b28
-DEMO_WHY = ("class-conditional at this scale, the head that cross-attends to h_0..h_t beat the h_t-only head for "
-            "the global window (a 300-step screen: class accuracy 57% vs 44%, 2 seeds each; tutorial 7's ranking is unconditional, by "
-            "linear probes). M=4 with next-position weight 1 is the recipe's first setting: M=2 with weight 8 has not "
-            "been compared class-conditionally at this scale (BENCHMARKS.md).")
+DEMO_WHY = ("class-conditional at this scale, the head that cross-attends to h_0..h_t beat the h_t-only head for the "
+            "global window (a 300-step screen: class accuracy 57% vs 44%, 2 seeds each; tutorial 7's ranking is "
+            "unconditional, by linear probes). M=4 with next-position weight 1 is the recipe's first setting: M=2 "
+            "with weight 8 has not been compared class-conditionally at this scale (BENCHMARKS.md).")
 
 def describe_models(b: Bundle) -> str:
     """A line naming what the app serves: the Heptapod model's configuration and size, and the baseline, if any;

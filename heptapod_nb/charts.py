@@ -35,7 +35,8 @@ HEAT_INFO = {
                   "(bright: the model already knew it).",
     "maxprob": "**max prob**: the probability of the single most likely token there (bright: one token dominates).",
 }
-HEAT_LABELS = {"pixel_var": "pixel variance", "entropy": "code entropy", "final_prob": "p(final token)", "maxprob": "max prob"}
+HEAT_LABELS = {"pixel_var": "pixel variance", "entropy": "code entropy", "final_prob": "p(final token)",
+               "maxprob": "max prob"}
 PANEL_NAMES = {"seen": "seen tokens", "guess": "holistic guess", **HEAT_TITLES}
 INK, PAPER, MUTED = (20, 20, 20), (255, 255, 255), (80, 80, 80)
 TITLE_H, PTITLE_H, CAPTION_H, MARGIN, GAP, BAR_W = 38, 28, 30, 12, 20, 62
@@ -218,7 +219,8 @@ def step_title(view: TraceView, t: int, short: bool = False, step: int | None = 
     if t >= view.T: return f"{who}: finished, all {N} tokens drawn"
     n, T, t_ = view.n_seen(t), view.T if steps is None else steps, t if step is None else step
     seen = f"{n} token{'s' if n != 1 else ''} seen"
-    if short: return f"{who}, step {t_}: {n} seen, predicts " + ("the next only" if view.only_next else f"all {N - n} unseen")
+    if short:
+        return f"{who}, step {t_}: {n} seen, predicts " + ("the next only" if view.only_next else f"all {N - n} unseen")
     return (f"{who}, step {t_} of {T}: {seen}, predicting "
             + ("its next position only" if view.only_next else f"all {N - n} unseen positions at once"))
 
@@ -228,12 +230,14 @@ CAPTION_BASE = "Grey: not predicted (a next-token model predicts its next positi
 
 def step_caption(v: TraceView, n_panels: int) -> str:
     "The caption under a step figure of `n_panels` panels: what grey and cyan mean there."
-    return CAPTION_BASE if v.only_next else CAPTION if n_panels == 4 else "Grey: seen (heatmap) / not drawn yet (seen). Cyan: drawn now."
+    return (CAPTION_BASE if v.only_next else CAPTION if n_panels == 4
+            else "Grey: seen (heatmap) / not drawn yet (seen). Cyan: drawn now.")
 
 def step_figure(run, t: int, heatmap: str = "entropy", overlay: bool = False, n_panels: int = 4) -> np.ndarray:
     "Step `t` of `run` (a `Run`, or anything with its `TraceView` as `.view`): `n_panels` titled panels, captioned."
     v = run.view
-    return render_figure(v, t, which_panels(v, heatmap, n_panels), overlay, step_title(v, t, n_panels < 4), step_caption(v, n_panels))
+    return render_figure(v, t, which_panels(v, heatmap, n_panels), overlay, step_title(v, t, n_panels < 4),
+                         step_caption(v, n_panels))
 
 def entropy_figure(run, t: int) -> np.ndarray:
     "The run's entropy over the steps, step `t` marked."
@@ -272,7 +276,8 @@ FILMSTRIP_ROWS = {"seen": ("seen",), "guess": ("holistic", "guess"), "entropy": 
 def filmstrip_image(run, n: int = 8, panel: int = 120) -> np.ndarray:
     """The run summed up in one uint8 (H, W, 3) picture: `n` steps from the first to the finished image (columns), what
     it has seen, its holistic guess and its entropy (rows, `panel` pixels tall), a colour bar. Drawn with PIL, as the
-    panels are (milliseconds; `viz.filmstrip`'s matplotlib figure took ~1 s a run and held the GIL: BENCHMARKS.md, App)."""
+    panels are (milliseconds; `viz.filmstrip`'s matplotlib figure took ~1 s a run and held the GIL: BENCHMARKS.md,
+    App)."""
     view, which = run.view, tuple(FILMSTRIP_ROWS)
     steps = np.unique(np.linspace(0, len(view) - 1, n).round().astype(int)).tolist()
     ph, pw = panel, max(1, round(panel * view.image_size[1] / view.image_size[0]))

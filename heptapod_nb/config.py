@@ -24,7 +24,7 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     "`device` as a `torch.device`; `None` picks CUDA when available, else the CPU."
     if device is None: return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try: device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
+    except (RuntimeError, TypeError):
         raise ValueError(f"device {device!r} is not a device torch knows (cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was asked for, but CUDA is not available on this machine (use --device cpu)")
@@ -89,12 +89,14 @@ class Config:
 
     @classmethod
     def from_stored(cls, d: dict):
-        "A config written earlier (file, checkpoint): like `from_dict`, but a key missing from `CHANGED_DEFAULTS` takes its old default."
+        """A config written earlier (file, checkpoint): like `from_dict`, but a key missing from `CHANGED_DEFAULTS`
+        takes its old default."""
         return cls.from_dict({**cls.CHANGED_DEFAULTS, **d})
 
     @classmethod
     def _translate_renamed(cls, d: dict) -> dict:
-        "`d` with the deprecated keys of `RENAMED` under their new names (over the new key's value: `replace(old=...)` means it)."
+        """`d` with the deprecated keys of `RENAMED` under their new names (over the new key's value: `replace(old=...)`
+        means it)."""
         old = [k for k in d if k in cls.RENAMED]
         if not old: return d
         d = dict(d)
@@ -126,7 +128,8 @@ class Config:
         try: d = json.loads(path.read_text())
         except json.JSONDecodeError as e: raise ConfigError(f"config file {path} is not valid JSON: {e}") from e
         if not isinstance(d, dict):
-            raise ConfigError(f"config file {path} holds a JSON {type(d).__name__}, not an object of {cls.__name__} keys")
+            raise ConfigError(f"config file {path} holds a JSON {type(d).__name__}, "
+                              f"not an object of {cls.__name__} keys")
         return cls.from_stored(d)
 
 # %% ../nbs/00_config.ipynb #0241e1c9
@@ -210,7 +213,8 @@ def images_to_uint8(images) -> np.ndarray:
     """Images (B, C, H, W) in [-1, 1] (C = 1 or 3; a tensor or an array) -> uint8 (B, H, W, 3) numpy, grey repeated to
     3 channels: pictures to show and ADM `.npz` sample files. The rounding is `to_uint8`'s."""
     x = to_uint8(torch.as_tensor(images).cpu())
-    if x.ndim != 4 or x.shape[1] not in (1, 3): raise ValueError(f"images must be (B, 1 or 3, H, W), got shape {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (B, 1 or 3, H, W), got shape {tuple(x.shape)}")
     return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
 
 # %% ../nbs/00_config.ipynb #8b935e79
@@ -255,7 +259,8 @@ def weights_sha256(sd: dict, meta: dict) -> str:
     """sha256 of what a weights file means: its metadata (config, kind; not the checksums) and every tensor's name,
     dtype, shape and bytes, in name order. Moving a tensor's offsets in the header, renaming it or editing the stored
     config changes it, as does changing a byte; the file's layout does not."""
-    h = hashlib.sha256(json.dumps({k: meta[k] for k in sorted(meta) if not k.endswith("sha256")}, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({k: meta[k] for k in sorted(meta) if not k.endswith("sha256")},
+                                  sort_keys=True).encode())
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()
         h.update(json.dumps([k, str(t.dtype), list(t.shape)]).encode())
@@ -267,7 +272,8 @@ def nonfinite_tensors(sd: dict) -> list[str]:
     return [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 def _data_sha256(blob_or_path) -> str:
-    "sha256 of the tensor bytes of a safetensors file (everything after its JSON header): the check of files saved before `weights_sha256`."
+    """sha256 of the tensor bytes of a safetensors file (everything after its JSON header): the check of files saved
+    before `weights_sha256`."""
     h = hashlib.sha256()
     if isinstance(blob_or_path, (bytes, bytearray)):
         n = struct.unpack("<Q", blob_or_path[:8])[0]
@@ -289,11 +295,13 @@ def save_weights(path, module_or_sd, config: Config | dict | None = None, kind: 
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     path = Path(path)
     if bad := nonfinite_tensors(sd):
-        raise FloatingPointError(f"refusing to save {path}{' ' + where if where else ''}: {bad[0]} holds NaN or inf values"
+        raise FloatingPointError(f"refusing to save {path}{' ' + where if where else ''}: "
+                                 f"{bad[0]} holds NaN or inf values"
                                  + (f" ({len(bad) - 1} more tensors too)" if len(bad) > 1 else "")
                                  + "; the run diverged: resume from an earlier checkpoint with a lower lr")
     cfg = config.to_dict() if isinstance(config, Config) else (config or {})
-    meta = {"config": json.dumps(cfg), "kind": kind, "format": "heptapod_nb", **({"run": json.dumps(run)} if run else {})}
+    meta = {"config": json.dumps(cfg), "kind": kind, "format": "heptapod_nb",
+            **({"run": json.dumps(run)} if run else {})}
     meta["sha256"] = weights_sha256(sd, meta)
     atomic_write_bytes(path, st_save(sd, metadata=meta))
     write_json(path.with_suffix(".json"), {"kind": kind, "config": cfg})
@@ -323,22 +331,27 @@ def load_weights(path, kind: str | tuple | None = None, device="cpu", verify: bo
         raise ConfigError(f"checkpoint {path} is corrupt or not a safetensors file ({type(e).__name__}: {e})") from e
     kinds = (kind,) if isinstance(kind, str) else kind
     if kinds is not None and meta.get("kind") not in kinds:
-        raise ConfigError(f"checkpoint {path} holds a {meta.get('kind')!r}, expected a " + " or a ".join(map(repr, kinds)))
+        raise ConfigError(f"checkpoint {path} holds a {meta.get('kind')!r}, expected a "
+                          + " or a ".join(map(repr, kinds)))
     try: cfg = json.loads(meta.get("config", "{}"))
-    except json.JSONDecodeError as e: raise ConfigError(f"checkpoint {path} has a stored config that is not JSON: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"checkpoint {path} has a stored config that is not JSON: {e}") from None
     if verify:
         if "sha256" in meta: ok = weights_sha256(sd, meta) == meta["sha256"]
         elif "tensors_sha256" in meta: ok = _data_sha256(path) == meta["tensors_sha256"]
         else: ok = None
         if ok is False:
-            raise ConfigError(f"checkpoint {path} fails its checksum: its tensors, their names, shapes or dtypes, or its "
-                              "stored config changed after it was saved (a damaged copy or an edited file); restore it from a good copy")
+            raise ConfigError(f"checkpoint {path} fails its checksum: its tensors, their names, shapes or dtypes, "
+                              "or its stored config changed after it was saved (a damaged copy or an edited file); "
+                              "restore it from a good copy")
         if ok is None or "sha256" not in meta:
             print(f"heptapod_nb: note: {path} " + ("has no checksum: loaded unchecked" if ok is None else
-                  "was saved before whole-file checksums: only its tensor bytes were checked"), file=sys.stderr, flush=True)
+                  "was saved before whole-file checksums: only its tensor bytes were checked"),
+                  file=sys.stderr, flush=True)
         if bad := nonfinite_tensors(sd):
-            raise ConfigError(f"checkpoint {path} holds NaN or inf values in {bad[0]}" + (f" and {len(bad) - 1} more tensors"
-                              if len(bad) > 1 else "") + ": it was saved from a diverged run; use an earlier checkpoint")
+            raise ConfigError(f"checkpoint {path} holds NaN or inf values in {bad[0]}"
+                              + (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else "")
+                              + ": it was saved from a diverged run; use an earlier checkpoint")
     if str(device) != "cpu": sd = {k: v.to(device) for k, v in sd.items()}
     return sd, cfg
 
@@ -364,7 +377,8 @@ def _dash_options(parser) -> dict:
                 raise ValueError(f"{parser.prog}: options {o} and {n} are two different options; rename one")
             del parser._option_string_actions[o]; parser._option_string_actions[n] = action
         action.option_strings = list(dict.fromkeys(new))
-        old.update({"--" + n[2:].replace("-", "_"): n for n in action.option_strings if n.startswith("--") and "-" in n[2:]})
+        old.update({"--" + n[2:].replace("-", "_"): n for n in action.option_strings
+                    if n.startswith("--") and "-" in n[2:]})
     return old
 
 def _respell(argv, old: dict, prog: str) -> list:
@@ -373,7 +387,8 @@ def _respell(argv, old: dict, prog: str) -> list:
     for a in argv:
         flag, eq, val = a.partition("=") if isinstance(a, str) and a.startswith("--") else (a, "", "")
         if flag in old:
-            if flag not in told: deprecated(f"{flag} is now spelled {old[flag]} (the old spelling goes away in the next release)", prog)
+            if flag not in told:
+                deprecated(f"{flag} is now spelled {old[flag]} (the old spelling goes away in the next release)", prog)
             told.add(flag); a = old[flag] + eq + val
         out.append(a)
     return out
@@ -391,7 +406,8 @@ def arg_int(lo: int | None = None, hi: int | None = None):
     return parse
 
 def arg_float(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
-    "An argparse `type`: a finite number in [lo, hi] (`lo_open`: (lo, hi]; either bound optional), refused in one line otherwise."
+    """An argparse `type`: a finite number in [lo, hi] (`lo_open`: (lo, hi]; either bound optional), refused in one line
+    otherwise."""
     def parse(s):
         try: v = float(s)
         except (TypeError, ValueError): raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None

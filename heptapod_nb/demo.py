@@ -59,7 +59,8 @@ class DemoRecipe(Config):
         for k in ("tokenizer_steps", "steps", "batch_size", "threads"):
             if getattr(self, k) < 1: raise ConfigError(f"DemoRecipe.{k} must be >= 1, got {getattr(self, k)}")
         if not self.temperature > 0: raise ConfigError(f"DemoRecipe.temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.min_lr <= self.lr: raise ConfigError(f"DemoRecipe.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"DemoRecipe.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
 
 def _shift(x_B1HW, dy: int, dx: int):
     "Shift images by (dy, dx) pixels, filling with background (-1)."
@@ -89,22 +90,25 @@ def token_folder(root, tok, tokens: torch.Tensor, labels: torch.Tensor) -> Path:
 
 def demo_train_config(recipe: DemoRecipe, data, out, model: dict, minutes: float, device) -> TrainConfig:
     "The `TrainConfig` of one demo model: the tiny preset with `model` overrides, the recipe's optimiser, its time cap."
-    return TrainConfig(preset="tiny", model=dict(model), data=str(data), out=str(out), steps=recipe.steps, max_minutes=minutes,
-                       batch_size=recipe.batch_size, lr=recipe.lr, min_lr=recipe.min_lr, warmup=recipe.warmup,
-                       weight_decay=recipe.weight_decay, grad_clip=1.0, ema=recipe.ema, seed=recipe.seed, threads=recipe.threads,
-                       ckpt_every=recipe.steps, keep=1, log_every=10, num_workers=0, aug="first", device=str(device))
+    return TrainConfig(preset="tiny", model=dict(model), data=str(data), out=str(out), steps=recipe.steps,
+                       max_minutes=minutes, batch_size=recipe.batch_size, lr=recipe.lr, min_lr=recipe.min_lr,
+                       warmup=recipe.warmup, weight_decay=recipe.weight_decay, grad_clip=1.0, ema=recipe.ema,
+                       seed=recipe.seed, threads=recipe.threads, ckpt_every=recipe.steps, keep=1, log_every=10,
+                       num_workers=0, aug="first", device=str(device))
 
 def train_demo_model(data, model: dict, minutes: float, recipe: DemoRecipe, device, work, desc: str = "train"):
     """Train one demo model with `train.train` (the package's one training loop) on the token folder `data`, in the
     scratch folder `work`; -> (its EMA weights as a `Heptapod` on `device`, a summary dict)."""
     t0 = time.time()
-    r = train(demo_train_config(recipe, data, Path(work) / desc, model, minutes, device), log=lambda m: print(f"{desc}: {m}", flush=True))
+    r = train(demo_train_config(recipe, data, Path(work) / desc, model, minutes, device),
+              log=lambda m: print(f"{desc}: {m}", flush=True))
     ema = load_model(r["ema"], device).eval()
     return ema, {"steps": r["step"], "seconds": round(time.time() - t0, 1), "last_loss": round(float(r["loss"]), 4)}
 
 def class_accuracy_of(model, tok, n: int, temperature: float, device, seed: int = 1234) -> float:
     "Sample `n` images (n/10 per class, no CFG) and score them with the project's MNIST classifier."
-    return score_samples(model, tok, mnist_classifier(device), n, seed, batch_size=50, fid=False, temperature=temperature)["class_acc"]
+    return score_samples(model, tok, mnist_classifier(device), n, seed, batch_size=50, fid=False,
+                         temperature=temperature)["class_acc"]
 
 def _demo_tokenizer(recipe: DemoRecipe, device, work: Path):
     "[1/4]: the tokenizer, trained by `tokenizer_train.train_tokenizer`; -> (tokenizer on `device`, its summary)."
@@ -140,7 +144,8 @@ def _score_demo(tok, models: dict, recipe: DemoRecipe, meta: dict, device):
 USER_DEMO = Path("runs/demo")   # where a retrain writes unless --weights says where: never into the installed package
 
 def retrain_demo(out=None, recipe: DemoRecipe | None = None, device=None) -> dict:
-    "Make the demo weights (tokenizer, Heptapod, baseline) into `out` (default `USER_DEMO`, runs/demo); returns the meta dict."
+    """Make the demo weights (tokenizer, Heptapod, baseline) into `out` (default `USER_DEMO`, runs/demo); returns the
+    meta dict."""
     recipe, device = recipe or DemoRecipe(), get_device(device)
     out = Path(out) if out is not None else USER_DEMO; out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(recipe.threads)
@@ -151,36 +156,44 @@ def retrain_demo(out=None, recipe: DemoRecipe | None = None, device=None) -> dic
         print("[2/4] encoding MNIST-5k", flush=True)
         data = token_folder(work / "tokens", tok, *encode_mnist(tok, recipe, device))
         for name, model, minutes in [("heptapod", recipe.model, recipe.model_minutes),
-                                     ("baseline", {**recipe.model, "window": 1, "targets_per_step": 1}, recipe.baseline_minutes)]:
-            print(f"[3/4] {name} (window={model.get('window', 'the preset')}, {recipe.steps} steps, capped at {minutes} min)", flush=True)
+                                     ("baseline", {**recipe.model, "window": 1, "targets_per_step": 1},
+                                      recipe.baseline_minutes)]:
+            print(f"[3/4] {name} (window={model.get('window', 'the preset')}, {recipe.steps} steps, "
+                  f"capped at {minutes} min)", flush=True)
             models[name], meta[name] = train_demo_model(data, model, minutes, recipe, device, work, desc=name)
     meta["train_seconds"] = round(time.time() - t0, 1)
     _save_demo(out, tok, models, meta, device)
     if recipe.eval_samples: _score_demo(tok, models, recipe, meta, device)
     meta["total_seconds"] = round(time.time() - t0, 1)
     write_json(out / "demo_meta.json", meta)
-    print(f"demo weights written to {out} ({meta['bytes'] / 1e6:.1f} MB) in {meta['total_seconds'] / 60:.1f} min", flush=True)
+    print(f"demo weights written to {out} ({meta['bytes'] / 1e6:.1f} MB) in {meta['total_seconds'] / 60:.1f} min",
+          flush=True)
     return meta
 
 def demo(argv: list[str]) -> None:
     "`heptapod-demo` with `argv`: (re)make the demo weights if missing or asked, then serve them until interrupted."
     p = build_parser("heptapod-demo", retrain=True)
-    p.add_argument("--overwrite", action="store_true", help="let a retrain replace the demo weights already in --weights")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a retrain replace the demo weights already in --weights")
     args = p.parse_args(argv)
-    # served: --weights, else the bundled weights; made (--retrain, or the bundled ones missing): --weights, else runs/demo
-    d = Path(args.weights) if args.weights else USER_DEMO if args.retrain or missing_demo_files(demo_dir()) else demo_dir()
+    # served: --weights, else the bundled ones; made (--retrain, or the bundled ones missing): --weights, else runs/demo
+    d = (Path(args.weights) if args.weights else USER_DEMO if args.retrain or missing_demo_files(demo_dir())
+         else demo_dir())
     if d.exists() and not d.is_dir(): raise NotADirectoryError(f"--weights {d} is a file, not a folder")
-    device, port = serve_args(args) if not args.no_launch else (parse_device(args.device), None)   # fail before retraining
+    # fail before retraining
+    device, port = serve_args(args) if not args.no_launch else (parse_device(args.device), None)
     if args.retrain or missing_demo_files(d):
         have = [f for f in DEMO_FILES.values() if (d / f).exists()]
         if have and not args.overwrite:
-            raise FileExistsError(f"--weights {d} already holds demo weights ({', '.join(have)}): pass --overwrite to let "
-                                  "the retrain replace them, or choose another --weights")
-        if not args.retrain: print(f"demo weights missing in {d}: making them now (about 30 minutes on 2 CPU cores)", flush=True)
+            raise FileExistsError(f"--weights {d} already holds demo weights ({', '.join(have)}): "
+                                  "pass --overwrite to let the retrain replace them, or choose another --weights")
+        if not args.retrain:
+            print(f"demo weights missing in {d}: making them now (about 30 minutes on 2 CPU cores)", flush=True)
         recipe = DemoRecipe()
         if args.minutes:
             f = args.minutes / (recipe.tokenizer_minutes + recipe.model_minutes + recipe.baseline_minutes)
-            recipe = recipe.replace(tokenizer_minutes=recipe.tokenizer_minutes * f, model_minutes=recipe.model_minutes * f,
+            recipe = recipe.replace(tokenizer_minutes=recipe.tokenizer_minutes * f,
+                                    model_minutes=recipe.model_minutes * f,
                                     baseline_minutes=recipe.baseline_minutes * f)
         if args.threads: recipe = recipe.replace(threads=args.threads)
         if args.eval_samples is not None: recipe = recipe.replace(eval_samples=args.eval_samples)
@@ -192,5 +205,6 @@ def demo(argv: list[str]) -> None:
     launch(bundle, args.host, port, inbrowser=not args.no_browser, workers=args.workers, processes=not args.in_process)
 
 def demo_cli(argv=None) -> int:
-    "`heptapod-demo` (`make demo`): open the app on the bundled weights, retraining them first if missing or asked; the exit status."
+    """`heptapod-demo` (`make demo`): open the app on the bundled weights, retraining them first if missing or asked;
+    the exit status."""
     return cli_main("heptapod-demo", demo, argv)

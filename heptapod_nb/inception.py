@@ -118,7 +118,7 @@ INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
 
 class InceptionV3(nn.Module):
-    "The FID InceptionV3 (pytorch-fid's parameter layout); images (B, 3, H, W) in [-1, 1] -> (pool_B2048, logits_B1008)."
+    "FID's InceptionV3 (pytorch-fid's parameter layout); images (B, 3, H, W) in [-1, 1] -> (pool_B2048, logits_B1008)."
     def __init__(self, num_classes: int = 1008):
         super().__init__()
         self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
@@ -161,10 +161,12 @@ def load_inception(path, device=None) -> InceptionV3:
             f"Inception weights not found: {path}. Nothing is downloaded: get pytorch-fid's {INCEPTION_FILE} "
             f"({INCEPTION_URL}) yourself and pass its local path (e.g. --inception /data/{INCEPTION_FILE}).")
     try:
-        sd = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+        sd = (load_file(str(path)) if path.suffix == ".safetensors"
+              else torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:
         raise ConfigError(f"Inception weights {path} are unreadable ({type(e).__name__}: {e})") from e
-    if not isinstance(sd, dict): raise ConfigError(f"Inception weights {path} hold a {type(sd).__name__}, not a state dict")
+    if not isinstance(sd, dict):
+        raise ConfigError(f"Inception weights {path} hold a {type(sd).__name__}, not a state dict")
     if isinstance(sd.get("state_dict"), dict): sd = sd["state_dict"]
     net = InceptionV3()
     sd = _drop_counters(sd)
@@ -179,11 +181,13 @@ def images_to_float(images) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(images))
         if x.dtype != torch.uint8: raise ValueError(f"numpy images must be uint8 (N, H, W, C), got dtype {x.dtype}")
         if x.ndim == 3: x = x[..., None]
-        if x.ndim != 4 or x.shape[-1] not in (1, 3): raise ValueError(f"uint8 images must be (N, H, W[, 1 or 3]), got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise ValueError(f"uint8 images must be (N, H, W[, 1 or 3]), got {tuple(x.shape)}")
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
     else:
         x = torch.as_tensor(images).float()
-        if x.ndim != 4 or x.shape[1] not in (1, 3): raise ValueError(f"float images must be (N, 1 or 3, H, W), got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"float images must be (N, 1 or 3, H, W), got {tuple(x.shape)}")
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 @torch.no_grad()
@@ -202,14 +206,17 @@ def inception_outputs(net: InceptionV3, images, batch_size: int = 50, device=Non
     return np.concatenate(pools), np.concatenate(logits)
 
 # %% ../nbs/10a_inception.ipynb #16bec82d
-to_uint8 = images_to_uint8      # the name `evaluate.py` imports; float images -> uint8 (B, H, W, 3): `config.images_to_uint8`
+# the name `evaluate.py` imports; float images -> uint8 (B, H, W, 3): `config.images_to_uint8`
+to_uint8 = images_to_uint8
 
 def save_npz(images_uint8_NHWC, path, **extra) -> Path:
     "Write the ADM sample file: `arr_0` uint8 (N, H, W, 3) (grey repeated to 3 channels), atomically."
     x = np.asarray(images_uint8_NHWC)
-    if x.dtype != np.uint8: raise ValueError(f"save_npz wants uint8 images, got dtype {x.dtype} (use config.images_to_uint8 for floats)")
+    if x.dtype != np.uint8:
+        raise ValueError(f"save_npz wants uint8 images, got dtype {x.dtype} (use config.images_to_uint8 for floats)")
     if x.ndim == 3: x = x[..., None]
-    if x.ndim != 4 or x.shape[-1] not in (1, 3): raise ValueError(f"save_npz wants (N, H, W[, 1 or 3]) images, got {x.shape}")
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"save_npz wants (N, H, W[, 1 or 3]) images, got {x.shape}")
     if x.shape[-1] == 1: x = np.repeat(x, 3, axis=-1)
     return atomic_save(path, lambda f: np.savez(f, arr_0=x, **extra))      # streamed: 50k images need no copy
 
@@ -252,7 +259,8 @@ def inception_metrics(samples_npz, ref_npz, inception_path, device=None, batch_s
     pool, logits = inception_outputs(net, images, batch_size, progress=progress)
     mu_r, sigma_r = load_ref_stats(ref_npz, net, batch_size)
     mu, sigma = feature_stats(pool)
-    if mu.shape != mu_r.shape: raise ValueError(f"reference {ref_npz} has {mu_r.shape[0]}-d stats, samples {mu.shape[0]}-d")
+    if mu.shape != mu_r.shape:
+        raise ValueError(f"reference {ref_npz} has {mu_r.shape[0]}-d stats, samples {mu.shape[0]}-d")
     is_mean, is_std = inception_score(logits, min(splits, len(logits)))
     return dict(fid=frechet_distance(mu, sigma, mu_r, sigma_r), inception_score=is_mean, inception_score_std=is_std,
                 n=len(images))

@@ -34,7 +34,8 @@ def _as_drawn(ink: np.ndarray) -> np.ndarray:
     return _resized(sq, (28, 28))
 
 def _centred(ink: np.ndarray) -> np.ndarray:
-    "MNIST's preprocessing: the ink's bounding box fitted in 20x20 (aspect kept), centred in 28x28 by its centre of mass."
+    """MNIST's preprocessing: the ink's bounding box fitted in 20x20 (aspect kept), centred in 28x28 by its centre of
+    mass."""
     ys, xs = np.nonzero(ink > 0.1)
     crop = ink[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
     f = 20 / max(crop.shape)
@@ -56,7 +57,8 @@ def image_to_input(image, size: int = 32, centre: bool = False) -> torch.Tensor:
     a = np.asarray(image)
     if a.ndim not in (2, 3) or a.size == 0: raise InputError(f"cannot read the image: array of shape {a.shape}")
     if max(a.shape[:2]) > MAX_UPLOAD_SIDE:
-        raise InputError(f"the image is too large ({a.shape[1]}x{a.shape[0]} px): at most {MAX_UPLOAD_SIDE} px a side, please")
+        raise InputError(f"the image is too large ({a.shape[1]}x{a.shape[0]} px): "
+                         f"at most {MAX_UPLOAD_SIDE} px a side, please")
     a = a.astype(np.float32) / (255.0 if a.dtype == np.uint8 or a.max() > 1 else 1.0)
     if a.ndim == 3 and a.shape[2] == 4 and a[..., 3].min() < 0.99:   # transparent canvas: the strokes are the ink
         ink = a[..., 3]
@@ -64,7 +66,8 @@ def image_to_input(image, size: int = 32, centre: bool = False) -> torch.Tensor:
         grey = a if a.ndim == 2 else a[..., :3].mean(-1)
         ink = 1 - grey if np.median(grey) > 0.5 else grey               # dark strokes on light paper -> invert
     ink = np.clip(ink, 0, 1)
-    if ink.max() < 0.1 or (ink > 0.1).sum() < 4: raise InputError("the drawing is empty: draw a digit (or upload an image) first")
+    if ink.max() < 0.1 or (ink > 0.1).sum() < 4:
+        raise InputError("the drawing is empty: draw a digit (or upload an image) first")
     canvas = _centred(ink) if centre else _as_drawn(ink)
     p = (size - 28) // 2
     out = np.pad(canvas, ((p, size - 28 - p), (p, size - 28 - p)))
@@ -101,7 +104,8 @@ def check_temperature(t) -> float:
     return f
 
 def check_choice(v, name: str, choices) -> str:
-    if not isinstance(v, str) or v not in choices: raise InputError(f"{name} must be one of {tuple(choices)}, got {_shown(v)}")
+    if not isinstance(v, str) or v not in choices:
+        raise InputError(f"{name} must be one of {tuple(choices)}, got {_shown(v)}")
     return v
 
 def check_bool(v, name: str) -> bool:

@@ -129,7 +129,8 @@ class SetRunner:
     def __call__(self, batches: list[list[Job]]) -> None:
         with self.using(*[b[0].model for b in batches]) as ms:
             ms = ms if len(batches) > 1 else (ms,)
-            subs = [threading.Thread(target=self.compute, args=(b, m), daemon=True) for b, m in zip(batches[1:], ms[1:])]
+            subs = [threading.Thread(target=self.compute, args=(b, m), daemon=True)
+                    for b, m in zip(batches[1:], ms[1:])]
             for th in subs: th.start()
             self.compute(batches[0], ms[0])
             for th in subs: th.join()                   # a generation always ends: no timeout needed
@@ -213,7 +214,8 @@ class ModelProcess:
     def start(self) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=model_process_main, args=(child, self.threads), daemon=True, name="heptapod-model")
+        self.proc = ctx.Process(target=model_process_main, args=(child, self.threads), daemon=True,
+                                name="heptapod-model")
         self.proc.start(); child.close()
         self.ready = False
         # the models go in a thread: the process reads them only once it has imported torch (seconds), and the

@@ -143,7 +143,8 @@ class LiveStreams:
     provides `b` (its `Bundle`), `scale`, `_model(key)`, `_args(...)` (the checked settings) and `_job(model,
     *settings, trace=...)` (a generation queued on its batcher)."""
     def __init__(self, stream_frames: int = 17, frame_s: float = 0.05, load_frame_s: float = 0.3):
-        if stream_frames < 2 or frame_s < 0: raise ValueError(f"stream_frames must be >= 2 and frame_s >= 0, got {stream_frames}, {frame_s}")
+        if stream_frames < 2 or frame_s < 0:
+            raise ValueError(f"stream_frames must be >= 2 and frame_s >= 0, got {stream_frames}, {frame_s}")
         self.stream_frames, self.frame_s, self.load_frame_s = stream_frames, frame_s, load_frame_s
         self._streams, self.active = threading.Lock(), 0               # streams in progress (frames skip under load)
 

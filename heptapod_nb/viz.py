@@ -45,7 +45,8 @@ PIXEL_VAR_MAX = 0.25                       # a [0, 1] pixel varies at most this 
 _PATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def decode_chunks(tokenizer, z: torch.Tensor, chunk: int) -> torch.Tensor:
-    "`tokenizer.decode` of the token grids `z` (n, ...), `chunk` at a time on the tokenizer's device -> (n, C, H, W) float32 CPU."
+    """`tokenizer.decode` of the token grids `z` (n, ...), `chunk` at a time on the tokenizer's device -> (n, C, H, W)
+    float32 CPU."""
     dev = getattr(tokenizer, "device", "cpu")
     with torch.no_grad():
         return torch.cat([tokenizer.decode(z[i:i + chunk].to(dev)).float().cpu() for i in range(0, len(z), chunk)])
@@ -126,7 +127,8 @@ class DecodedSteps:
 
 # %% ../nbs/12_viz.ipynb #d14dae38
 class TraceView:
-    "Every step of one sample of a sampler trace, each decoded once when first shown; `panels(t)` / `compose(t)` compose."
+    """Every step of one sample of a sampler trace, each decoded once when first shown; `panels(t)` / `compose(t)`
+    compose."""
     def __init__(self, trace, tokenizer, b: int = 0, expectation: bool = False, only_next: bool = False,
                  scale: int = 4, overlay_alpha: float = 0.55, cmap: str = "magma", label: str = "",
                  decode_batch: int = 8):
@@ -143,7 +145,7 @@ class TraceView:
         self.chosen = np_("chosen").astype(bool)
         self.entropy, self.final_prob = np_("entropy"), np_("final_prob")
         if (self.seen & self.chosen).any():   # a trace whose steps share one `seen` buffer: rebuild it from the steps
-            seen0 = np.isnan(self.entropy[0]) & ~self.chosen[0]         # before step 0: the prompt (no prediction there)
+            seen0 = np.isnan(self.entropy[0]) & ~self.chosen[0]     # before step 0: the prompt (no prediction there)
             self.seen = seen0[None] | (np.cumsum(self.chosen, 0) - self.chosen).astype(bool)
         self.maxprob = np_("maxprob") if _field(steps[0], "maxprob") is not None else None
         probs_T = (torch.stack([_field(s, "probs")[b] for s in steps]).cpu()    # (T, h, w, K): a full trace (VQ)
@@ -191,10 +193,12 @@ class TraceView:
         return t % len(self)
 
     def heat(self, t: int, which: str = "entropy") -> np.ndarray:
-        "Grid map (h, w) of `which` ('entropy', 'final_prob', 'maxprob', 'pixel_var') at step `t`, NaN where not predicted."
+        """Grid map (h, w) of `which` ('entropy', 'final_prob', 'maxprob', 'pixel_var') at step `t`, NaN where not
+        predicted."""
         t = self._check(t)
         if which == "pixel_var" and self.pixel_var is None:
-            raise ValueError("no pixel-variance map: it needs every step's distribution (VQ) or draws (KL): trace='full'")
+            raise ValueError("no pixel-variance map: it needs every step's distribution (VQ) or draws (KL): "
+                             "trace='full'")
         if t == self.T: return np.full(self.grid, np.nan)
         if which not in HEATS: raise ValueError(f"unknown heatmap {which!r}; choose from {HEATS}")
         a = getattr(self, which)
@@ -202,7 +206,8 @@ class TraceView:
         return a[t]
 
     def heat_max(self, which: str) -> float:
-        "The top of `which`'s colour scale: log K for entropy, 0.25 (the most a [0, 1] pixel can vary) for pixel variance, else 1."
+        """The top of `which`'s colour scale: log K for entropy, 0.25 (the most a [0, 1] pixel can vary) for pixel
+        variance, else 1."""
         return self.entropy_max if which == "entropy" else PIXEL_VAR_MAX if which == "pixel_var" else 1.0
 
     def _heat_rgb(self, t, which, overlay):
@@ -259,7 +264,8 @@ class TraceView:
     def title(self, t: int) -> str:
         t = self._check(t)
         if t == self.T: return f"{self.label} done: {self.seen[0].size} tokens".strip()
-        return f"{self.label} step {t}/{self.T}: {int(self.seen[t].sum())} seen, {int(self.chosen[t].sum())} chosen".strip()
+        return (f"{self.label} step {t}/{self.T}: {int(self.seen[t].sum())} seen, "
+                f"{int(self.chosen[t].sum())} chosen").strip()
 
     def compose(self, t: int, which=PANELS, overlay: bool = False, pad: int = 4, header: int = 14) -> np.ndarray:
         "The panels of step `t` side by side with their titles: one uint8 (H, W, 3) array."
@@ -315,7 +321,8 @@ def gif_frames(view: TraceView, which=PANELS, overlay: bool = False) -> list[np.
     return [view.strip(t, which, overlay) for t in range(len(view))]
 
 def save_gif(view: TraceView, path=None, fps: float = 8, which=PANELS, overlay: bool = False, hold: int = 6):
-    "Animated GIF of the whole generation (the finished image shown `hold` frames long); writes `path` if given, returns the bytes."
+    """Animated GIF of the whole generation (the finished image shown `hold` frames long); writes `path` if given,
+    returns the bytes."""
     if fps <= 0: raise ValueError(f"fps must be positive, got {fps}")
     ims = [Image.fromarray(f) for f in gif_frames(view, which, overlay)]
     ms = [int(1000 / fps)] * (len(ims) - 1) + [int(1000 * (1 + hold) / fps)]
@@ -333,7 +340,8 @@ def to_png(rgb: np.ndarray) -> bytes:
 def view_for_model(model, trace, tokenizer, b: int = 0, **kw) -> TraceView:
     "A `TraceView` labelled by the model's kind; the baseline shows only what it predicts (the next cells)."
     base = is_next_token(model)
-    return TraceView(trace, tokenizer, b=b, only_next=base, label=kw.pop("label", "next-token" if base else "Heptapod"), **kw)
+    return TraceView(trace, tokenizer, b=b, only_next=base, label=kw.pop("label", "next-token" if base else "Heptapod"),
+                     **kw)
 
 def trace_summary(view: TraceView) -> dict:
     "Per-step numbers of a view: seen count, mean entropy and mean p(final token) over the predicted cells."
@@ -344,7 +352,9 @@ def trace_summary(view: TraceView) -> dict:
 
 # %% ../nbs/12_viz.ipynb #0bfef221
 class Explorer:
-    "ipywidgets explorer: sampling controls, Generate, Play + step slider over the cached trace, optional baseline.\n\n    The baseline (a next-token model) commits one token per step; it is shown at the frame with as many known tokens."
+    """ipywidgets explorer: sampling controls, Generate, Play + step slider over the cached trace, optional baseline.
+
+    The baseline (a next-token model) commits one token per step; it is shown at the frame with as many known tokens."""
     def __init__(self, model, tokenizer, baseline=None, num_classes: int | None = None, device=None,
                  generate_fn=None, scale: int = 3):
         import ipywidgets as W
@@ -363,7 +373,8 @@ class Explorer:
         self.play = W.Play(value=0, min=0, max=0, interval=200)
         self.step = W.IntSlider(value=0, min=0, max=0, description="step", continuous_update=True)
         W.jslink((self.play, "value"), (self.step, "value"))
-        self.heatmap = W.ToggleButtons(options=["entropy", "final_prob", "maxprob"], value="entropy", description="heatmap")
+        self.heatmap = W.ToggleButtons(options=["entropy", "final_prob", "maxprob"], value="entropy",
+                                       description="heatmap")
         self.overlay = W.Checkbox(value=False, description="overlay on image")
         self.show_baseline = W.Checkbox(value=baseline is not None, disabled=baseline is None,
                                         description="next-token baseline")
