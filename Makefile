@@ -9,7 +9,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: demo test setup check-sync nbtest nbdev-test pytest export clean-nbs help docs
+.PHONY: demo test setup check-sync lint nbtest nbdev-test pytest export clean-nbs help docs
 
 help:
 	@echo "make demo   - set up .venv and open the Heptapod app on MNIST-5k (http://127.0.0.1:7860)"
@@ -51,7 +51,12 @@ nbdev-test: setup
 pytest: setup
 	HEPTAPOD_FAST=1 $(BIN)/python -m pytest tests -q -ra -n 2 --dist loadscope
 
-test: check-sync nbtest pytest
+# Line length (120), pyflakes and syntax on the exported package and the benchmarks (pyproject.toml, [tool.ruff];
+# tools/lint.py leaves out only the first line of nbdev's generated __all__, which nbdev wraps past 120)
+lint: setup
+	$(BIN)/python tools/lint.py heptapod_nb bench
+
+test: check-sync lint nbtest pytest
 
 export: setup
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean && $(BIN)/nbdev_clean --fname tutorials

@@ -99,7 +99,7 @@ def plan(a, names: list[str], modes: list[str], root) -> dict:
     "{mode: allot(...)} for the configs `names` as `run_probe` (uncond) and `run_ablation` (cond) build them."
     import torch
     from heptapod_nb.probe import probe_model
-    from heptapod_nb.train import TrainConfig, model_config_for
+    from heptapod_nb.train_config import TrainConfig, model_config_for
     from heptapod_nb.train_data import TrainData
     torch.set_num_threads(a.threads)
     info = TrainData(TrainConfig(data=str(Path(root) / "train")), torch.device("cpu")).info

@@ -61,7 +61,7 @@ def cost(a, argv: list[str], names: list[str], root) -> dict:
     import torch
     from heptapod_nb.config import write_json
     from heptapod_nb.probe import probe_model, step_cost, token_grids
-    from heptapod_nb.train import TrainConfig, model_config_for
+    from heptapod_nb.train_config import TrainConfig, model_config_for
     from heptapod_nb.train_data import TrainData
     if Path(a.out).exists():
         raise FileExistsError(f"{a.out} exists: --cost does not resume; use another --out")

@@ -16,7 +16,8 @@ from .data import TokenDataset, load_mnist5k
 from .targets import make_order, select_targets
 from .model import Heptapod, HeptapodConfig
 from .checkpoint import list_checkpoints, load_checkpoint
-from .train import TrainConfig, read_metrics, train
+from .train import read_metrics, train
+from .train_config import TrainConfig
 from .evaluate import score_samples
 from .classifier import mnist_classifier
 from .tokenizer import load_tokenizer

@@ -17,7 +17,8 @@ from .tokenizer import save_tokenizer
 from .tokenizer_train import TokenizerTrainConfig, train_tokenizer
 from .model import load_model
 from .tokens import token_sizes
-from .train import TrainConfig, train
+from .train import train
+from .train_config import TrainConfig
 from .classifier import mnist_classifier
 from .evaluate import score_samples
 from .bundle import DEMO_FILES, demo_dir, load_bundle, missing_demo_files

@@ -12,13 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from .config import ConfigError, atomic_save, check_state_dict, get_device, images_to_uint8
+from .config import ConfigError, atomic_save, check_state_dict, get_device
 from .metrics import feature_stats, frechet_distance, inception_score
 
 # %% auto #0
-__all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'to_uint8', 'ConvBN', 'InceptionA', 'InceptionB', 'InceptionC', 'InceptionD',
-           'InceptionE', 'InceptionV3', 'load_inception', 'images_to_float', 'inception_outputs', 'save_npz',
-           'load_npz_images', 'save_ref_stats', 'load_ref_stats', 'inception_metrics', 'fid_from_npz']
+__all__ = ['INCEPTION_FILE', 'INCEPTION_URL', 'ConvBN', 'InceptionA', 'InceptionB', 'InceptionC', 'InceptionD', 'InceptionE',
+           'InceptionV3', 'load_inception', 'images_to_float', 'inception_outputs', 'save_npz', 'load_npz_images',
+           'save_ref_stats', 'load_ref_stats', 'inception_metrics', 'fid_from_npz']
 
 # %% ../nbs/10a_inception.ipynb #7a77d5b5
 class ConvBN(nn.Module):
@@ -206,9 +206,6 @@ def inception_outputs(net: InceptionV3, images, batch_size: int = 50, device=Non
     return np.concatenate(pools), np.concatenate(logits)
 
 # %% ../nbs/10a_inception.ipynb #16bec82d
-# the name `evaluate.py` imports; float images -> uint8 (B, H, W, 3): `config.images_to_uint8`
-to_uint8 = images_to_uint8
-
 def save_npz(images_uint8_NHWC, path, **extra) -> Path:
     "Write the ADM sample file: `arr_0` uint8 (N, H, W, 3) (grey repeated to 3 channels), atomically."
     x = np.asarray(images_uint8_NHWC)

@@ -24,7 +24,8 @@ from .sample import generate
 from .tokenizer import load_tokenizer
 from .tokens import token_kind
 from .checkpoint import list_checkpoints, load_checkpoint
-from .train import TrainConfig, model_config_for, read_metrics, train
+from .train import read_metrics, train
+from .train_config import TrainConfig, model_config_for
 from .train_data import TrainData
 
 # %% auto #0

@@ -4,10 +4,10 @@
 
 # %% ../nbs/09_train.ipynb #001e9fb0
 from __future__ import annotations
-import argparse, contextlib, dataclasses, json, math, signal, sys, time, warnings
-from dataclasses import dataclass, field
+import argparse, contextlib, json, signal, sys, time, warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Union
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -15,10 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import (Config, ConfigError, RunLock, add_debug_arg, arg_float, arg_int, apply_overrides,
-                                atomic_write_bytes, cli_main, parse_value, get_preset, seed_everything,
-                                check_state_dict, save_weights)
-from .optim import EMA, TrainingDiverged, backward, lr_factor, optimizer_step, param_groups, step_progress
+from .config import (ConfigError, RunLock, add_debug_arg, arg_float, arg_int, atomic_write_bytes, cli_main,
+                                seed_everything, check_state_dict, save_weights)
+from .optim import EMA, TrainingDiverged, backward, optimizer_step, param_groups
 from .distributed import (DistInfo, barrier, broadcast_object, dist_env, full_model_state, full_optim_state,
                                      setup_distributed, shard_fsdp)
 from .checkpoint import (CKPT_FORMAT, CheckpointError, StopSignals, ignore_stop_signals,
@@ -26,108 +25,12 @@ from .checkpoint import (CKPT_FORMAT, CheckpointError, StopSignals, ignore_stop_
                                     resolve_resume, rng_state, save_checkpoint, set_rng_state)
 from .data import worker_error
 from .train_data import TrainData, rank_batches
-from .model import PRESETS, TOKEN_FACT_KEYS, Heptapod, LossModule, save_model
+from .model import Heptapod, LossModule, save_model
+from .train_config import TrainConfig, lr_lambda, make_config, model_config_for
 from .cost import plan_micro_batch, probe_step_memory, resident_bytes
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'TrainConfig', 'split_overrides', 'make_config', 'model_config_for', 'lr_lambda', 'run_files', 'train',
-           'build_parser', 'main', 'read_metrics', 'plot_metrics']
-
-# %% ../nbs/09_train.ipynb #54ebf55c
-@dataclass
-class TrainConfig(Config):
-    "Everything a training run needs; `model` holds overrides of the model preset."
-    preset: str = "tiny"                 # model preset: tiny, B, L, H
-    model: dict = field(default_factory=dict)  # model config overrides, e.g. {"depth": 4}
-    data: str = ""                       # TokenDataset folder, or "mnist5k" / an image folder (with `tokenizer`)
-    tokenizer: str = ""                  # tokenizer checkpoint for on-the-fly encoding ("" = data is a TokenDataset)
-    image_size: int = 0                  # image folders: 0 = the tokenizer's image size
-    out: str = "runs/train"              # run folder: checkpoints, metrics.jsonl, final weights
-    steps: int = 1000                    # optimizer steps in all
-    max_minutes: float = 0.0             # > 0: stop (checkpoint and weights written) after this many minutes
-    epochs: float = 0.0                  # > 0: sets steps = round(epochs * steps per epoch) (overrides steps)
-    batch_size: int = 64                 # global batch per optimizer step
-    # per-rank batch per forward (0 = the whole per-rank share; "auto": the largest that fits)
-    micro_batch: Union[int, Literal["auto"]] = 0
-    # micro_batch="auto": GiB to fit in (0 = the CUDA device's memory; required on the CPU)
-    memory_budget_gb: float = 0.0
-    lr: float = 4e-4
-    min_lr: float = 4e-5                 # cosine floor
-    warmup: int = 100                    # linear warmup steps
-    schedule: Literal["cosine", "constant"] = "cosine"
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0               # 0 = off (the norm is still logged)
-    ema: float = 0.9999                  # 0 = no EMA
-    seed: int = 0
-    # auto: bf16 autocast on CUDA, fp32 on CPU; fp64: exactness checks
-    precision: Literal["auto", "bf16", "fp32", "fp64"] = "auto"
-    compile: bool = False
-    fsdp: bool = False
-    device: str = ""                     # "" = cuda:LOCAL_RANK when available, else cpu
-    threads: int = 0                     # CPU threads per process (0 = torch's default)
-    ckpt_every: int = 500
-    keep: int = 3                        # checkpoints kept on disk
-    log_every: int = 10
-    num_workers: int = 2
-    aug: Literal["random", "first"] = "random"   # TokenDataset: which stored augmentation of an image
-    progress: bool = True
-
-    def validate(self):
-        for f in dataclasses.fields(self):                  # NaN passes every comparison below: name it first
-            v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"TrainConfig.{f.name} must be a finite number, got {v}")
-        for k in ("steps", "batch_size", "ckpt_every", "keep", "log_every"):
-            if getattr(self, k) < 1: raise ConfigError(f"TrainConfig.{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("epochs", "max_minutes", "memory_budget_gb", "image_size", "threads", "warmup", "num_workers",
-                  "weight_decay", "grad_clip", "lr", "min_lr"):
-            if getattr(self, k) < 0: raise ConfigError(f"TrainConfig.{k} must be >= 0, got {getattr(self, k)}")
-        if self.micro_batch != "auto" and (not isinstance(self.micro_batch, int) or self.micro_batch < 0):
-            raise ConfigError(f"TrainConfig.micro_batch must be an int >= 0 or \"auto\", got {self.micro_batch!r}")
-        if not 0 <= self.ema < 1: raise ConfigError(f"TrainConfig.ema must be in [0, 1), got {self.ema}")
-        if self.min_lr > self.lr: raise ConfigError(f"TrainConfig.min_lr={self.min_lr} is above lr={self.lr}")
-
-# %% ../nbs/09_train.ipynb #66384dd3
-def split_overrides(overrides) -> tuple[list[str], dict]:
-    "`key=value` strings -> (train overrides, model overrides dict) for `model.key=value`."
-    train, model = [], {}
-    for o in overrides or []:
-        if "=" not in o: raise ConfigError(f"override {o!r} is not of the form key=value")
-        k, v = o.split("=", 1)
-        if k.strip().startswith("model."): model[k.strip()[6:]] = parse_value(v.strip())
-        else: train.append(o)
-    return train, model
-
-def make_config(overrides=(), config_file: str | None = None, **kwargs) -> TrainConfig:
-    "A `TrainConfig`: defaults < `config_file` (JSON) < `kwargs` < `key=value` overrides."
-    cfg = TrainConfig.load(config_file) if config_file else TrainConfig()
-    cfg = cfg.replace(**{k: v for k, v in kwargs.items() if v is not None})
-    train_ov, model_ov = split_overrides(overrides)
-    cfg = apply_overrides(cfg, train_ov)
-    return cfg.replace(model={**cfg.model, **model_ov}) if model_ov else cfg
-
-# %% ../nbs/09_train.ipynb #4b9ae345
-def model_config_for(cfg: TrainConfig, info: dict):
-    "The model config: preset `cfg.preset`, the data's token facts, then `cfg.model` overrides."
-    mc = get_preset(PRESETS, cfg.preset)
-    names, facts = set(type(mc).field_names()), {}
-    for key, candidates in TOKEN_FACT_KEYS.items():
-        if info.get(key) is None: continue
-        for c in candidates:
-            if c in names:
-                v = info[key]
-                facts[c] = list(v) if isinstance(v, tuple) and isinstance(getattr(mc, c), list) else v
-                break
-    mc = mc.replace(**facts)
-    return apply_overrides(mc, dict(cfg.model))
-
-# %% ../nbs/09_train.ipynb #5e045ab4
-def lr_lambda(cfg: TrainConfig):
-    "Multiplier of `cfg.lr` at a step (`optim.lr_factor`): linear warmup, then cosine down to `min_lr` (or constant)."
-    floor = cfg.min_lr / cfg.lr if cfg.lr else 0.0
-    return lambda step: lr_factor(step_progress(step, cfg.steps, cfg.warmup), step, cfg.warmup, floor, cfg.schedule)
+__all__ = ['RUN_FILES', 'run_files', 'train', 'build_parser', 'main', 'read_metrics']
 
 # %% ../nbs/09_train.ipynb #754f09d2
 def _export(raw: nn.Module, sd: dict, path: Path, where: str = "", run: dict | None = None):
@@ -581,19 +484,6 @@ def read_metrics(path) -> list[dict]:
     if path.is_dir(): path = path / "metrics.jsonl"
     if not path.exists(): raise FileNotFoundError(f"no metrics log at {path}")
     return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-
-def plot_metrics(path, axes=None):
-    "Loss, learning rate, tokens/s and gradient norm of a run against the step."
-    import matplotlib.pyplot as plt
-    recs = read_metrics(path)
-    if axes is None: _, axes = plt.subplots(1, 4, figsize=(14, 2.8))
-    steps = [r["step"] for r in recs]
-    for ax, key, title in zip(axes, ("loss", "lr", "tokens_per_s", "grad_norm"),
-                              ("loss", "learning rate", "tokens/s", "grad norm")):
-        ax.plot(steps, [r[key] for r in recs]); ax.set_title(title, fontsize=9); ax.set_xlabel("step", fontsize=8)
-    axes[0].set_yscale("log")
-    plt.tight_layout()
-    return axes
 
 # %% ../nbs/09_train.ipynb #aaddf0a8
 if __name__ == "__main__" and "ipykernel" not in sys.modules and "execnb" not in sys.modules:

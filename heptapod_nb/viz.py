@@ -17,9 +17,10 @@ from .tokens import VQTokens, token_kind
 from .sample import is_next_token           # which model a view hides all but the next cell for
 
 # %% auto #0
-__all__ = ['PANELS', 'PANEL_TITLES', 'HEATS', 'GREY', 'PIXEL_VAR_MAX', 'ALIKE_TOL', 'upscale', 'decode_chunks', 'code_patches',
-           'pixel_variance', 'draws_pixel_variance', 'group_alike', 'DecodedSteps', 'TraceView', 'plot_step',
-           'filmstrip', 'gif_frames', 'save_gif', 'to_png', 'view_for_model', 'trace_summary', 'Explorer']
+__all__ = ['PANELS', 'PANEL_TITLES', 'HEATS', 'GREY', 'PIXEL_VAR_MAX', 'ALIKE_TOL', 'METRIC_PANELS', 'upscale', 'decode_chunks',
+           'code_patches', 'pixel_variance', 'draws_pixel_variance', 'group_alike', 'DecodedSteps', 'TraceView',
+           'plot_step', 'filmstrip', 'gif_frames', 'save_gif', 'to_png', 'view_for_model', 'trace_summary',
+           'plot_metrics', 'Explorer']
 
 # %% ../nbs/12_viz.ipynb #8deefd28
 PANELS = ("seen", "guess", "entropy", "final_prob")
@@ -349,6 +350,22 @@ def trace_summary(view: TraceView) -> dict:
     return {"steps": view.T, "grid": list(view.grid), "kind": view.kind, "label": view.label,
             "seen": [int(s.sum()) for s in view.seen], "mean_entropy": m(view.entropy),
             "mean_final_prob": m(view.final_prob), "decode_s": round(view.decode_s, 4)}
+
+# %% ../nbs/12_viz.ipynb #d31cbfd1
+METRIC_PANELS = (("loss", "loss"), ("lr", "learning rate"), ("tokens_per_s", "tokens/s"), ("grad_norm", "grad norm"))
+
+def plot_metrics(run, axes=None):
+    "Loss, learning rate, tokens/s and gradient norm of a run (a run folder, its metrics.jsonl, or records) by step."
+    if not isinstance(run, (list, tuple)):
+        from heptapod_nb.train import read_metrics          # the run log's reader lives with its writer
+        run = read_metrics(run)
+    if axes is None: _, axes = plt.subplots(1, len(METRIC_PANELS), figsize=(14, 2.8))
+    steps = [r["step"] for r in run]
+    for ax, (key, title) in zip(axes, METRIC_PANELS):
+        ax.plot(steps, [r[key] for r in run]); ax.set_title(title, fontsize=9); ax.set_xlabel("step", fontsize=8)
+    axes[0].set_yscale("log")
+    plt.tight_layout()
+    return axes
 
 # %% ../nbs/12_viz.ipynb #0bfef221
 class Explorer:

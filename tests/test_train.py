@@ -11,7 +11,8 @@ from heptapod_nb.config import weights_run
 from heptapod_nb.data import TokenDataset
 from heptapod_nb.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, verify_checkpoint
 from heptapod_nb.optim import TrainingDiverged
-from heptapod_nb.train import main, make_config, read_metrics, train
+from heptapod_nb.train import main, read_metrics, train
+from heptapod_nb.train_config import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -215,7 +216,7 @@ class NaNAfter(torch.nn.Module):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokens, tmp_path):
     from heptapod_nb.model import Heptapod
-    from heptapod_nb.train import model_config_for
+    from heptapod_nb.train_config import model_config_for
     from heptapod_nb.train_data import TrainData
     cfg = make_config(COMMON + ["steps=20", "ckpt_every=3"], preset="tiny", data=tokens,
                       out=str(tmp_path / "r"), progress=False)
@@ -360,7 +361,7 @@ def _auto_setup(tokens, tmp_path, *extra):
     "The run's model (built as the run builds it), its per-image step memory and run state, for the auto tests."
     from heptapod_nb.cost import probe_step_memory, resident_bytes
     from heptapod_nb.model import token_info
-    from heptapod_nb.train import model_config_for
+    from heptapod_nb.train_config import model_config_for
     from heptapod_nb.train_data import TrainData
     from heptapod_nb.model import Heptapod
     from heptapod_nb.config import seed_everything
