@@ -32,10 +32,12 @@ def _sha256(path: Path, chunk: int = 1 << 24) -> str:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
 
-def save_checkpoint(path, state: dict) -> Path:
-    "Write `state` to `path` atomically (temp + fsync + rename), then its `.json` sidecar (size, sha256, step)."
+def save_checkpoint(path, state: dict, fmt: str = CKPT_FORMAT) -> Path:
+    """Write `state` (which holds `format=fmt`) to `path` atomically (temp + fsync + rename), then its `.json` sidecar
+    (format, size, sha256, step). `fmt`: whose checkpoint it is (`heptapod-train`'s by default)."""
+    if state.get("format") != fmt: raise ValueError(f"a checkpoint of format {fmt} must hold format={fmt!r}")
     path = atomic_save(path, lambda f: torch.save(state, f))
-    side = dict(format=CKPT_FORMAT, step=int(state.get("step", -1)), bytes=path.stat().st_size, sha256=_sha256(path))
+    side = dict(format=fmt, step=int(state.get("step", -1)), bytes=path.stat().st_size, sha256=_sha256(path))
     write_json(path.with_suffix(".json"), side)
     return path
 
@@ -46,7 +48,7 @@ def _weights_or_not(path: Path) -> str:
         with safe_open(str(path), "pt"): return "model weights (for sampling), "
     except Exception: return ""
 
-def verify_checkpoint(path) -> dict:
+def verify_checkpoint(path, fmt: str = CKPT_FORMAT) -> dict:
     "The sidecar of checkpoint `path` if the file is complete and intact; `CheckpointError` naming the problem if not."
     path = Path(path)
     if not path.exists(): raise CheckpointError(f"checkpoint not found: {path}")
@@ -60,9 +62,9 @@ def verify_checkpoint(path) -> dict:
     try: side = json.loads(side_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint sidecar {side_path} is not valid JSON: {e}") from e
-    if not isinstance(side, dict) or side.get("format") != CKPT_FORMAT:
+    if not isinstance(side, dict) or side.get("format") != fmt:
         raise CheckpointError(f"{path} is not a heptapod_nb training checkpoint (its {side_path.name} is not a "
-                              f"checkpoint sidecar of format {CKPT_FORMAT}); {_EXPECTED}")
+                              f"checkpoint sidecar of format {fmt}); {_EXPECTED}")
     size = path.stat().st_size
     if size != side.get("bytes"):
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {size} bytes on disk, "
@@ -72,14 +74,14 @@ def verify_checkpoint(path) -> dict:
                               "its SHA-256 does not match the one recorded when it was written")
     return side
 
-def load_checkpoint(path, map_location="cpu", verify: bool = True) -> dict:
-    "A verified checkpoint's state dict (`CheckpointError` if the file is damaged or not a training checkpoint)."
-    if verify: verify_checkpoint(path)
+def load_checkpoint(path, map_location="cpu", verify: bool = True, fmt: str = CKPT_FORMAT) -> dict:
+    "A verified checkpoint's state dict (`CheckpointError` if the file is damaged or not a checkpoint of `fmt`)."
+    if verify: verify_checkpoint(path, fmt)
     try: state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path} is not a heptapod_nb training checkpoint (format {CKPT_FORMAT})")
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise CheckpointError(f"{path} is not a heptapod_nb training checkpoint (format {fmt})")
     return state
 
 def list_checkpoints(folder) -> list[Path]:

@@ -13,8 +13,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .config import (Config, ConfigError, RunLock, add_debug_arg, arg_float, arg_int, apply_overrides,
-                                atomic_save, cli_main, deprecated, one_line, write_json, get_preset, seed_everything)
+                                cli_main, deprecated, one_line, write_json, get_preset, seed_everything)
 from .optim import backward_step, lr_factor
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .distributed import DistInfo, barrier, dist_env, setup_distributed
 from .data import (DATASETS, check_image_channels, data_channels, has_split, load_images,
                               worker_error)
@@ -23,9 +24,9 @@ from .tokenizer import (TOKENIZER_PRESETS, TokenizerConfig, build_tokenizer, loa
 from .tokenizer_losses import LPIPS, PatchDiscriminator, adaptive_weight, hinge_d_loss, recon_loss
 
 # %% auto #0
-__all__ = ['TOKENIZER_RUN_FILES', 'default_workers', 'check_out_dir', 'batches', 'TokenizerTrainConfig', 'evaluate',
-           'codebook_fingerprint', 'check_ranks_agree', 'fit_scale_factor', 'train_tokenizer', 'report_skipped',
-           'train_tokenizer_main', 'train_tokenizer_cli']
+__all__ = ['STATE_FORMAT', 'TOKENIZER_RUN_FILES', 'default_workers', 'check_out_dir', 'batches', 'TokenizerTrainConfig',
+           'evaluate', 'codebook_fingerprint', 'check_ranks_agree', 'fit_scale_factor', 'train_tokenizer',
+           'report_skipped', 'train_tokenizer_main', 'train_tokenizer_cli']
 
 # %% ../nbs/04_tokenizer_train.ipynb #03233827
 def default_workers(world: int = 1) -> int:
@@ -175,15 +176,18 @@ def fit_scale_factor(tok, ds, n: int = 1000, batch_size: int = 250) -> float:
         zs.append(tok.posterior(x.to(tok.device))[0].float().cpu())
     return 1.0 / torch.cat(zs).std().clamp(min=1e-6).item()
 
+STATE_FORMAT = "heptapod_nb.tokenizer_train/1"   # train_state.pt, in the checkpoint format of `checkpoint`
+
 def _save_state(path: Path, opt, disc, opt_d, step: int, elapsed: float, cfg: TokenizerTrainConfig):
-    state = {"opt": opt.state_dict(), "disc": disc.state_dict() if disc is not None else None,
+    "`train_state.pt` (optimizers, step, clock) with its size + SHA-256 sidecar `train_state.json`."
+    state = {"format": STATE_FORMAT, "opt": opt.state_dict(), "disc": disc.state_dict() if disc is not None else None,
              "opt_d": opt_d.state_dict() if opt_d is not None else None, "step": step, "elapsed": elapsed,
              "train_config": cfg.to_dict()}
-    atomic_save(path, lambda f: torch.save(state, f))
+    save_checkpoint(path, state, fmt=STATE_FORMAT)
 
 # %% ../nbs/04_tokenizer_train.ipynb #3c6e0f84
-TOKENIZER_RUN_FILES = ("tokenizer.safetensors", "tokenizer.json", "train_state.pt", "log.jsonl", "summary.json",
-                       "tokenizer_config.json")
+TOKENIZER_RUN_FILES = ("tokenizer.safetensors", "tokenizer.json", "train_state.pt", "train_state.json", "log.jsonl",
+                       "summary.json", "tokenizer_config.json")
 
 def _override_keys(overrides) -> set:
     if not overrides: return set()
@@ -228,10 +232,10 @@ def _resume_state(tok, loaded, tcfg: TokenizerConfig, ckpt: Path, state_path: Pa
     if loaded.config.replace(scale_factor=tcfg.scale_factor) != tcfg:     # the scale is refitted, not trained
         raise ConfigError(f"--resume: {ckpt} was trained with {loaded.config}, this run asks for {tcfg}")
     tok.load_state_dict(loaded.state_dict())
-    try: return torch.load(state_path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"--resume: cannot read {state_path} ({type(e).__name__}: {one_line(e)}); it is damaged: "
-                         f"start again with --overwrite") from e
+    try: return load_checkpoint(state_path, map_location=device, fmt=STATE_FORMAT)   # size and SHA-256 checked
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume: {one_line(e)}; it is damaged or from an older heptapod_nb: start again "
+                              f"with --overwrite") from e
 
 # %% ../nbs/04_tokenizer_train.ipynb #da19b88e
 def _optimizers(tok, tcfg: TokenizerConfig, cfg: TokenizerTrainConfig, state, di: DistInfo):

@@ -208,6 +208,10 @@ def test_train_cli_user_errors_are_one_line_and_exit_2(vq_run, tmp_path, capsys)
     rgb = _images(tmp_path / "rgb")
     damaged = tmp_path / "damaged"; shutil.copytree(vq_run, damaged)
     (damaged / "train_state.pt").write_bytes(b"not a torch file")
+    flipped = tmp_path / "flipped"; shutil.copytree(vq_run, flipped)     # same size, one bit changed: the SHA-256 tells
+    st = bytearray((flipped / "train_state.pt").read_bytes()); st[len(st) // 2] ^= 1
+    (flipped / "train_state.pt").write_bytes(bytes(st))
+    no_side = tmp_path / "no_side"; shutil.copytree(vq_run, no_side); (no_side / "train_state.json").unlink()
     broken_ck = tmp_path / "broken_ck"; shutil.copytree(vq_run, broken_ck)
     (broken_ck / "tokenizer.safetensors").write_bytes(b"garbage")
     out = ["--out", str(tmp_path / "new")]
@@ -227,7 +231,9 @@ def test_train_cli_user_errors_are_one_line_and_exit_2(vq_run, tmp_path, capsys)
         (["--data", str(rgb), "--image-size", "16", "--batch-size", "64", *out], "fewer than one batch"),   # used to loop forever
         (["--channels", "3", *out], "mnist5k is grayscale"),
         (["-o", "nosuchfield=1", *out], "nosuchfield"),
-        (["--out", str(damaged), "--resume", *SMALL], "train_state.pt"),
+        (["--out", str(damaged), "--resume", *SMALL], "train_state.pt is truncated or corrupt"),
+        (["--out", str(flipped), "--resume", *SMALL], "SHA-256 does not match"),
+        (["--out", str(no_side), "--resume", *SMALL], "no sidecar train_state.json"),
         (["--out", str(broken_ck), "--resume", *SMALL], "corrupt"),
     ]
     for argv, fragment in cases:
