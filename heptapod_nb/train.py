@@ -23,7 +23,7 @@ from .distributed import (DistInfo, barrier, broadcast_object, dist_env, full_mo
 from .checkpoint import (CKPT_FORMAT, CheckpointError, StopSignals, ignore_stop_signals,
                                     latest_good_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints,
                                     resolve_resume, rng_state, save_checkpoint, set_rng_state)
-from .data import worker_error
+from .data import DATASETS, worker_error
 from .train_data import TrainData, rank_batches
 from .model import Heptapod, LossModule, save_model
 from .train_config import TrainConfig, lr_lambda, make_config, model_config_for
@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same as a bare key=value (repeatable)")
     p.add_argument("--config", help="a JSON file with TrainConfig fields (overridden by flags and key=value)")
     p.add_argument("--preset", help="model preset: tiny, B, L, H")
-    p.add_argument("--data", help="TokenDataset folder, or mnist5k / an image folder together with --tokenizer")
+    p.add_argument("--data", help=f"TokenDataset folder, or {' / '.join(DATASETS)} / an image folder with --tokenizer")
     p.add_argument("--tokenizer", help="tokenizer checkpoint: encode images on the fly")
     p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, model.safetensors, ema.safetensors)")
     p.add_argument("--steps", type=arg_int(1)); p.add_argument("--batch-size", type=arg_int(1), dest="batch_size")

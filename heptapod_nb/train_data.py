@@ -36,9 +36,9 @@ def rank_batches(n: int, seed: int, epoch: int, start: int, batch_size: int, ran
 class TrainData:
     "The training set and how to turn one of its batches into `(tokens, labels)` on `device`."
     def __init__(self, cfg, device: torch.device):
-        "`cfg`: a `train.TrainConfig` (its `data`, `tokenizer`, `image_size`, `aug` and `seed` are read)."
+        "`cfg`: a `train_config.TrainConfig` (its `data`, `tokenizer`, `image_size`, `aug` and `seed` are read)."
         if not cfg.data: raise ConfigError("no training data: pass --data (a TokenDataset folder, "
-                                           "or mnist5k / an image folder with --tokenizer)")
+                                           f"or {' / '.join(DATASETS)} / an image folder with --tokenizer)")
         self.tokenizer = None
         if cfg.tokenizer:
             self.tokenizer = load_tokenizer(cfg.tokenizer).to(device).eval()
