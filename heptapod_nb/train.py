@@ -5,7 +5,7 @@
 # %% ../nbs/09_train.ipynb #001e9fb0
 from __future__ import annotations
 import argparse, contextlib, json, signal, sys, time, warnings
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -201,26 +201,25 @@ class _Run:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     ema: EMA | None
-    pos: tuple[int, int, int]       # (step, epoch, index in the epoch) to start from
     mb: int                         # micro-batch of each process
     accum: int                      # micro-batches per optimizer step
-    bf16: bool
     out: Path
-    ck_path: Path | None            # the checkpoint resumed from
-    state: dict | None              # its contents
     say: Callable
     stop: StopSignals | None
+    # what the run starts from, read once here (not kept: the loop keeps its own counters)
+    pos: InitVar[tuple[int, int, int]]      # (step, epoch, index in the epoch)
+    bf16: InitVar[bool]
+    ck_path: InitVar[Path | None]           # the checkpoint resumed from
+    state: InitVar[dict | None]             # its contents
 
-    def __post_init__(self):
-        self.step, self.epoch, self.index = self.pos
+    def __post_init__(self, pos, bf16, ck_path, state):
+        self.step, self.epoch, self.index = pos
         self.ckdir, self.spe = self.out / "checkpoints", len(self.data.dataset) // self.cfg.batch_size
-        self.amp = ((lambda: torch.autocast(self.di.device.type, dtype=torch.bfloat16)) if self.bf16
+        self.amp = ((lambda: torch.autocast(self.di.device.type, dtype=torch.bfloat16)) if bf16
                     else contextlib.nullcontext)
-        state = self.state
-        self.last_ckpt, self.ckpt_step, self.stopped_by = self.ck_path, (self.step if state is not None else None), None
+        self.last_ckpt, self.ckpt_step, self.stopped_by = ck_path, (self.step if state is not None else None), None
         # the log interval in progress
         self.acc_loss, self.acc_n = state.get("log_acc", (0.0, 0)) if state is not None else (0.0, 0)
-        self.state = None                                                   # the loop never reads it again: free it
         self.last_loss, self.gn = float("nan"), float("nan")
         self.metrics_path = self.out / "metrics.jsonl"
         self.started = self.t0 = time.perf_counter()
