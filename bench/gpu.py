@@ -72,19 +72,21 @@ def sync(device):
 
 
 def choose_micro_batch(model, info, device, per_rank: int, amp, budget_bytes: float | None, ema: bool) -> dict:
-    """heptapod-train's `micro_batch="auto"` for one process: probe steps at 1 and 2 images, the largest divisor of
-    `per_rank` within `train.AUTO_MARGIN` of the budget (the device's memory on CUDA); -> dict(micro_batch, ...)."""
+    """heptapod-train's `micro_batch="auto"` for one process (`cost.auto_micro_batch`: probe steps at 1 and 2 images,
+    the largest divisor of `per_rank` within `AUTO_MARGIN` of the budget, confirmed by a step of that size; the budget
+    is the device's memory on CUDA); -> dict(micro_batch, ...)."""
     import torch
-    from heptapod_nb.cost import AUTO_MARGIN, plan_micro_batch, probe_step_memory, resident_bytes
+    from heptapod_nb.cost import AUTO_MARGIN, auto_micro_batch, probe_peak, resident_bytes
     if budget_bytes is None:
         if device.type != "cuda": raise SystemExit("bench/gpu.py: --micro-batch auto off CUDA needs --memory-budget-gb")
         budget_bytes = torch.cuda.get_device_properties(device).total_memory
-    peak = probe_step_memory(model, info, device, amp)
     resident = resident_bytes(model, ema)
-    mb = plan_micro_batch(peak["per_image"], peak["fixed"], resident, budget_bytes, per_rank)
-    return dict(micro_batch=mb, budget_bytes=budget_bytes, margin=AUTO_MARGIN, per_image_bytes=peak["per_image"],
-                fixed_bytes=peak["fixed"], resident_bytes=resident,
-                planned_bytes=resident + peak["fixed"] + peak["per_image"] * mb)
+    plan = auto_micro_batch(lambda b: probe_peak(model, info, device, amp, b), resident, budget_bytes, per_rank)
+    mb = plan["micro_batch"]
+    return dict(micro_batch=mb, budget_bytes=budget_bytes, margin=AUTO_MARGIN, per_image_bytes=plan["per_image"],
+                fixed_bytes=plan["fixed"], resident_bytes=resident,
+                probed={str(b): p for b, p in plan["peaks"].items()},
+                planned_bytes=resident + plan["peaks"].get(mb, plan["fixed"] + plan["per_image"] * mb))
 
 
 def bench_train(model, info, batch, steps, warmup, device, bf16, compile_, micro_batch=None, ema=True):
@@ -150,25 +152,40 @@ def bench_sample(model, info, n, device, bf16):
     return dict(n=n, seconds=dt, images_per_s=n / dt)
 
 
-def flops_only(a, mc, model, info, params, device):
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def flops_only(a, mc, model, info, params, device, argv=()):
     """Counted FLOPs of one image (forward + backward, including any activation-checkpoint recompute) and the
-    images/s and tokens/s per GPU they imply at `a.mfu` of an H100/H200's dense bf16 peak."""
+    images/s and tokens/s per GPU they imply at `a.mfu` of an H100/H200's dense bf16 peak, with the days 800
+    ImageNet epochs would take on 8 GPUs. `--out` is a document of presets: this preset's entry is added or replaced,
+    the others kept (bench/results/flops_presets.json holds B, L and H)."""
     from heptapod_nb.model import LossModule, random_tokens
     x, y = random_tokens(info, 1, device)
+    t = time.perf_counter()
     f = step_flops(lambda b: LossModule(model)(x, y), 1)
     peak = (a.peak_tflops or PEAK_BF16_TFLOPS["H100"]) * 1e12
     img_s = a.mfu * peak / f
     N = info["grid"][0] * info["grid"][1]
-    res = dict(command=" ".join(sys.argv), preset=a.preset, params=params,
+    res = dict(preset=a.preset, params=model.num_params(), model=json.loads(json.dumps(mc.to_dict())),
                grad_checkpoint=getattr(mc, "grad_checkpoint", None), flops_per_image=f,
-               flops_6n_per_image=6 * params * N, assumed_mfu=a.mfu, peak_flops=peak,
-               projected_images_per_s_per_gpu=img_s, projected_tokens_per_s_per_gpu=img_s * N)
+               flops_6n_per_image=6 * params * N, seconds=time.perf_counter() - t, assumed_mfu=a.mfu, peak_flops=peak,
+               projected_images_per_s_per_gpu=img_s, projected_tokens_per_s_per_gpu=img_s * N,
+               projected_days_800_epochs_on_8_gpus=800 * IMAGENET_TRAIN_IMAGES / (8 * img_s) / 86400)
     print(f"{a.preset}: {params / 1e6:.0f}M params, counted {f / 1e9:,.0f} GFLOP per image "
           f"(fwd+bwd; 6*N*T = {6 * params * N / 1e9:,.0f}); at {a.mfu:.0%} of {peak / 1e12:.0f} TFLOP/s: "
-          f"{img_s:,.0f} images/s = {img_s * N:,.0f} tokens/s per GPU (projection, not a measurement)")
+          f"{img_s:,.0f} images/s = {img_s * N:,.0f} tokens/s per GPU, 800 epochs on 8 GPUs in "
+          f"{res['projected_days_800_epochs_on_8_gpus']:.1f} days (projection, not a measurement)")
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=2, default=str))
+        out = Path(a.out)
+        doc = json.loads(out.read_text()) if out.exists() else {}
+        if not isinstance(doc.get("presets"), dict):
+            doc = dict(note="FlopCounterMode over Heptapod(PRESETS[k]).loss(one random image).backward(), "
+                            "the computation of `bench/gpu.py --preset K --device cpu --flops-only --out FILE`; "
+                            "counts include activation-checkpoint recompute where the preset has it", presets={})
+        doc["presets"][a.preset] = dict(res, command=" ".join(["bench/gpu.py", *argv]))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2, default=str))
     return res
 
 
@@ -255,7 +272,7 @@ def main(argv=None):
     info = token_info(mc)
     params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    if a.flops_only: return flops_only(a, mc, model, info, params, dev)
+    if a.flops_only: return flops_only(a, mc, model, info, params, dev, argv)
     mb_choice = a.micro_batch or ("auto" if not cpu else None)
     plan = None
     if mb_choice == "auto":

@@ -4,7 +4,9 @@ on the CPU (issue 23). Per run (preset x variant x precision): parameters (backb
 (torch.utils.flop_counter), bytes autograd saves for backward per image (parameters left out, each storage once)
 and the step's peak memory per image (bytes of live tensors, heptapod_nb.cost.PeakMemory), each the slope between
 two batch sizes (heptapod_nb.cost.per_image). Results are added to --out as each run finishes; rerunning with the
-same settings skips what is there (so presets can be run one at a time).
+same settings and the same model skips what is there (so presets can be run one at a time). Each row records the
+model it measured (`model`: every size and head field); when a preset changes, its old rows stay in the file as
+history and the table shows the rows of the presets as they are now.
 
     flock /tmp/heptapod-bench.lock .venv/bin/python bench/scale.py --presets tiny,B --out bench/results/scale.json
     flock /tmp/heptapod-bench.lock .venv/bin/python bench/scale.py --presets B --variants preset,ref,llamagen \\
@@ -116,6 +118,17 @@ def variant_overrides(v: str) -> dict:
 
 
 MEMORY_PATH = ("loss_chunk", "grad_checkpoint")
+# what the reference model is built from (ref_model); a Heptapod row records every field of its config
+REF_FIELDS = ("vocab_size", "grid", "num_classes", "dim", "depth", "n_heads", "grad_checkpoint")
+
+
+def model_of(preset: str, variant: str, extra: dict) -> dict:
+    "The model a run measures, as the JSON row records it (the part of the config that variant builds from)."
+    from heptapod_nb.config import get_preset
+    from heptapod_nb.model import PRESETS
+    mc = get_preset(PRESETS, preset, **{**extra, **variant_overrides(variant)})
+    d = json.loads(json.dumps(mc.to_dict()))
+    return {k: d[k] for k in REF_FIELDS} if variant in ("ref", "llamagen") else d
 
 
 def run_one(preset: str, variant: str, precision: str, batches, extra: dict, llamagen_dir: str) -> dict:
@@ -193,22 +206,28 @@ def main(argv=None) -> int:
     settings_for = lambda v: plain if v in ("ref", "llamagen") else settings
     doc = dict(command="bench/scale.py", rows=[])
     if a.out and Path(a.out).exists(): doc = json.loads(Path(a.out).read_text())
-    key = lambda r: (r["preset"], r["variant"], r["precision"], json.dumps(r.get("settings"), sort_keys=True))
+    key = lambda r: (r["preset"], r["variant"], r["precision"], json.dumps(r.get("settings"), sort_keys=True),
+                     json.dumps(r.get("model"), sort_keys=True))
     done = {key(r) for r in doc["rows"]}
     for preset in presets:
         for variant in variants:
             if variant == "llamagen" and preset not in LLAMAGEN:
                 print(f"llamagen: no LlamaGen model of preset {preset}'s size: skipped"); continue
             for prec in precisions:
-                if key(dict(preset=preset, variant=variant, precision=prec, settings=settings_for(variant))) in done:
+                model = model_of(preset, variant, extra)
+                if key(dict(preset=preset, variant=variant, precision=prec, settings=settings_for(variant),
+                            model=model)) in done:
                     continue
-                r = dict(run_one(preset, variant, prec, batches, extra, a.llamagen), settings=settings_for(variant))
+                r = dict(run_one(preset, variant, prec, batches, extra, a.llamagen), settings=settings_for(variant),
+                         model=model)
                 print(f"{preset} {variant} {prec}: {r['flops_per_image'] / 1e9:,.1f} GFLOP, "
                       f"saved {r['saved_bytes_per_image'] / 1e6:,.1f} MB, "
                       f"peak {r['peak_bytes_per_image'] / 1e6:,.1f} MB per image ({r['seconds']:.0f} s)", flush=True)
                 doc["rows"] = [x for x in doc["rows"] if key(x) != key(r)] + [r]
                 if a.out: write_json(a.out, doc)
-    rows = [r for r in doc["rows"] if r["preset"] in presets and r.get("settings") == settings_for(r["variant"])]
+    now = lambda r: r.get("model") == model_of(r["preset"], r["variant"], extra)
+    rows = [r for r in doc["rows"] if r["preset"] in presets and r.get("settings") == settings_for(r["variant"])
+            and now(r)]
     print(f"\nper image, one forward + backward on the CPU ({a.threads} threads), "
           f"slope between batch {batches[0]} and {batches[1]}; "
           f"MB = 1e6 bytes; peak = live tensor bytes (heptapod_nb.cost.PeakMemory)")

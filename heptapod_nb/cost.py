@@ -4,7 +4,7 @@
 
 # %% ../nbs/07a_cost.ipynb #1ab8cb2a
 from __future__ import annotations
-import contextlib, weakref
+import contextlib, math, weakref
 from dataclasses import dataclass, asdict
 from typing import Callable, Iterable
 
@@ -21,7 +21,7 @@ from .optim import backward
 
 # %% auto #0
 __all__ = ['AUTO_MARGIN', 'FlopCounter', 'count_flops', 'SavedBytes', 'PeakMemory', 'StepCost', 'measure_step', 'line',
-           'per_image', 'resident_bytes', 'plan_micro_batch', 'probe_step_memory']
+           'per_image', 'resident_bytes', 'plan_micro_batch', 'probe_peak', 'probe_step_memory', 'auto_micro_batch']
 
 # %% ../nbs/07a_cost.ipynb #a7c54a20
 class FlopCounter(TorchDispatchMode):
@@ -202,17 +202,48 @@ def plan_micro_batch(per_image: float, fixed: float, resident: float, budget: fl
                           "raise memory_budget_gb, use a smaller model or shard it (--fsdp)")
     return max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d * per_image <= room)
 
-def probe_step_memory(model: nn.Module, info: dict, device, amp=contextlib.nullcontext, batches=(1, 2),
-                      seed: int = 0) -> dict:
-    """Peak memory of forward + backward on random batches of `batches` images (`info`: the token facts), in train
-    mode under `amp`; -> `cost.per_image`'s dict(per_image, fixed) in bytes. RNG states are restored and gradients
-    cleared afterwards."""
+def probe_peak(model: nn.Module, info: dict, device, amp=contextlib.nullcontext, batch: int = 1,
+               seed: int = 0) -> float:
+    """Peak bytes one training step (forward + backward, train mode, under `amp`) of `batch` random images adds to the
+    run's state (`info`: the token facts; gradients ready as in a run); `math.inf` if the device runs out of memory.
+    RNG states, the train/eval mode and the gradients are left as they were."""
     device = torch.device(device)
     net, saved, was = LossModule(model), rng_state(device), model.training
-    g = torch.Generator().manual_seed(seed)
+    x, y = random_tokens(info, batch, device, torch.Generator().manual_seed(seed))
     def loss_fn(b):
-        x, y = random_tokens(info, b, device, g)
-        with amp(): return net(x, y)
+        with amp(): return net(x[:b], y[:b])
     model.train()
-    try: return per_image(loss_fn, model.parameters(), device, batches, flops=False)["peak_bytes"]
+    try: return measure_step(loss_fn, batch, model.parameters(), device, flops=False).peak_bytes
+    except torch.OutOfMemoryError:
+        for p in model.parameters(): p.grad = None
+        if device.type == "cuda": torch.cuda.empty_cache()
+        return math.inf
     finally: set_rng_state(saved, device); model.train(was)
+
+def probe_step_memory(model: nn.Module, info: dict, device, amp=contextlib.nullcontext, batches=(1, 2),
+                      seed: int = 0) -> dict:
+    """The peak of a training step as a line in the batch size, through `probe_peak` at `batches`:
+    dict(per_image, fixed) in bytes."""
+    (b1, b2), (p1, p2) = batches, [probe_peak(model, info, device, amp, b, seed) for b in batches]
+    per, fixed = line(b1, p1, b2, p2)
+    return dict(per_image=per, fixed=fixed)
+
+def auto_micro_batch(peak_of: Callable[[int], float], resident: float, budget: float, per_rank: int,
+                     margin: float = AUTO_MARGIN) -> dict:
+    """`micro_batch="auto"`: plan from the peaks of steps of 1 and 2 images (`peak_of(b)`: bytes a step of b images
+    adds to the run's state, e.g. `probe_peak`), then measure a step of the planned size, and while it does not fit
+    plan again from the line through 1 image and that size and measure again. -> dict(micro_batch, per_image, fixed,
+    peaks: every measured {batch: bytes}). `ConfigError` when one image does not fit."""
+    room = margin * budget - resident
+    peaks = {b: peak_of(b) for b in (1, 2)}
+    per, fixed = line(1, peaks[1], 2, peaks[2])
+    mb = plan_micro_batch(per, fixed, resident, budget, per_rank, margin)
+    while mb not in peaks:
+        peaks[mb] = peak_of(mb)
+        if peaks[mb] <= room: break
+        smaller = max(d for d in range(1, mb) if per_rank % d == 0)
+        if math.isfinite(peaks[mb]):                     # the chord from 1 image: steeper than the small batches' slope
+            per, fixed = line(1, peaks[1], mb, peaks[mb])
+            smaller = min(smaller, plan_micro_batch(per, fixed, resident, budget, per_rank, margin))
+        mb = smaller
+    return dict(micro_batch=mb, per_image=per, fixed=fixed, peaks=peaks)

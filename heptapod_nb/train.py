@@ -27,7 +27,7 @@ from .data import DATASETS, worker_error
 from .train_data import TrainData, rank_batches
 from .model import Heptapod, LossModule, save_model
 from .train_config import TrainConfig, lr_lambda, make_config, model_config_for
-from .cost import plan_micro_batch, probe_step_memory, resident_bytes
+from .cost import auto_micro_batch, probe_peak, resident_bytes
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'run_files', 'train', 'build_parser', 'main', 'read_metrics']
@@ -57,13 +57,13 @@ def _auto_micro_batch(cfg: TrainConfig, di: DistInfo, raw: nn.Module, info: dict
     budget = (cfg.memory_budget_gb * 2**30 if cfg.memory_budget_gb
               else torch.cuda.get_device_properties(dev).total_memory)
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    peak = probe_step_memory(raw, info, dev, amp, seed=cfg.seed)
     resident = resident_bytes(raw, cfg.ema > 0, ddp=di.initialized and not cfg.fsdp)
-    mb = plan_micro_batch(peak["per_image"], peak["fixed"], resident, budget, per_rank)
+    plan = auto_micro_batch(lambda b: probe_peak(raw, info, dev, amp, b, seed=cfg.seed), resident, budget, per_rank)
+    mb = plan["micro_batch"]
     if di.initialized:                                   # every process must cut its share alike: the smallest choice
         t = torch.tensor([mb], device=dev); dist.all_reduce(t, op=dist.ReduceOp.MIN); mb = int(t)
-    need = resident + peak["fixed"] + peak["per_image"] * mb
-    return mb, (f" (micro_batch=auto: {peak['per_image'] / 1e6:,.1f} MB per image measured, {need / 2**30:.2f} of "
+    need = resident + plan["peaks"].get(mb, plan["fixed"] + plan["per_image"] * mb)
+    return mb, (f" (micro_batch=auto: {plan['per_image'] / 1e6:,.1f} MB per image measured, {need / 2**30:.2f} of "
                 f"{budget / 2**30:.2f} GiB planned)")
 
 # %% ../nbs/09_train.ipynb #84f8091f

@@ -108,7 +108,7 @@ def _scale():
     m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); return m
 
 
-def test_scale_bench_measures_the_tiny_preset_and_its_reference(tmp_path, capsys):
+def test_scale_bench_measures_the_tiny_preset_and_its_reference(tmp_path, capsys, monkeypatch):
     sc, out = _scale(), tmp_path / "scale.json"
     args = ["--presets", "tiny", "--variants", "preset,ref,last:1", "--precisions", "fp32", "--threads", "1",
             "--llamagen", str(tmp_path / "absent"), "--out", str(out)]
@@ -123,6 +123,16 @@ def test_scale_bench_measures_the_tiny_preset_and_its_reference(tmp_path, capsys
     assert ours["flops_per_image"] > ref["flops_per_image"] > 0 and rows["last:1"]["config"]["targets_per_step"] == 1
     assert sc.main(args) == 0                                 # everything is there: nothing is measured again
     assert "tiny preset fp32" not in capsys.readouterr().out and len(json.loads(out.read_text())["rows"]) == 3
+    # a changed preset is a different model: measured again; the old rows stay as history, out of the table; the
+    # reference (built from the backbone's fields only) is not measured again for a head change
+    from heptapod_nb import model as hm
+    monkeypatch.setitem(hm.PRESETS, "tiny", hm.PRESETS["tiny"].replace(head_width=64))
+    assert sc.main(args) == 0
+    text = capsys.readouterr().out
+    assert "tiny preset fp32" in text and "tiny last:1 fp32" in text and "tiny ref fp32" not in text
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 5 and sorted(r["model"].get("head_width", 0) for r in rows) == [0, 64, 64, 128, 128]
+    assert text.count("| tiny | preset | fp32 |") == 1 and text.count("| tiny | ref | fp32 |") == 1
     with pytest.raises(SystemExit, match="unknown variant"): sc.main(args[:2] + ["--variants", "middle:3"])
 
 

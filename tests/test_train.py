@@ -232,7 +232,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokens, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "r")] == [2, 4, 6]
 
 
-def test_bench_gpu_runs_tiny_on_cpu():
+def test_bench_gpu_runs_tiny_on_cpu(tmp_path):
     "bench/gpu.py (B preset on a GPU) works end to end in its tiny CPU mode: counted FLOPs, tokens/s, sampling."
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
@@ -242,9 +242,17 @@ def test_bench_gpu_runs_tiny_on_cpu():
     assert r["train"]["tokens_per_s"] > 0 and r["train"]["flops_per_step"] > 0 and r["train"]["mfu"] is None
     assert r["sample"]["images_per_s"] > 0 and r["model_config"]["dim"] == 32
     assert gpu.peak_flops(torch.device("cpu"), 100.0) == 100e12
-    f = gpu.main(["--preset", "tiny", "--device", "cpu", "--flops-only", "dim=32", "depth=1", "n_heads=2", "head_width=32",
-                  "head_depth=1", "head_heads=2"])
+    small = ["dim=32", "depth=1", "n_heads=2", "head_width=32", "head_depth=1", "head_heads=2"]
+    out = tmp_path / "flops_presets.json"
+    f = gpu.main(["--preset", "tiny", "--device", "cpu", "--flops-only", "--out", str(out), *small])
     assert f["flops_per_image"] > 0 and f["projected_tokens_per_s_per_gpu"] > 0
+    # --out gathers presets: a second count (another model) is added under its name, the first kept as it was
+    g = gpu.main(["--preset", "B", "--device", "cpu", "--flops-only", "--out", str(out), *small, "grid=[2,2]"])
+    doc = json.loads(out.read_text())
+    assert set(doc["presets"]) == {"tiny", "B"} and doc["presets"]["tiny"]["flops_per_image"] == f["flops_per_image"]
+    assert doc["presets"]["B"]["model"]["grid"] == [2, 2] and "--flops-only" in doc["presets"]["B"]["command"]
+    days = 800 * 1_281_167 / (8 * g["projected_images_per_s_per_gpu"]) / 86400
+    assert abs(doc["presets"]["B"]["projected_days_800_epochs_on_8_gpus"] - days) < 1e-9 * days
 
 
 def test_images_encoded_on_the_fly_and_kl_tokens(tmp_path):
