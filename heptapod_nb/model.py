@@ -227,7 +227,8 @@ class Heptapod(nn.Module):
         w = valid.to(lt)
         w[..., 0] *= c.next_weight
         res = {"n_targets": int(valid.sum())}
-        if return_outputs or not c.loss_chunk:   # the plain path: every output at once, then the loss
+        # the plain path (every output at once, then the loss) also when the chunks would be one: it saves nothing then
+        if return_outputs or not c.loss_chunk or pos.numel() <= c.loss_chunk:
             out = self.head(h_BND, cond, steps, pos, valid)                         # (B, S, M, O)
             per = self.kind.loss(out, flat, pos, valid, lt, self.diffusion)          # (B, S, M): CE, or diffusion MSE
             loss = (w * per).sum() / w.sum()

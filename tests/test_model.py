@@ -435,3 +435,21 @@ def test_chunked_loss_keeps_less_for_backward_and_counts_the_same_flops():
     (plain_b, plain_f), (chunk_b, chunk_f) = held_and_flops(0), held_and_flops(64)
     assert chunk_b < 0.5 * plain_b, (chunk_b, plain_b)
     assert chunk_f == plain_f, (chunk_f, plain_f)
+
+
+@pytest.mark.parametrize("kind", ["vq", "kl"])
+def test_a_loss_that_fits_one_chunk_takes_the_plain_path(kind):
+    """Chunking the head's loss saves memory only with two chunks or more: when every query slot fits one chunk the
+    loss and its gradients are the plain path's (`loss_chunk=0`), bit for bit; with several chunks they agree to float
+    rounding (the chunked path's own tests, float64 1e-10)."""
+    kw = dict(token_kind="kl", token_channels=3) if kind == "kl" else {}
+    x, y = _data(kind=kind)
+    def run(chunk):
+        m = _open_gates(_model(targets_per_step=3, loss_chunk=chunk, **kw))
+        torch.manual_seed(5)
+        loss = m.loss(x, y); loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+    slots = 4 * 16 * 3                                       # B x S x M of _data's batch at M=3
+    plain, one, several = run(0), run(slots), run(slots // 5)
+    assert torch.equal(one[0], plain[0]) and all(torch.equal(a, b) for a, b in zip(one[1], plain[1]))
+    assert torch.allclose(several[0], plain[0], rtol=1e-4)
