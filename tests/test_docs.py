@@ -98,6 +98,12 @@ def test_execution_cache_and_failure(tmp_path, capsys, monkeypatch):
     assert "executed" in capsys.readouterr().out
     bd.execute_all([src], 1, True, 300, cache)
     assert "cached" in capsys.readouterr().out
+    _nb(src, [("markdown", "# New prose"), ("code", "x = 1")])                           # prose alone: kept
+    bd.execute_all([src], 1, True, 300, cache)
+    assert "cached" in capsys.readouterr().out
+    page = tmp_path / "page.ipynb"
+    assert bd.render_nb(cache / "ok.ipynb", page, set(), src) == "New prose"            # the page has today's prose
+    assert [c["cell_type"] for c in json.loads(page.read_text())["cells"]] == ["markdown", "code"]
     _nb(src, [("code", "x = 2")])                                                       # changed -> runs again
     bad = _nb(tmp_path / "bad.ipynb", [("code", "x = 1"), ("code", "raise ValueError('broken on purpose')")])
     with pytest.raises(bd.DocsError, match="1 notebook") as e:

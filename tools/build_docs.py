@@ -9,8 +9,9 @@ Pipeline (nbdev's own `nbdev_docs` needs Quarto, which cannot be installed offli
 2. execute each notebook of `nbs/` and `tutorials/` in its own process (at most `--jobs` at once, 2 by default),
    in its own folder, exactly as `nbdev_test` does: execnb's CaptureShell, cells flagged `#| slow` / `#| gpu`
    (settings.ini's tst_flags) or `#| eval: false` are not run. Executed copies are kept per mode (`build/docs_exec/`,
-   fast: `build/docs_exec-fast/`), keyed by the notebook, the library sources and the mode, so a build reuses every
-   executed copy that is still current (a fast build never overwrites the full one) and only re-runs what changed;
+   fast: `build/docs_exec-fast/`), keyed by the notebook's code cells, the library sources and the mode, so a build
+   reuses every executed copy that is still current (a fast build never overwrites the full one) and only re-runs
+   what changed; a change of prose alone re-runs nothing (the page takes the current markdown);
 3. render for reading: `#| hide` / `#| default_exp` cells dropped, `#| ...` directive lines removed, skipped cells
    marked as such, progress bars collapsed to their last state;
 4. write one API page per module (`::: heptapod_nb.<module>`, rendered by mkdocstrings from the docstrings);
@@ -131,11 +132,33 @@ def _lib_digest() -> str:
     return h.hexdigest()
 
 
+def code_cells(nb: dict) -> list[str]:
+    "The sources of a notebook's code cells, in order: what its execution depends on (its prose does not)."
+    return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+            for c in nb["cells"] if c["cell_type"] == "code"]
+
+
 def cache_key(src: Path, lib: str) -> str:
-    "What an executed copy depends on: the notebook, the library (code and bundled assets) and the mode."
-    h = hashlib.sha256(src.read_bytes())
+    """What an executed copy depends on: the notebook's code cells, the library (code and bundled assets) and the
+    mode. Prose is left out: a notebook whose markdown alone changed keeps its executed copy, and the page takes the
+    current prose (`with_prose`)."""
+    h = hashlib.sha256(json.dumps(code_cells(json.loads(src.read_text()))).encode())
     h.update(lib.encode()); h.update(os.environ.get("HEPTAPOD_FAST", "").encode())
     return h.hexdigest()
+
+
+def with_prose(executed: dict, src: dict) -> dict:
+    """The executed notebook with the source's cells (current prose, cell order) and the executed outputs, when the
+    two have the same code cells; otherwise the executed notebook as it is (a stale copy taken by --reuse-executed)."""
+    if code_cells(executed) != code_cells(src): return executed
+    ran = iter(c for c in executed["cells"] if c["cell_type"] == "code")
+    cells = []
+    for c in src["cells"]:
+        if c["cell_type"] == "code":
+            e = next(ran)
+            c = dict(c, outputs=e.get("outputs", []), execution_count=e.get("execution_count"))
+        cells.append(c)
+    return dict(executed, cells=cells)
 
 
 def _rel(p: Path) -> Path:
@@ -218,9 +241,11 @@ WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 WIDGET_NOTE = "[an interactive widget: open this notebook in Jupyter (.venv/bin/jupyter lab) to use it]"
 
 
-def render_nb(executed: Path, dst: Path, flags: set[str]) -> str:
-    "Write the reader's copy of an executed notebook to `dst`; returns its title (first '# ' heading)."
+def render_nb(executed: Path, dst: Path, flags: set[str], src: Path | None = None) -> str:
+    """Write the reader's copy of an executed notebook to `dst` (with `src`'s current prose where its code is the
+    same); returns its title (first '# ' heading)."""
     nb = json.loads(executed.read_text())
+    if src is not None: nb = with_prose(nb, json.loads(Path(src).read_text()))
     cells, title = [], None
     for cell in nb["cells"]:
         src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
@@ -371,7 +396,7 @@ def build(jobs: int = 2, only: str | None = None, use_cache: bool = True, timeou
     sections = {d: [] for d in NB_DIRS}
     for src in notebooks:
         rel = src.relative_to(ROOT)
-        title = render_nb(executed[src], stage / rel, flags)
+        title = render_nb(executed[src], stage / rel, flags, src)
         num = re.match(r"(\d+)_", src.name)
         if num and not title[:1].isdigit(): title = f"{int(num.group(1))}. {title}"    # nav keeps the notebook order
         sections[rel.parts[0]].append({title: str(rel)})
