@@ -57,6 +57,7 @@ def test_execute_and_render(tmp_path):
         ("code", "for i in range(4): sys.stderr.write(f'\\r{i}/3 \\x1b[32mok\\x1b[0m')\nsys.stderr.write('\\n')"),
         ("code", "#| output: false\nprint('not shown')"),
         ("code", "plt.figure(figsize=(2, 2)); plt.plot([0, 1, 0]);"),
+        ("code", "print('printed beside a figure'); plt.figure(figsize=(2, 2)); plt.plot([1, 0]);"),
         ("code", "import ipywidgets\nipywidgets.IntSlider(3)"),
         ("code", "class Quiet:\n    def _ipython_display_(self): pass\nQuiet()"),
     ])
@@ -78,6 +79,9 @@ def test_execute_and_render(tmp_path):
     assert next(c for c in cells if "not shown" in c["source"])["outputs"] == []
     fig = next(c for c in cells if "plt.plot" in c["source"])
     assert any("image/png" in o.get("data", {}) for o in fig["outputs"])
+    both = next(c for c in cells if "printed beside" in c["source"])["outputs"]           # a quiet cell keeps its print
+    assert [o["output_type"] for o in both] == ["stream", "display_data"]
+    assert both[0]["text"].strip() == "printed beside a figure" and "image/png" in both[1]["data"]
     widget = next(c for c in cells if "IntSlider" in c["source"])["outputs"]
     assert [o["data"] for o in widget] == [{"text/plain": bd.WIDGET_NOTE}]
     assert next(c for c in cells if "Quiet()" in c["source"])["outputs"] == []      # nothing empty left to render

@@ -104,14 +104,33 @@ def skip_reason(cell: dict, flags: set[str]) -> str | None:
 
 
 # ---------------------------------------------------------------- execution (one process per notebook)
+def _shell(src: Path):
+    """execnb's CaptureShell, except that a cell ending in ';' keeps what it printed: execnb drops a quiet cell's
+    stdout, where Jupyter hides only its result (`print(x); plt.plot(y);` would lose the print on the page)."""
+    from execnb.shell import CaptureShell
+    from fastcore.basics import AttrDict
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    class Shell(CaptureShell):
+        def _run(self, raw_cell, store_history=False, silent=False, shell_futures=True, cell_id=None,
+                 stdout=True, stderr=True, display=True, verbose=False):
+            quiet = raw_cell.rstrip().endswith(";")
+            with capture_output(display=display, stdout=stdout and not verbose, stderr=stderr and not verbose) as c:
+                result = InteractiveShell.run_cell(self, raw_cell, store_history, silent, shell_futures=shell_futures,
+                                                   cell_id=cell_id)
+            return AttrDict(result=result, stdout=c.stdout, stderr=c.stderr, display_objects=c.outputs,
+                            exception=result.error_in_exec or result.error_before_exec, quiet=quiet)
+    return Shell(src, mpl_format="png")
+
+
 def exec_one(src: Path, dst: Path) -> None:
     "Execute notebook `src` as nbdev_test does (in its folder, flagged cells skipped) and write it with outputs to `dst`."
     from execnb.nbio import read_nb, write_nb
-    from execnb.shell import CaptureShell
     flags = skip_flags()
     os.environ.setdefault("IN_TEST", "1")  # what nbdev_test sets: notebooks may shorten interactive bits
     nb = read_nb(src)
-    shell = CaptureShell(src, mpl_format="png")
+    shell = _shell(src)
     cwd = os.getcwd()
     os.chdir(src.parent)
     try:
@@ -138,11 +157,15 @@ def code_cells(nb: dict) -> list[str]:
             for c in nb["cells"] if c["cell_type"] == "code"]
 
 
+EXECUTOR = "2"      # raised when exec_one's outputs change (2: a cell ending in ';' keeps its printed output)
+
+
 def cache_key(src: Path, lib: str) -> str:
-    """What an executed copy depends on: the notebook's code cells, the library (code and bundled assets) and the
-    mode. Prose is left out: a notebook whose markdown alone changed keeps its executed copy, and the page takes the
-    current prose (`with_prose`)."""
+    """What an executed copy depends on: the notebook's code cells, the library (code and bundled assets), the mode
+    and the executor's version. Prose is left out: a notebook whose markdown alone changed keeps its executed copy,
+    and the page takes the current prose (`with_prose`)."""
     h = hashlib.sha256(json.dumps(code_cells(json.loads(src.read_text()))).encode())
+    h.update(EXECUTOR.encode())
     h.update(lib.encode()); h.update(os.environ.get("HEPTAPOD_FAST", "").encode())
     return h.hexdigest()
 
