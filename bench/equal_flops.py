@@ -184,7 +184,7 @@ def run(a, argv: list[str]) -> dict:
     if a.plot and runs:
         import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
         from heptapod_nb.probe import plot_equal_flops
-        plot_equal_flops(runs); plt.tight_layout(); plt.savefig(a.plot, dpi=110)
+        plot_equal_flops(runs); plt.tight_layout(); plt.savefig(a.plot, dpi=110, bbox_inches="tight")
     return doc
 
 

@@ -390,31 +390,39 @@ def equal_flops_table(rows: list[dict]) -> str:
 def plot_equal_flops(runs: list[dict], axes=None):
     """Quality against training FLOPs: a row per mode present (uncond: probe, MNIST-FID, CE; cond: class accuracy,
     MNIST-FID, CE), one colour per config; lines: means over seeds at the checkpoints, points: the final values
-    (mean +- std over seeds; the probe is measured at the end only)."""
+    (mean +- std over seeds). A measure taken at the end only (the probe) has no curve: its panel shows the configs
+    side by side. One legend for the figure, beside the panels."""
     import matplotlib.pyplot as plt
     modes = [m for m in EQUAL_FLOPS_METRICS if any(r["mode"] == m for r in runs)]
     if axes is None: _, axes = plt.subplots(len(modes), 3, figsize=(14, 3.6 * len(modes)), squeeze=False)
     axes = np.asarray(axes).reshape(len(modes), 3)
     names = list(dict.fromkeys(r["name"] for r in runs))
     rows = {(r["mode"], r["name"]): r for r in summarize_equal_flops(runs)}
+    handles = {}
     for i, mode in enumerate(modes):
         for j, k in enumerate(EQUAL_FLOPS_METRICS[mode]):
             ax = axes[i, j]
+            curves = all(k in (r.get("checkpoints") or [{}])[0] for r in runs if r["mode"] == mode)
             for c, name in enumerate(names):
                 row, rs = rows.get((mode, name)), [r for r in runs if (r["mode"], r["name"]) == (mode, name)]
                 if row is None: continue
                 style = dict(color=f"C{c % 10}", ls="--" if name.endswith("_hw64") else "-")
                 cks = [r.get("checkpoints") or [] for r in rs]
-                if cks[0] and all(len(ck) == len(cks[0]) and k in ck[0] for ck in cks):
+                if curves and cks[0] and all(len(ck) == len(cks[0]) for ck in cks):
                     ax.plot([p["train_flops"] / 1e12 for p in cks[0]], np.mean([[p[k] for p in ck] for ck in cks], 0),
                             alpha=0.6, **style)
                 if k in row:
-                    ax.errorbar(row["train_flops"] / 1e12, row[k], yerr=row[k + "_std"],
-                                fmt="o" if style["ls"] == "-" else "s", capsize=3, color=style["color"],
-                                label=f"{name} ({row['flops_ratio']:.2f}x, {row['steps']} steps)")
-            ax.set(xlabel="training TFLOP (forward + backward)", title=f"{mode}: {_EQF_LABEL[k]}")
-            ax.title.set_fontsize(9)
-        axes[i, 0].legend(fontsize=6)
+                    x = row["train_flops"] / 1e12 if curves else c
+                    h = ax.errorbar(x, row[k], yerr=row[k + "_std"], fmt="o" if style["ls"] == "-" else "s",
+                                    capsize=3, color=style["color"])
+                    handles.setdefault(name, (h, f"{name} ({row['flops_ratio']:.2f}x, {row['steps']} steps)"))
+            if curves: ax.set(xlabel="training TFLOP (forward + backward)")
+            else: ax.set_xticks(range(len(names)), [n.replace("global_", "").replace("_nw8", "") for n in names],
+                                rotation=45, ha="right", fontsize=7)
+            ax.set_title(f"{mode}: {_EQF_LABEL[k]}", fontsize=10)
+    fig = axes[0, 0].figure
+    fig.legend([h for h, _ in handles.values()], [t for _, t in handles.values()], loc="center left",
+               bbox_to_anchor=(1.0, 0.5), fontsize=9, title="config (FLOPs/image vs next-token, steps)")
     return axes
 
 # %% ../nbs/15_probe.ipynb #b1e23d52
