@@ -76,7 +76,7 @@ def choose_micro_batch(model, info, device, per_rank: int, amp, budget_bytes: fl
     the largest divisor of `per_rank` within `AUTO_MARGIN` of the budget, confirmed by a step of that size; the budget
     is the device's memory on CUDA); -> dict(micro_batch, ...)."""
     import torch
-    from heptapod_nb.cost import AUTO_MARGIN, auto_micro_batch, probe_peak, resident_bytes
+    from heptapod_nb.cost import AUTO_MARGIN, auto_micro_batch, planned_bytes, probe_peak, resident_bytes
     if budget_bytes is None:
         if device.type != "cuda": raise SystemExit("bench/gpu.py: --micro-batch auto off CUDA needs --memory-budget-gb")
         budget_bytes = torch.cuda.get_device_properties(device).total_memory
@@ -86,7 +86,7 @@ def choose_micro_batch(model, info, device, per_rank: int, amp, budget_bytes: fl
     return dict(micro_batch=mb, budget_bytes=budget_bytes, margin=AUTO_MARGIN, per_image_bytes=plan["per_image"],
                 fixed_bytes=plan["fixed"], resident_bytes=resident,
                 probed={str(b): p for b, p in plan["peaks"].items()},
-                planned_bytes=resident + plan["peaks"].get(mb, plan["fixed"] + plan["per_image"] * mb))
+                planned_bytes=planned_bytes(plan, resident, mb))
 
 
 def bench_train(model, info, batch, steps, warmup, device, bf16, compile_, micro_batch=None, ema=True):

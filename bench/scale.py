@@ -213,8 +213,8 @@ def main(argv=None) -> int:
         for variant in variants:
             if variant == "llamagen" and preset not in LLAMAGEN:
                 print(f"llamagen: no LlamaGen model of preset {preset}'s size: skipped"); continue
+            model = model_of(preset, variant, extra)
             for prec in precisions:
-                model = model_of(preset, variant, extra)
                 if key(dict(preset=preset, variant=variant, precision=prec, settings=settings_for(variant),
                             model=model)) in done:
                     continue

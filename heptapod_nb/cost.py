@@ -21,7 +21,8 @@ from .optim import backward
 
 # %% auto #0
 __all__ = ['AUTO_MARGIN', 'FlopCounter', 'count_flops', 'SavedBytes', 'PeakMemory', 'StepCost', 'measure_step', 'line',
-           'per_image', 'resident_bytes', 'plan_micro_batch', 'probe_peak', 'probe_step_memory', 'auto_micro_batch']
+           'per_image', 'resident_bytes', 'plan_micro_batch', 'probe_peak', 'probe_step_memory', 'auto_micro_batch',
+           'planned_bytes']
 
 # %% ../nbs/07a_cost.ipynb #a7c54a20
 class FlopCounter(TorchDispatchMode):
@@ -231,15 +232,18 @@ def probe_step_memory(model: nn.Module, info: dict, device, amp=contextlib.nullc
 def auto_micro_batch(peak_of: Callable[[int], float], resident: float, budget: float, per_rank: int,
                      margin: float = AUTO_MARGIN) -> dict:
     """`micro_batch="auto"`: plan from the peaks of steps of 1 and 2 images (`peak_of(b)`: bytes a step of b images
-    adds to the run's state, e.g. `probe_peak`), then measure a step of the planned size, and while it does not fit
-    plan again from the line through 1 image and that size and measure again. -> dict(micro_batch, per_image, fixed,
-    peaks: every measured {batch: bytes}). `ConfigError` when one image does not fit."""
+    adds to the run's state, e.g. `probe_peak`; `inf`: out of memory), then measure a step of the planned size, and
+    while it does not fit plan again from the line through 1 image and that size and measure again: the choice is
+    always a size whose measured step fits. -> dict(micro_batch, per_image, fixed, peaks: every measured
+    {batch: bytes}). `ConfigError` when one image does not fit."""
     room = margin * budget - resident
     peaks = {b: peak_of(b) for b in (1, 2)}
-    per, fixed = line(1, peaks[1], 2, peaks[2])
-    mb = plan_micro_batch(per, fixed, resident, budget, per_rank, margin)
-    while mb not in peaks:
-        peaks[mb] = peak_of(mb)
+    if not peaks[1] <= room:                             # one image does not fit (or ran out of memory): say so
+        plan_micro_batch(peaks[1], 0.0, resident, budget, per_rank, margin)
+    per, fixed = line(1, peaks[1], 2, peaks[2]) if math.isfinite(peaks[2]) else (peaks[1], 0.0)
+    mb = plan_micro_batch(per, fixed, resident, budget, per_rank, margin) if math.isfinite(peaks[2]) else 1
+    while True:
+        if mb not in peaks: peaks[mb] = peak_of(mb)
         if peaks[mb] <= room: break
         smaller = max(d for d in range(1, mb) if per_rank % d == 0)
         if math.isfinite(peaks[mb]):                     # the chord from 1 image: steeper than the small batches' slope
@@ -247,3 +251,7 @@ def auto_micro_batch(peak_of: Callable[[int], float], resident: float, budget: f
             smaller = min(smaller, plan_micro_batch(per, fixed, resident, budget, per_rank, margin))
         mb = smaller
     return dict(micro_batch=mb, per_image=per, fixed=fixed, peaks=peaks)
+
+def planned_bytes(plan: dict, resident: float, mb: int) -> float:
+    "What a run with micro-batch `mb` is planned to hold: its state plus the step, as measured or by the plan's line."
+    return resident + plan["peaks"].get(mb, plan["fixed"] + plan["per_image"] * mb)

@@ -27,7 +27,7 @@ from .data import DATASETS, worker_error
 from .train_data import TrainData, rank_batches
 from .model import Heptapod, LossModule, save_model
 from .train_config import TrainConfig, lr_lambda, make_config, model_config_for
-from .cost import auto_micro_batch, probe_peak, resident_bytes
+from .cost import auto_micro_batch, planned_bytes, probe_peak, resident_bytes
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'run_files', 'train', 'build_parser', 'main', 'read_metrics']
@@ -62,7 +62,7 @@ def _auto_micro_batch(cfg: TrainConfig, di: DistInfo, raw: nn.Module, info: dict
     mb = plan["micro_batch"]
     if di.initialized:                                   # every process must cut its share alike: the smallest choice
         t = torch.tensor([mb], device=dev); dist.all_reduce(t, op=dist.ReduceOp.MIN); mb = int(t)
-    need = resident + plan["peaks"].get(mb, plan["fixed"] + plan["per_image"] * mb)
+    need = planned_bytes(plan, resident, mb)
     return mb, (f" (micro_batch=auto: {plan['per_image'] / 1e6:,.1f} MB per image measured, {need / 2**30:.2f} of "
                 f"{budget / 2**30:.2f} GiB planned)")
 
