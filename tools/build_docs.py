@@ -92,10 +92,15 @@ def skip_flags() -> set[str]:
     return set(cfg["DEFAULT"].get("tst_flags", "").split())
 
 
+def cell_source(cell: dict) -> str:
+    "A cell's source as one string (notebook files store it as a string or a list of lines)."
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
 def skip_reason(cell: dict, flags: set[str]) -> str | None:
     "Why `nbdev_test` would not run this cell (None: it runs). Same rule as nbdev.test.test_nb._no_eval."
     if cell["cell_type"] != "code": return "markdown"
-    src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+    src = cell_source(cell)
     if "nbdev_export" + "(" in src: return "nbdev_export"
     d = parse_directives(src)
     if d.get("eval:", [""])[0].lower() == "false": return "eval: false"
@@ -153,8 +158,7 @@ def _lib_digest() -> str:
 
 def code_cells(nb: dict) -> list[str]:
     "The sources of a notebook's code cells, in order: what its execution depends on (its prose does not)."
-    return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
-            for c in nb["cells"] if c["cell_type"] == "code"]
+    return [cell_source(c) for c in nb["cells"] if c["cell_type"] == "code"]
 
 
 EXECUTOR = "2"      # raised when exec_one's outputs change (2: a cell ending in ';' keeps its printed output)
@@ -264,14 +268,14 @@ WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 WIDGET_NOTE = "[an interactive widget: open this notebook in Jupyter (.venv/bin/jupyter lab) to use it]"
 
 
-def render_nb(executed: Path, dst: Path, flags: set[str], src: Path | None = None) -> str:
-    """Write the reader's copy of an executed notebook to `dst` (with `src`'s current prose where its code is the
-    same); returns its title (first '# ' heading)."""
+def render_nb(executed: Path, dst: Path, flags: set[str], notebook: Path | None = None) -> str:
+    """Write the reader's copy of an executed notebook to `dst` (with the source `notebook`'s current prose where its
+    code is the same); returns its title (first '# ' heading)."""
     nb = json.loads(executed.read_text())
-    if src is not None: nb = with_prose(nb, json.loads(Path(src).read_text()))
+    if notebook is not None: nb = with_prose(nb, json.loads(Path(notebook).read_text()))
     cells, title = [], None
     for cell in nb["cells"]:
-        src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+        src = cell_source(cell)
         if cell["cell_type"] == "markdown":
             if title is None:
                 m = re.search(r"^#\s+(.+)$", src, re.M)
