@@ -167,7 +167,7 @@ def flops_only(a, mc, model, info, params, device, argv=()):
     peak = (a.peak_tflops or PEAK_BF16_TFLOPS["H100"]) * 1e12
     img_s = a.mfu * peak / f
     N = info["grid"][0] * info["grid"][1]
-    res = dict(preset=a.preset, params=model.num_params(), model=json.loads(json.dumps(mc.to_dict())),
+    res = dict(preset=a.preset, params=model.num_params(), model=mc.to_dict(),
                grad_checkpoint=getattr(mc, "grad_checkpoint", None), flops_per_image=f,
                flops_6n_per_image=6 * params * N, seconds=time.perf_counter() - t, assumed_mfu=a.mfu, peak_flops=peak,
                projected_images_per_s_per_gpu=img_s, projected_tokens_per_s_per_gpu=img_s * N,

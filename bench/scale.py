@@ -127,7 +127,7 @@ def model_of(preset: str, variant: str, extra: dict) -> dict:
     from heptapod_nb.config import get_preset
     from heptapod_nb.model import PRESETS
     mc = get_preset(PRESETS, preset, **{**extra, **variant_overrides(variant)})
-    d = json.loads(json.dumps(mc.to_dict()))
+    d = mc.to_dict()                      # JSON-shaped already (tuples as lists)
     return {k: d[k] for k in REF_FIELDS} if variant in ("ref", "llamagen") else d
 
 
